@@ -1,0 +1,97 @@
+"""The contract every algorithm fulfils: a bundle of pure parts, no loops over clients or
+rounds (the round loop and the backends own those).
+
+A client's work is a :class:`LocalProgram` split as ``init / step / final`` (fedjax's
+client triple) so a backend can run ``step`` for all clients at once under ``torch.vmap``.
+All arguments and results are (nested) dicts of tensors:
+
+- ``shared``: what the server broadcast, identical for every client (never batched).
+- ``client``: per-client inputs: ``{"state": persistent client state, "num_samples": []}``.
+- ``carry``: what ``step`` threads through the local steps.
+- ``batch``: ``{"x": [k, B, ...], "y": [k, B], "mask": [k, B]}`` for one step that consumes
+  ``k = batches_per_step`` minibatches (e.g. support and query for MAML); ``mask`` is 0.0 on
+  padding samples.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from torch import Tensor
+
+from metafed import tree
+from metafed.aggregate.server_opt import ServerOptimizer
+from metafed.models import FunctionalModel
+from metafed.types import Params, TensorDict
+
+
+class LocalProgram(Protocol):
+    """What one client runs. Every method must be pure and vmappable."""
+
+    batches_per_step: int
+
+    def init(self, shared: dict, client: dict) -> dict: ...
+
+    def step(self, shared: dict, carry: dict, batch: dict) -> tuple[dict, Tensor]:
+        """One local step; returns the new carry and a scalar training loss for logging."""
+        ...
+
+    def final(self, shared: dict, carry: dict, client: dict) -> dict:
+        """Training programs return ``{"update": Params, "state": TensorDict}``; personalization
+        programs return ``{"params": Params}``."""
+        ...
+
+
+@dataclass(frozen=True)
+class ServerState:
+    """Everything the server carries between rounds (checkpointed after each round)."""
+
+    params: Params
+    opt_state: TensorDict = field(default_factory=dict)
+    extra: TensorDict = field(default_factory=dict)  # algorithm-specific, e.g. Meta-SGD rates
+
+
+class FederatedAlgorithm(ABC):
+    """Defaults shared by all algorithms: broadcast the params, apply the server optimizer to
+    the aggregated update, personalize by plain fine-tuning. Algorithms override parts."""
+
+    name: str = ""
+    paper: str = ""
+    # what the round loop does with stragglers (clients that finish only part of their work)
+    straggler_policy: str = "drop"
+
+    def __init__(self, model: FunctionalModel, server_opt: ServerOptimizer):
+        self.model = model
+        self.server_opt = server_opt
+
+    # ---- server side
+    def init(self, params: Params) -> ServerState:
+        return ServerState(tree.clone(params), self.server_opt.init(params))
+
+    def broadcast(self, state: ServerState, rnd: int) -> dict:
+        return {"params": state.params}
+
+    def server_update(self, state: ServerState, aggregate: dict) -> ServerState:
+        """``aggregate["update"]`` is the weighted mean of client deltas (local - global)."""
+        params, opt_state = self.server_opt.step(state.params, aggregate["update"], state.opt_state)
+        return ServerState(params, opt_state, state.extra)
+
+    # ---- client side
+    def client_init(self, broadcast: dict) -> TensorDict:
+        """Initial persistent state of a client seen for the first time ({} if stateless)."""
+        return {}
+
+    @abstractmethod
+    def client_program(self) -> LocalProgram:
+        """The local training program every sampled client runs."""
+
+    def personalize_program(self, steps: int, lr: float) -> LocalProgram:
+        """Evaluation-time adaptation on the client's train split (default: fine-tuning)."""
+        from metafed.algorithms.finetune import FineTune
+
+        return FineTune(self.model, lr)
+
+    def global_params(self, state: ServerState) -> Params:
+        """The params that 'global model' evaluation uses."""
+        return state.params

@@ -1,0 +1,67 @@
+"""FedAvg and FedProx.
+
+- FedAvg: McMahan et al., "Communication-Efficient Learning of Deep Networks from
+  Decentralized Data", AISTATS 2017, arXiv:1602.05629. Local SGD, sample-weighted average.
+- FedProx: Li et al., "Federated Optimization in Heterogeneous Networks", MLSys 2020,
+  arXiv:1812.06127. The local objective gains mu/2 * ||w - w_global||^2 and stragglers'
+  partial work is kept. mu = 0 runs exactly FedAvg's program.
+- Server optimizers (FedAvgM, FedAdam, FedYogi) come from ``ServerOptimizer``: Reddi et al.,
+  "Adaptive Federated Optimization", ICLR 2021, arXiv:2003.00295.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch.func import grad
+
+from metafed import tree
+from metafed.aggregate.server_opt import ServerOptimizer
+from metafed.algorithms.base import FederatedAlgorithm
+from metafed.models import FunctionalModel
+
+
+@dataclass(frozen=True)
+class ProximalSGD:
+    """Local SGD on loss(w) + mu/2 ||w - w_global||^2 (the proximal term is skipped when mu == 0,
+    so FedProx(mu=0) and FedAvg execute identical operations)."""
+
+    model: FunctionalModel
+    lr: float
+    mu: float = 0.0
+    batches_per_step: int = 1
+
+    def init(self, shared, client):
+        return {"params": shared["params"]}
+
+    def step(self, shared, carry, batch):
+        anchor = shared["params"]
+
+        def objective(p):
+            data_loss = self.model.loss(p, batch["x"][0], batch["y"][0], batch["mask"][0])
+            if self.mu == 0.0:
+                return data_loss, data_loss
+            return data_loss + 0.5 * self.mu * tree.sq_norm(tree.sub(p, anchor)), data_loss
+
+        g, data_loss = grad(objective, has_aux=True)(carry["params"])
+        return {"params": {k: v - self.lr * g[k] for k, v in carry["params"].items()}}, data_loss
+
+    def final(self, shared, carry, client):
+        return {"update": tree.sub(carry["params"], shared["params"]), "state": {}}
+
+
+class FedAvg(FederatedAlgorithm):
+    """FedAvg; with ``mu > 0`` FedProx. Reptile-style server steps come from the server
+    optimizer's learning rate, not from a separate class."""
+
+    name = "fedavg"
+    paper = "McMahan et al., AISTATS 2017 (arXiv:1602.05629)"
+
+    def __init__(self, model: FunctionalModel, server_opt: ServerOptimizer, lr: float, mu: float = 0.0):
+        super().__init__(model, server_opt)
+        self.lr, self.mu = lr, mu
+        if mu > 0:
+            self.name, self.paper = "fedprox", "Li et al., MLSys 2020 (arXiv:1812.06127)"
+            self.straggler_policy = "keep"
+
+    def client_program(self) -> ProximalSGD:
+        return ProximalSGD(self.model, self.lr, self.mu)

@@ -1,0 +1,105 @@
+"""The vectorized backend: all clients of a chunk step together on stacked parameters.
+
+Each chunk runs ``vmap(program.step)`` once per local step over a leading client axis C;
+there is no per-client Python work inside the step loop. Clients are sorted by their
+number of steps and cut into chunks (at most ``chunk_size`` clients and a memory budget),
+so a chunk pads little and the working set stays in cache: measured on W1 (see
+docs/benchmarks.md). Padding steps are neutralised with ``where(active, new, old)``, so a
+client's result equals the loop backend's up to float summation order.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from metafed import tree
+from metafed.algorithms.base import LocalProgram
+from metafed.backends.base import ClientTask, step_batch
+
+
+def _masked_step(program: LocalProgram):
+    def step(shared, carry, batch, active):
+        new_carry, loss = program.step(shared, carry, batch)
+        kept = tree.nested_map(lambda new, old: torch.where(active, new, old), new_carry, carry)
+        return kept, torch.where(active, loss, torch.zeros_like(loss))
+
+    return step
+
+
+def _pad_stack(tensors: list[Tensor]) -> Tensor:
+    """Stack [n_c, ...] tensors to [C, n_max, ...], zero-padded."""
+    n_max = max(t.shape[0] for t in tensors)
+    out = tensors[0].new_zeros((len(tensors), n_max, *tensors[0].shape[1:]))
+    for c, t in enumerate(tensors):
+        out[c, : t.shape[0]] = t
+    return out
+
+
+class VectorizedBackend:
+    name = "vectorized"
+
+    def __init__(self, chunk_size: int = 128, compile: bool = False, memory_budget_bytes: float = 2e9):
+        self.chunk_size = chunk_size
+        self.compile = compile
+        self.memory_budget_bytes = memory_budget_bytes
+        self._compiled: dict = {}
+
+    def _chunk_limit(self, shared: dict) -> int:
+        # stacked params, grads, carry copies and temporaries: ~8 copies of the broadcast per client
+        per_client = 8 * tree.nested_bytes(shared)
+        return max(1, min(self.chunk_size, int(self.memory_budget_bytes // max(per_client, 1))))
+
+    def _step_fn(self, program: LocalProgram):
+        key = id(program)
+        if key not in self._compiled:
+            fn = torch.vmap(_masked_step(program), in_dims=(None, 0, 0, 0))
+            if self.compile:
+                fn = torch.compile(fn, dynamic=False)
+            self._compiled = {key: (program, fn)}  # keep the program alive; one entry is enough
+        return self._compiled[key][1]
+
+    def run(self, program: LocalProgram, shared: dict, tasks: list[ClientTask]):
+        order = sorted(range(len(tasks)), key=lambda i: -tasks[i].active_steps)
+        limit = self._chunk_limit(shared)
+        step_fn = self._step_fn(program)
+        init_fn = torch.vmap(program.init, in_dims=(None, 0))
+        final_fn = torch.vmap(program.final, in_dims=(None, 0, 0))
+        chunks_out, chunks_loss = [], []
+        for start in range(0, len(order), limit):
+            chunk = [tasks[i] for i in order[start: start + limit]]
+            out, loss = self._run_chunk(chunk, shared, step_fn, init_fn, final_fn)
+            chunks_out.append(out)
+            chunks_loss.append(loss)
+        outputs, losses = tree.nested_cat(chunks_out), torch.cat(chunks_loss)
+        inverse = torch.from_numpy(np.argsort(order))
+        return tree.nested_index(outputs, inverse), losses[inverse]
+
+    def _run_chunk(self, chunk: list[ClientTask], shared, step_fn, init_fn, final_fn):
+        steps = max(t.active_steps for t in chunk)
+        k, b = chunk[0].schedule.shape[1:]
+        idx = np.full((len(chunk), steps, k, b), -1, dtype=np.int64)  # [C, S, k, B]
+        for c, t in enumerate(chunk):
+            idx[c, : t.active_steps] = t.schedule[: t.active_steps]
+        idx_t = torch.from_numpy(idx)
+        active = torch.arange(steps)[None, :] < torch.tensor([t.active_steps for t in chunk])[:, None]  # [C, S]
+        x = _pad_stack([t.x for t in chunk])  # [C, n_max, ...]
+        y = _pad_stack([t.y for t in chunk])
+        rows = torch.arange(len(chunk)).view(-1, 1, 1, 1)
+        safe = idx_t.clamp_min(0)
+        xb, yb, mb = x[rows, safe], y[rows, safe], (idx_t >= 0).to(torch.float32)  # [C, S, k, B, ...]
+        inputs = tree.nested_stack([t.inputs for t in chunk])
+        with torch.no_grad():
+            carry = init_fn(shared, inputs)
+        total = torch.zeros(len(chunk))
+        for s in range(steps):
+            batch = {"x": xb[:, s], "y": yb[:, s], "mask": mb[:, s]}
+            carry, loss = step_fn(shared, carry, batch, active[:, s])
+            total = total + loss.detach()
+        out = final_fn(shared, carry, inputs)
+        out = tree.nested_map(torch.Tensor.detach, out)
+        counts = torch.tensor([max(t.active_steps, 1) for t in chunk], dtype=total.dtype)
+        return out, total / counts
+
+
+__all__ = ["VectorizedBackend", "step_batch"]

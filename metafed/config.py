@@ -1,0 +1,112 @@
+"""The run configuration: one strict pydantic model. Unknown keys (typos) and bad values are
+rejected with a message naming the field."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user can fix; the CLI prints it on one line."""
+
+
+class RunConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # what to train
+    algorithm: str = "fedavg"
+    dataset: Literal["digits", "mnist", "femnist", "shakespeare", "synthetic"] = "digits"
+    data_dir: Optional[Path] = None
+    model: Optional[Literal["logistic", "mlp", "cnn", "lstm"]] = None
+    hidden: list[int] = Field(default_factory=lambda: [200])
+
+    # how data is federated (digits / mnist are partitioned; LEAF is naturally federated)
+    num_clients: int = Field(20, ge=1)
+    partition: Literal["iid", "dirichlet", "shards", "quantity"] = "dirichlet"
+    dirichlet_alpha: float = Field(0.5, gt=0)
+    shards_per_client: int = Field(2, ge=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    heldout_fraction: float = Field(0.0, ge=0, lt=1)
+    max_clients: Optional[int] = Field(None, ge=1, description="use only the first N LEAF users")
+    synthetic_alpha: float = Field(1.0, ge=0)
+    synthetic_beta: float = Field(1.0, ge=0)
+    synthetic_iid: bool = False
+    size_multiplier: int = Field(1, ge=1)
+
+    # rounds and local work
+    rounds: int = Field(20, ge=1)
+    clients_per_round: int = Field(10, ge=1)
+    local_epochs: int = Field(1, ge=1)
+    local_steps: Optional[int] = Field(None, ge=1, description="overrides local_epochs when set")
+    batch_size: int = Field(10, ge=1)
+    lr: float = Field(0.05, gt=0)
+    stragglers: float = Field(0.0, ge=0, le=1)
+    straggler_policy: Optional[Literal["drop", "keep"]] = None
+
+    # algorithm hyperparameters
+    mu: float = Field(0.0, ge=0, description="FedProx proximal weight")
+    server_optimizer: Literal["sgd", "adam", "yogi"] = "sgd"
+    server_lr: float = Field(1.0, gt=0)
+    server_momentum: float = Field(0.0, ge=0, lt=1)
+    server_beta1: float = Field(0.9, ge=0, lt=1)
+    server_beta2: float = Field(0.99, ge=0, lt=1)
+    server_tau: float = Field(1e-3, gt=0)
+
+    # evaluation
+    eval_every: int = Field(1, ge=1)
+    personalize_steps: int = Field(5, ge=0)
+    personalize_lr: Optional[float] = Field(None, gt=0)
+    eval_batch_size: int = Field(10, ge=1)
+
+    # execution
+    backend: Literal["loop", "vectorized"] = "vectorized"
+    chunk_size: int = Field(128, ge=1)
+    compile: bool = False
+    seed: int = 0
+    out: Optional[Path] = None
+    checkpoint_every: int = Field(1, ge=1)
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> "RunConfig":
+        if self.dataset in ("mnist", "femnist", "shakespeare") and self.model == "lstm" and self.dataset != "shakespeare":
+            raise ValueError("model 'lstm' reads character sequences: use it with dataset 'shakespeare'")
+        if self.dataset == "shakespeare" and self.model not in (None, "lstm"):
+            raise ValueError("dataset 'shakespeare' is text: use model 'lstm'")
+        return self
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    problems = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "config"
+        if e["type"] == "extra_forbidden":
+            problems.append(f"unknown config key {where!r}")
+        else:
+            problems.append(f"{where}: {e['msg']}")
+    return "; ".join(problems)
+
+
+def build_config(file: Optional[Path] = None, **overrides) -> RunConfig:
+    """YAML file (optional) with flag overrides on top; raises ConfigError with one line."""
+    values: dict = {}
+    if file is not None:
+        if not file.exists():
+            raise ConfigError(f"config file {file} does not exist")
+        try:
+            loaded = yaml.safe_load(file.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {file} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {file} must hold a mapping of keys to values")
+        values.update({str(k).replace("-", "_"): v for k, v in loaded.items()})
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return RunConfig(**values)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e)) from None

@@ -1,0 +1,78 @@
+"""Federated datasets: embedded, local files, or generated. ``load_dataset(cfg)`` is the entry."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from metafed.data.federated import ClientData, FederatedDataset, hold_out, split_client
+from metafed.data.loaders import DataNotFound, load_digits, load_leaf, load_mnist
+from metafed.data.partition import PARTITIONS, partition
+from metafed.data.synthetic import synthetic_clients
+
+if TYPE_CHECKING:
+    from metafed.config import RunConfig
+
+DATASETS = {
+    "digits": "scikit-learn 8x8 digits (embedded, 1,797 samples), partitioned over num_clients",
+    "mnist": "MNIST IDX files from DATA_DIR/mnist (70,000 samples), partitioned over num_clients",
+    "femnist": "LEAF FEMNIST JSON from DATA_DIR/femnist, one client per writer",
+    "shakespeare": "LEAF Shakespeare JSON from DATA_DIR/shakespeare, one client per speaking role",
+    "synthetic": "Synthetic(alpha, beta) of the FedProx paper, generated (or its IID variant)",
+}
+DEFAULT_MODEL = {"digits": "mlp", "mnist": "mlp", "femnist": "cnn", "shakespeare": "lstm", "synthetic": "logistic"}
+
+
+def resolve_data_dir(data_dir: Path | None) -> Path:
+    """--data-dir, else $METAFED_DATA, else an error naming both."""
+    if data_dir is not None:
+        return Path(data_dir)
+    env = os.environ.get("METAFED_DATA")
+    if env:
+        return Path(env)
+    raise DataNotFound("this dataset is read from local files: pass --data-dir or set METAFED_DATA")
+
+
+def _partitioned(name: str, x: np.ndarray, y: np.ndarray, cfg: "RunConfig", rng: np.random.Generator,
+                 shape: tuple[int, ...]) -> list[ClientData]:
+    parts = partition(cfg.partition, y, cfg.num_clients, rng, alpha=cfg.dirichlet_alpha,
+                      shards_per_client=cfg.shards_per_client)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    return [split_client(xt[p], yt[p], cfg.test_fraction, rng, f"{name}-{k}") for k, p in enumerate(parts)]
+
+
+def load_dataset(cfg: "RunConfig") -> FederatedDataset:
+    """Build the FederatedDataset a config asks for (deterministic in cfg.seed)."""
+    rng = np.random.default_rng([cfg.seed, 100])
+    name = cfg.dataset
+    if name == "digits":
+        x, y = load_digits()
+        clients, shape, classes = _partitioned(name, x, y, cfg, rng, (64,)), (64,), 10
+    elif name == "mnist":
+        x, y = load_mnist(resolve_data_dir(cfg.data_dir) / "mnist")
+        clients, shape, classes = _partitioned(name, x, y, cfg, rng, (784,)), (784,), 10
+    elif name in ("femnist", "shakespeare"):
+        users = load_leaf(resolve_data_dir(cfg.data_dir) / name, text=name == "shakespeare")
+        if cfg.max_clients is not None:
+            users = users[: cfg.max_clients]
+        clients = [ClientData(*(torch.from_numpy(a) for a in u[1:]), name=u[0]) for u in users]
+        shape, classes = ((784,), 62) if name == "femnist" else ((80,), 80)
+    elif name == "synthetic":
+        gen = synthetic_clients(cfg.num_clients, cfg.synthetic_alpha, cfg.synthetic_beta, cfg.seed,
+                                iid=cfg.synthetic_iid, size_multiplier=cfg.size_multiplier)
+        clients = [split_client(torch.from_numpy(x), torch.from_numpy(y), cfg.test_fraction, rng, f"synthetic-{k}")
+                   for k, (x, y) in enumerate(gen)]
+        shape, classes = (60,), 10
+    else:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    heldout: list[ClientData] = []
+    if cfg.heldout_fraction > 0:
+        clients, heldout = hold_out(clients, cfg.heldout_fraction, rng)
+    return FederatedDataset(name, clients, shape, classes, heldout)
+
+
+__all__ = ["ClientData", "FederatedDataset", "DataNotFound", "DATASETS", "DEFAULT_MODEL", "PARTITIONS",
+           "load_dataset", "partition", "synthetic_clients", "resolve_data_dir"]

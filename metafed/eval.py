@@ -1,0 +1,149 @@
+"""What personalization buys: global vs personalized accuracy per client, and new clients.
+
+Every number is computed on clients' *test* splits; adaptation (``personalize``) only ever
+sees the client's *train* split. Reported per evaluation:
+
+- ``global_*``: the global model on each client's test data.
+- ``personalized_*``: after the algorithm's ``personalize`` program (K steps on train data).
+- ``new_client_accuracy_k{K}``: held-out clients that never trained, after K adaptation steps.
+
+Aggregates: ``*_accuracy`` is sample-weighted (total correct / total test samples);
+``*_accuracy_mean`` is the unweighted mean over clients; ``*_accuracy_p10`` the 10th
+percentile over clients (how the worst-served clients fare).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from metafed.algorithms.base import FederatedAlgorithm, ServerState
+from metafed.backends.base import Backend, ClientTask
+from metafed.data.federated import ClientData
+from metafed.data.schedule import client_schedule
+from metafed.models import FunctionalModel
+from metafed.types import Params
+
+EVAL_SAMPLES_PER_CHUNK = 4096
+
+
+@dataclass(frozen=True)
+class ClientScores:
+    """Per-client test results: correct counts, summed losses and sample counts, each [C]."""
+
+    correct: Tensor
+    loss_sum: Tensor
+    count: Tensor
+
+    @property
+    def accuracy(self) -> Tensor:
+        return self.correct / self.count.clamp_min(1)
+
+    def summary(self, prefix: str) -> dict[str, float]:
+        acc = self.accuracy.numpy()
+        total = float(self.count.sum())
+        return {
+            f"{prefix}_accuracy": float(self.correct.sum()) / total,
+            f"{prefix}_loss": float(self.loss_sum.sum()) / total,
+            f"{prefix}_accuracy_mean": float(acc.mean()),
+            f"{prefix}_accuracy_p10": float(np.percentile(acc, 10)),
+            f"{prefix}_accuracy_std": float(acc.std()),
+        }
+
+
+def score_global(model: FunctionalModel, params: Params, xs: list[Tensor], ys: list[Tensor]) -> ClientScores:
+    """One shared model on many clients' data: concatenated forward passes, split per client."""
+    owner = torch.cat([torch.full((len(y),), c, dtype=torch.long) for c, y in enumerate(ys)])
+    x, y = torch.cat(xs), torch.cat(ys)
+    correct = torch.zeros(len(ys), dtype=torch.float64)
+    loss_sum = torch.zeros(len(ys), dtype=torch.float64)
+    with torch.no_grad():
+        for s in range(0, len(y), EVAL_SAMPLES_PER_CHUNK):
+            sl = slice(s, s + EVAL_SAMPLES_PER_CHUNK)
+            logits = model.apply(params, x[sl])
+            loss = torch.nn.functional.cross_entropy(logits, y[sl], reduction="none")
+            correct.index_add_(0, owner[sl], (logits.argmax(-1) == y[sl]).double())
+            loss_sum.index_add_(0, owner[sl], loss.double())
+    count = torch.tensor([len(y) for y in ys], dtype=torch.float64)
+    return ClientScores(correct, loss_sum, count)
+
+
+def score_stacked(model: FunctionalModel, stacked: Params, xs: list[Tensor], ys: list[Tensor]) -> ClientScores:
+    """Client c's own model stacked[c] on client c's data: vmap over zero-padded test sets."""
+    t_max = max(len(y) for y in ys)
+    x = xs[0].new_zeros((len(xs), t_max, *xs[0].shape[1:]))
+    y = ys[0].new_zeros((len(ys), t_max))
+    mask = torch.zeros(len(ys), t_max)
+    for c, (xc, yc) in enumerate(zip(xs, ys)):
+        x[c, : len(yc)], y[c, : len(yc)], mask[c, : len(yc)] = xc, yc, 1.0
+    with torch.no_grad():
+        correct, loss_sum = torch.vmap(model.correct_and_loss)(stacked, x, y, mask)
+    return ClientScores(correct.double(), loss_sum.double(), mask.sum(1).double())
+
+
+def _concat_scores(parts: list[ClientScores]) -> ClientScores:
+    return ClientScores(*(torch.cat([getattr(p, f) for p in parts]) for f in ("correct", "loss_sum", "count")))
+
+
+@dataclass
+class Evaluator:
+    """Runs the evaluation protocol; ``states_for`` gives each client's persistent state."""
+
+    algorithm: FederatedAlgorithm
+    backend: Backend
+    batch_size: int
+    personalize_lr: float
+    seed: int
+    group_size: int = 64
+
+    def personalized(self, broadcast: dict, clients: list[ClientData], states: list[dict], steps: int,
+                     rnd: int, stream: int) -> ClientScores:
+        """Adapt each client with ``personalize`` for ``steps`` steps on its train split, then
+        score it on its test split. Clients go through the backend in groups to bound memory."""
+        program = self.algorithm.personalize_program(steps, self.personalize_lr)
+        parts = []
+        for g in range(0, len(clients), self.group_size):
+            group = range(g, min(g + self.group_size, len(clients)))
+            tasks = []
+            for c in group:
+                cd = clients[c]
+                rng = np.random.default_rng([self.seed, stream, rnd, c])
+                sched = client_schedule(cd.num_train, batch_size=self.batch_size, epochs=1, steps=steps,
+                                        batches_per_step=program.batches_per_step, rng=rng)
+                inputs = {"state": states[c], "num_samples": torch.tensor(float(cd.num_train))}
+                tasks.append(ClientTask(cd.train_x, cd.train_y, sched, steps, inputs))
+            out, _ = self.backend.run(program, broadcast, tasks)
+            parts.append(score_stacked(self.algorithm.model, out["params"],
+                                       [clients[c].test_x for c in group], [clients[c].test_y for c in group]))
+        return _concat_scores(parts)
+
+    def evaluate(self, state: ServerState, rnd: int, clients: list[ClientData], states: list[dict],
+                 personalize_steps: int, heldout: list[ClientData], heldout_steps: tuple[int, ...]) -> tuple[dict, dict]:
+        """Returns (metrics for metrics.jsonl, per-client accuracies for plots)."""
+        model = self.algorithm.model
+        params = self.algorithm.global_params(state)
+        broadcast = self.algorithm.broadcast(state, rnd)
+        glob = score_global(model, params, [c.test_x for c in clients], [c.test_y for c in clients])
+        train = score_global(model, params, [c.train_x for c in clients], [c.train_y for c in clients])
+        metrics = glob.summary("global")
+        metrics["global_train_loss"] = float(train.loss_sum.sum() / train.count.sum())
+        per_client = {"global": glob.accuracy.tolist()}
+        if personalize_steps > 0:
+            pers = self.personalized(broadcast, clients, states, personalize_steps, rnd, stream=5)
+        else:
+            pers = glob
+        metrics.update(pers.summary("personalized"))
+        per_client["personalized"] = pers.accuracy.tolist()
+        if heldout:
+            fresh = [self.algorithm.client_init(broadcast) for _ in heldout]
+            for k in heldout_steps:
+                if k == 0:
+                    scores = score_global(model, params, [c.test_x for c in heldout], [c.test_y for c in heldout])
+                else:
+                    scores = self.personalized(broadcast, heldout, fresh, k, rnd, stream=6)
+                metrics[f"new_client_accuracy_k{k}"] = scores.summary("x")["x_accuracy"]
+                metrics[f"new_client_accuracy_mean_k{k}"] = scores.summary("x")["x_accuracy_mean"]
+                per_client[f"new_client_k{k}"] = scores.accuracy.tolist()
+        return metrics, per_client

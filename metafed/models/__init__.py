@@ -1,0 +1,34 @@
+"""Reference models and the functional wrapper every backend uses."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from metafed.models.functional import FunctionalModel
+from metafed.models.reference import CharLSTM, FemnistCNN, LogisticRegression, MLP
+
+MODEL_NAMES = ("logistic", "mlp", "cnn", "lstm")
+
+
+def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, seed: int,
+                hidden: tuple[int, ...] = (200,)) -> nn.Module:
+    """Build a reference model with deterministic initial weights for ``seed``."""
+    torch.manual_seed(seed)
+    features = 1
+    for d in input_shape:
+        features *= d
+    if name == "logistic":
+        return LogisticRegression(features, num_classes)
+    if name == "mlp":
+        return MLP(features, tuple(hidden), num_classes)
+    if name == "cnn":
+        side = int(round(features ** 0.5))
+        if side * side != features:
+            raise ValueError(f"model 'cnn' needs square single-channel images, got input shape {input_shape}")
+        return FemnistCNN(num_classes, side)
+    if name == "lstm":
+        return CharLSTM(vocab_size=num_classes)
+    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+
+
+__all__ = ["FunctionalModel", "CharLSTM", "FemnistCNN", "LogisticRegression", "MLP", "MODEL_NAMES", "build_model"]

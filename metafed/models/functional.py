@@ -1,0 +1,65 @@
+"""A functional view of any ``nn.Module``: parameters in, outputs out, no hidden state.
+
+Built on :func:`torch.func.functional_call`, so the same module runs unbatched (loop
+backend) or under :func:`torch.vmap` over a leading client axis (vectorized backend).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from metafed.types import Params
+
+
+class FunctionalModel:
+    """Wraps a module; ``apply(params, x)`` and ``loss(params, x, y, mask)`` are pure.
+
+    Buffers (e.g. running statistics) are held constant: the reference models have none,
+    and federated algorithms in metafed communicate parameters only.
+    """
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.buffers = {k: v.detach() for k, v in module.named_buffers()}
+
+    def init_params(self) -> Params:
+        return {k: v.detach().clone() for k, v in self.module.named_parameters()}
+
+    def apply(self, params: Params, x: Tensor) -> Tensor:
+        return functional_call(self.module, (params, self.buffers), (x,))
+
+    def loss(self, params: Params, x: Tensor, y: Tensor, mask: Tensor) -> Tensor:
+        """Mean cross-entropy over the real samples of a padded batch.
+
+        Args:
+            x: inputs [B, ...]; y: labels [B]; mask: 1.0 for real samples, 0.0 for padding [B].
+        Returns a scalar; an all-padding batch gives exactly 0 (and a zero gradient).
+        """
+        logits = self.apply(params, x)  # [B, K]
+        per_sample = F.cross_entropy(logits, y, reduction="none")  # [B]
+        return (per_sample * mask).sum() / mask.sum().clamp_min(1.0)
+
+    def correct_and_loss(self, params: Params, x: Tensor, y: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """(number of correct predictions, summed loss) over real samples; both scalars."""
+        logits = self.apply(params, x)
+        per_sample = F.cross_entropy(logits, y, reduction="none")
+        correct = (logits.argmax(-1) == y).to(mask.dtype) * mask
+        return correct.sum(), (per_sample * mask).sum()
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.module.parameters())
+
+    def check_params(self, params: Params) -> None:
+        """Raise ValueError naming the first key/shape/dtype that does not match the model."""
+        ref = dict(self.module.named_parameters())
+        if set(params) != set(ref):
+            missing, extra = sorted(set(ref) - set(params)), sorted(set(params) - set(ref))
+            raise ValueError(f"parameter names do not match the model: missing {missing}, unexpected {extra}")
+        for k, v in params.items():
+            if v.shape != ref[k].shape or v.dtype != ref[k].dtype:
+                raise ValueError(f"parameter {k!r}: expected {tuple(ref[k].shape)} {ref[k].dtype}, "
+                                 f"got {tuple(v.shape)} {v.dtype}")
+        if not all(torch.isfinite(v).all() for v in params.values()):
+            raise ValueError("parameters contain NaN or Inf")

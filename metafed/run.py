@@ -1,0 +1,149 @@
+"""Build a federation from a RunConfig and drive it: rounds, evaluation, tracking,
+checkpoints, run-folder outputs. ``metafed run`` is a thin wrapper around :func:`run`."""
+from __future__ import annotations
+
+import json
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from metafed.aggregate import WeightedMean
+from metafed.algorithms import make_algorithm
+from metafed.backends import make_backend
+from metafed.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from metafed.config import ConfigError, RunConfig
+from metafed.data import DEFAULT_MODEL, load_dataset
+from metafed.federation import Federation
+from metafed.models import FunctionalModel, build_model
+from metafed.tracking import RunTracker
+from metafed.types import Params
+
+CONFIG_FILE = "config.yaml"
+# a resumed run must match the original in everything but these
+RESUMABLE_CHANGES = {"rounds", "out", "progress", "backend", "chunk_size", "compile"}
+
+
+@dataclass
+class RunResult:
+    params: Params
+    rows: list[dict]
+    run_dir: Path | None
+    federation: Federation
+
+
+def build_federation(cfg: RunConfig) -> Federation:
+    dataset = load_dataset(cfg)
+    model_name = cfg.model or DEFAULT_MODEL[cfg.dataset]
+    module = build_model(model_name, dataset.input_shape, dataset.num_classes, cfg.seed, tuple(cfg.hidden))
+    model = FunctionalModel(module)
+    algorithm = make_algorithm(cfg, model)
+    backend = make_backend(cfg.backend, cfg.chunk_size, cfg.compile)
+    return Federation(cfg, dataset, algorithm, backend, WeightedMean(), algorithm.init(model.init_params()))
+
+
+def config_dump(cfg: RunConfig) -> dict:
+    return json.loads(cfg.model_dump_json())
+
+
+def _progress(enabled: bool, total: int, done: int):
+    if not enabled:
+        return nullcontext(None)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.description}"), transient=False)
+    bar.task_id = bar.add_task("", total=total, completed=done)
+    return bar
+
+
+def _describe(row: dict) -> str:
+    keys = (("train_loss", "loss"), ("global_accuracy", "acc"), ("personalized_accuracy", "pers"))
+    return "  ".join(f"{short} {row[k]:.3f}" for k, short in keys if k in row and row[k] == row[k])
+
+
+def run(cfg: RunConfig, resume: Path | None = None) -> RunResult:
+    """Run (or resume) a federated job. With ``cfg.out`` set, writes the run folder."""
+    run_dir = Path(resume) if resume else (Path(cfg.out) if cfg.out else None)
+    start = 0
+    fed = None
+    if resume is not None:
+        fed, start = _restore(cfg, run_dir)
+    else:
+        fed = build_federation(cfg)
+        if run_dir:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "metrics.jsonl").write_text("")
+            (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(config_dump(cfg), sort_keys=False))
+    cfg = fed.cfg
+    tracker = RunTracker(run_dir)
+    if resume is not None:
+        tracker.resume_from(start)
+    elapsed = tracker.rows[-1]["wall_time_s"] if tracker.rows else 0.0
+    per_client: dict = {}
+    bytes_up = tracker.rows[-1]["bytes_up_total"] if tracker.rows else 0
+    bytes_down = tracker.rows[-1]["bytes_down_total"] if tracker.rows else 0
+    with _progress(cfg.progress, cfg.rounds, start) as bar:
+        for rnd in range(start + 1, cfg.rounds + 1):
+            t0 = time.perf_counter()
+            row = fed.run_round(rnd)
+            bytes_up += row["bytes_up"]
+            bytes_down += row["bytes_down"]
+            if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
+                metrics, per_client = fed.evaluate(rnd)
+                row.update(metrics)
+            elapsed += time.perf_counter() - t0
+            row.update(wall_time_s=round(elapsed, 4), bytes_up_total=bytes_up, bytes_down_total=bytes_down)
+            if "global_accuracy" in row:
+                tracker.log(row)
+            if run_dir and (rnd % cfg.checkpoint_every == 0 or rnd == cfg.rounds):
+                save_checkpoint(run_dir, rnd, fed.state, fed.clients, {"wall_time_s": elapsed})
+            if bar is not None:
+                bar.update(bar.task_id, completed=rnd, description=_describe(row))
+    params = fed.algorithm.global_params(fed.state)
+    if run_dir:
+        _write_outputs(run_dir, tracker, params, per_client, cfg)
+    return RunResult(params, tracker.rows, run_dir, fed)
+
+
+def _restore(cfg: RunConfig, run_dir: Path) -> tuple[Federation, int]:
+    """Rebuild the federation a run folder describes and load its last committed round."""
+    config_path = run_dir / CONFIG_FILE
+    if not config_path.exists():
+        raise CheckpointError(f"{run_dir} has no {CONFIG_FILE}: is it a metafed run folder?")
+    saved = RunConfig(**yaml.safe_load(config_path.read_text()))
+    asked = config_dump(cfg)
+    merged = config_dump(saved)
+    for key in RESUMABLE_CHANGES:
+        if key in cfg.model_fields_set:
+            merged[key] = asked[key]
+    merged["out"] = str(run_dir)
+    resumed_cfg = RunConfig(**merged)
+    ckpt = load_checkpoint(run_dir)
+    fed = build_federation(resumed_cfg)
+    fed.algorithm.model.check_params(ckpt.state.params)
+    fed.state, fed.clients = ckpt.state, ckpt.clients
+    return fed, ckpt.round
+
+
+def _write_outputs(run_dir: Path, tracker: RunTracker, params: Params, per_client: dict, cfg: RunConfig) -> None:
+    from metafed.plots import plot_run
+
+    save_file({k: v.contiguous() for k, v in params.items()}, str(run_dir / "final.safetensors"))
+    tracker.write_csv()
+    final = tracker.rows[-1] if tracker.rows else {}
+    tracker.write_summary({
+        "algorithm": cfg.algorithm, "dataset": cfg.dataset, "backend": cfg.backend, "rounds": cfg.rounds,
+        "final": final, "per_client_accuracy": per_client,
+        "weighting": "*_accuracy is sample-weighted over clients' test samples; *_accuracy_mean is unweighted",
+        "torch": torch.__version__,
+    })
+    if tracker.rows:
+        plot_run(run_dir)
+
+
+__all__ = ["run", "build_federation", "RunResult", "ConfigError", "CheckpointError"]

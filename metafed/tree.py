@@ -1,0 +1,122 @@
+"""Dict-of-tensor math. Every function is pure: it returns new dicts and never mutates."""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from metafed.types import TensorDict
+
+
+def tree_map(fn: Callable[..., Tensor], tree: TensorDict, *rest: TensorDict) -> TensorDict:
+    """Apply ``fn`` leaf-wise over dicts that share keys."""
+    return {k: fn(v, *(r[k] for r in rest)) for k, v in tree.items()}
+
+
+def add(a: TensorDict, b: TensorDict, alpha: float = 1.0) -> TensorDict:
+    """a + alpha * b."""
+    return {k: a[k] + alpha * b[k] for k in a}
+
+
+def sub(a: TensorDict, b: TensorDict) -> TensorDict:
+    return {k: a[k] - b[k] for k in a}
+
+
+def scale(a: TensorDict, s: float | Tensor) -> TensorDict:
+    return {k: v * s for k, v in a.items()}
+
+
+def zeros_like(a: TensorDict) -> TensorDict:
+    return {k: torch.zeros_like(v) for k, v in a.items()}
+
+
+def clone(a: TensorDict) -> TensorDict:
+    return {k: v.detach().clone() for k, v in a.items()}
+
+
+def dot(a: TensorDict, b: TensorDict) -> Tensor:
+    """Sum over leaves of elementwise products (a scalar)."""
+    return sum((a[k] * b[k]).sum() for k in a)
+
+
+def sq_norm(a: TensorDict) -> Tensor:
+    """Squared L2 norm of the concatenation of all leaves."""
+    return sum((v * v).sum() for v in a.values())
+
+
+def where(cond: Tensor, a: TensorDict, b: TensorDict) -> TensorDict:
+    """Select ``a`` where ``cond`` (a scalar bool tensor) else ``b``, leaf-wise."""
+    return {k: torch.where(cond, a[k], b[k]) for k in a}
+
+
+def stack(trees: Sequence[TensorDict]) -> TensorDict:
+    """List of C dicts -> one dict with a leading client axis [C, ...]."""
+    return {k: torch.stack([t[k] for t in trees]) for k in trees[0]}
+
+
+def unstack(tree: TensorDict) -> list[TensorDict]:
+    """Inverse of :func:`stack`."""
+    n = len(next(iter(tree.values())))
+    return [{k: v[i] for k, v in tree.items()} for i in range(n)]
+
+
+def index(tree: TensorDict, idx: Tensor | slice | int) -> TensorDict:
+    return {k: v[idx] for k, v in tree.items()}
+
+
+def concat(trees: Iterable[TensorDict]) -> TensorDict:
+    trees = list(trees)
+    return {k: torch.cat([t[k] for t in trees]) for k in trees[0]}
+
+
+def weighted_mean(stacked: TensorDict, weights: Tensor) -> TensorDict:
+    """sum_c w_c x_c / sum_c w_c over the leading axis; weights [C]."""
+    w = weights / weights.sum()
+    return {k: torch.tensordot(w.to(v.dtype), v, dims=1) for k, v in stacked.items()}
+
+
+def flatten(tree: TensorDict, batch_dims: int = 0) -> Tensor:
+    """Concatenate leaves into one vector ([D]) or, with batch_dims=1, a matrix [C, D]."""
+    lead = lambda v: v.shape[:batch_dims]  # noqa: E731
+    return torch.cat([v.reshape(*lead(v), -1) for v in tree.values()], dim=batch_dims)
+
+
+def num_bytes(tree: TensorDict) -> int:
+    """Exact payload bytes of the tensors (what a dense encoding puts on the wire)."""
+    return sum(v.numel() * v.element_size() for v in tree.values())
+
+
+def all_finite(tree: TensorDict) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in tree.values())
+
+
+# ---------------------------------------------------------------- nested trees (dicts of dicts)
+def nested_map(fn: Callable[..., Tensor], tree, *rest):
+    """tree_map over arbitrarily nested dicts whose leaves are tensors."""
+    if isinstance(tree, dict):
+        return {k: nested_map(fn, v, *(r[k] for r in rest)) for k, v in tree.items()}
+    return fn(tree, *rest)
+
+
+def nested_stack(trees: Sequence) -> dict:
+    """List of C nested dicts -> one nested dict with leaves stacked on a new axis [C, ...]."""
+    return nested_map(lambda *leaves: torch.stack(leaves), trees[0], *trees[1:])
+
+
+def nested_cat(trees: Sequence) -> dict:
+    return nested_map(lambda *leaves: torch.cat(leaves), trees[0], *trees[1:])
+
+
+def nested_index(tree, idx):
+    return nested_map(lambda v: v[idx], tree)
+
+
+def nested_leaves(tree) -> list[Tensor]:
+    if isinstance(tree, dict):
+        return [leaf for v in tree.values() for leaf in nested_leaves(v)]
+    return [tree]
+
+
+def nested_bytes(tree) -> int:
+    return sum(v.numel() * v.element_size() for v in nested_leaves(tree))
