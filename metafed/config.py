@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -37,12 +37,12 @@ class RunConfig(BaseModel):
     size_multiplier: int = Field(1, ge=1)
 
     # rounds and local work
-    rounds: int = Field(20, ge=1)
+    rounds: int = Field(30, ge=1)
     clients_per_round: int = Field(10, ge=1)
-    local_epochs: int = Field(1, ge=1)
+    local_epochs: int = Field(2, ge=1)
     local_steps: Optional[int] = Field(None, ge=1, description="overrides local_epochs when set")
     batch_size: int = Field(10, ge=1)
-    lr: float = Field(0.05, gt=0)
+    lr: float = Field(0.1, gt=0)
     stragglers: float = Field(0.0, ge=0, le=1)
     straggler_policy: Optional[Literal["drop", "keep"]] = None
 
@@ -70,6 +70,15 @@ class RunConfig(BaseModel):
     checkpoint_every: int = Field(1, ge=1)
     progress: bool = True
 
+    @field_validator("algorithm")
+    @classmethod
+    def _known_algorithm(cls, name: str) -> str:
+        from metafed.algorithms import ALGORITHMS
+
+        if name not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {name!r}; choose one of {', '.join(ALGORITHMS)}")
+        return name
+
     @model_validator(mode="after")
     def _check_consistency(self) -> "RunConfig":
         if self.dataset in ("mnist", "femnist", "shakespeare") and self.model == "lstm" and self.dataset != "shakespeare":
@@ -86,7 +95,7 @@ def _format_validation_error(err: ValidationError) -> str:
         if e["type"] == "extra_forbidden":
             problems.append(f"unknown config key {where!r}")
         else:
-            problems.append(f"{where}: {e['msg']}")
+            problems.append(f"{where}: {e['msg'].removeprefix('Value error, ')}")
     return "; ".join(problems)
 
 
