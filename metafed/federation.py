@@ -77,7 +77,7 @@ class Federation:
         outputs, losses = self.backend.run(program, broadcast, tasks)
         weights = torch.tensor([float(t.inputs["num_samples"]) for t in tasks])
         ok = self._finite_rows(outputs["update"], ids)
-        for i, cid in enumerate(ids):
+        for i, cid in enumerate(ids if outputs["state"] else []):
             if ok[i]:
                 self.clients.put(cid, tree.nested_index(outputs["state"], i))
         used = torch.nonzero(ok).flatten()

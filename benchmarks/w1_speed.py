@@ -1,0 +1,98 @@
+"""Workload W1 speed: seconds per FedAvg round, loop vs vectorized, and peak memory.
+
+W1 (shared/peers/README.md): Synthetic(1,1)-style data, N clients with LogNormal(ln 100, 0.5)
+samples clipped to [50, 200], MLP 60-200-10, 5 local epochs of SGD (lr 0.01, batch 10),
+sample-weighted FedAvg, C clients per round. Client data, sampling and batch order are
+the peers' (same seeds), so metafed trains exactly the trajectory the peers train.
+
+    python benchmarks/w1_speed.py --n 1000 --c 100 --backend vectorized --rounds 5 [--compile]
+
+Prints one JSON line: median s/round over the timed rounds (after one warm-up round),
+achieved GFLOP/s, peak RSS.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from metafed.aggregate import ServerOptimizer, WeightedMean
+from metafed.algorithms.fedavg import FedAvg
+from metafed.backends import make_backend
+from metafed.config import RunConfig
+from metafed.data.federated import ClientData, FederatedDataset
+from metafed.federation import Federation
+from metafed.models import MLP, FunctionalModel
+
+N_PARAMS = 60 * 200 + 200 + 200 * 10 + 10
+
+
+def w1_dataset(n_clients: int, seed: int = 0) -> FederatedDataset:
+    """The peers' W1 clients (shared/peers/common.py), as a metafed FederatedDataset."""
+    rng = np.random.default_rng([seed, 0])
+    sizes = np.clip(np.round(rng.lognormal(np.log(100), 0.5, n_clients)), 50, 200).astype(np.int64)
+    clients = []
+    for k, n in enumerate(sizes):
+        r = np.random.default_rng([seed, 1, k])
+        u, b_mean = r.normal(0, 1.0), r.normal(0, 1.0)
+        w, b = r.normal(u, 1, (10, 60)), r.normal(u, 1, 10)
+        v = r.normal(b_mean, 1, 60)
+        x = r.normal(v, np.sqrt(np.arange(1, 61, dtype=np.float64) ** -1.2), (int(n), 60))
+        y = np.argmax(x @ w.T + b, axis=1)
+        xt, yt = torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.int64))
+        clients.append(ClientData(xt, yt, xt[:1], yt[:1], f"w1-{k}"))
+    return FederatedDataset("w1", clients, (60,), 10)
+
+
+def build(n: int, c: int, backend: str, chunk: int, compile: bool, seed: int = 0) -> Federation:
+    cfg = RunConfig(dataset="synthetic", num_clients=n, clients_per_round=c, local_epochs=5, batch_size=10,
+                    lr=0.01, backend=backend, chunk_size=chunk, compile=compile, seed=seed, progress=False)
+    torch.manual_seed(seed)  # the peers' init: torch.manual_seed(0); MLP()
+    model = FunctionalModel(MLP(60, (200,), 10))
+    alg = FedAvg(model, ServerOptimizer(), lr=0.01)
+    return Federation(cfg, w1_dataset(n, seed), alg, make_backend(backend, chunk, compile), WeightedMean(),
+                      alg.init(model.init_params()))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--c", type=int, default=100)
+    ap.add_argument("--rounds", type=int, default=5, help="timed rounds after 1 warm-up round")
+    ap.add_argument("--backend", default="vectorized")
+    ap.add_argument("--chunk", type=int, default=128)
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--threads", type=int, default=0)
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    fed = build(a.n, a.c, a.backend, a.chunk, a.compile)
+    sizes = fed.dataset.train_sizes()
+    times, samples = [], []
+    for rnd in range(a.rounds + 1):
+        t0 = time.perf_counter()
+        fed.run_round(rnd)
+        dt = time.perf_counter() - t0
+        if rnd > 0:
+            from metafed.data.schedule import sample_clients
+
+            times.append(dt)
+            samples.append(int(sizes[sample_clients(a.n, a.c, rnd, 0)].sum()))
+    med = float(np.median(times))
+    flops = float(np.mean(samples)) * 6.0 * N_PARAMS * 5
+    impl = f"metafed-{a.backend}" + ("+compile" if a.compile else "") + (f"-chunk{a.chunk}" if a.backend == "vectorized" else "")
+    print(json.dumps({"impl": impl, "N": a.n, "C": a.c, "rounds": len(times), "sec_per_round_median": round(med, 4),
+                      "sec_per_round_all": [round(t, 4) for t in times], "gflops": round(flops / med / 1e9, 2),
+                      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                      "torch_threads": torch.get_num_threads()}))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
