@@ -55,6 +55,26 @@ class RunConfig(BaseModel):
     server_beta2: float = Field(0.99, ge=0, lt=1)
     server_tau: float = Field(1e-3, gt=0)
 
+    # personalized / meta-learning hyperparameters
+    inner_lr: float = Field(0.01, gt=0, description="alpha: MAML / Meta-SGD initial rate / Per-FedAvg")
+    inner_steps: int = Field(1, ge=1, description="MAML inner SGD steps on the support batch")
+    personal_lr: Optional[float] = Field(None, gt=0, description="pFedMe / Ditto personal rate (default lr)")
+    pfedme_lambda: float = Field(15.0, gt=0)
+    pfedme_steps: int = Field(5, ge=1, description="K: inner steps of the Moreau-envelope solve")
+    ditto_lambda: float = Field(0.1, ge=0)
+    stage1_rounds: Optional[int] = Field(None, ge=0, description="Personalized FedAvg: FedAvg rounds (default rounds/2)")
+    stage1_epochs: Optional[int] = Field(None, ge=1, description="Personalized FedAvg: local epochs in stage 1")
+    meta_alpha: float = Field(1.0, gt=0, description="meta-updater: step size alpha in theta - alpha*u")
+    meta_lr: Optional[float] = Field(None, gt=0, description="meta-updater: learning rate of u (default lr)")
+    meta_mix: float = Field(0.5, ge=0, le=1, description="meta-updater: pull of theta_i, u_i towards w, u_g")
+    meta_val_period: int = Field(5, ge=2, description="meta-updater: every n-th train sample is validation")
+    meta_order: Literal["first", "second"] = "first"
+
+    # aggregation
+    aggregator: Literal["mean", "attention"] = "mean"
+    attention_score: Literal["loss", "cosine"] = "loss"
+    attention_temperature: float = Field(1.0, gt=0)
+
     # evaluation
     eval_every: int = Field(1, ge=1)
     personalize_steps: int = Field(5, ge=0)

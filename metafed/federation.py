@@ -47,17 +47,18 @@ class Federation:
         n_slow = int(round(cfg.stragglers * len(sampled)))
         slow = set(rng.choice(sampled, n_slow, replace=False).tolist()) if n_slow else set()
         policy = cfg.straggler_policy or self.algorithm.straggler_policy
+        epochs, steps = self.algorithm.local_work(rnd) or (cfg.local_epochs, cfg.local_steps)
         ids, tasks = [], []
         for cid in sampled.tolist():
             if cid in slow and policy == "drop":
                 continue
             data = self.dataset.clients[cid]
-            sched = client_schedule(data.num_train, batch_size=cfg.batch_size, epochs=cfg.local_epochs,
-                                    steps=cfg.local_steps, batches_per_step=batches_per_step,
+            sched = client_schedule(data.num_train, batch_size=cfg.batch_size, epochs=epochs,
+                                    steps=steps, batches_per_step=batches_per_step,
                                     rng=np.random.default_rng([cfg.seed, 3, rnd, cid]))
             active = len(sched)
             if cid in slow:
-                active = straggler_steps(len(sched), cfg.local_epochs, cfg.local_steps is not None, rng)
+                active = straggler_steps(len(sched), epochs, steps is not None, rng)
             inputs = {"state": self.clients.get(cid, lambda: self.algorithm.client_init(broadcast)),
                       "num_samples": torch.tensor(float(data.num_train))}
             ids.append(cid)
@@ -68,7 +69,7 @@ class Federation:
         """Train one round; returns the round's training metrics."""
         alg = self.algorithm
         broadcast = alg.broadcast(self.state, rnd)
-        program = alg.client_program()
+        program = alg.client_program(rnd)
         ids, tasks, n_sampled = self.plan_round(rnd, program.batches_per_step, broadcast)
         metrics = {"round": rnd, "clients_sampled": n_sampled, "bytes_down": tree.nested_bytes(broadcast) * n_sampled}
         if not tasks:
@@ -84,9 +85,11 @@ class Federation:
         metrics["clients_used"] = int(used.numel())
         if used.numel() == 0:
             return {**metrics, "bytes_up": 0, "train_loss": float("nan")}
-        kept = {k: tree.nested_index(v, used) for k, v in outputs.items() if k != "state"}
-        aggregate = self.aggregator(kept, weights[used], kept.get("score"))
-        self.state = alg.server_update(self.state, aggregate)
+        kept = {k: tree.nested_index(v, used) for k, v in outputs.items() if k not in ("state", "metrics")}
+        # clients' loss for loss-scored aggregators: a reported validation loss, else the training loss
+        client_loss = outputs.get("metrics", {}).get("val_loss", losses)[used]
+        aggregate = self.aggregator(kept, weights[used], client_loss)
+        self.state = alg.server_update(self.state, aggregate, rnd)
         w = weights[used]
         metrics["bytes_up"] = tree.nested_bytes(tree.nested_index(outputs["update"], used))
         metrics["train_loss"] = float((losses[used].double() * w).sum() / w.sum())

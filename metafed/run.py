@@ -12,7 +12,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from metafed.aggregate import WeightedMean
+from metafed.aggregate import make_aggregator
 from metafed.algorithms import make_algorithm
 from metafed.backends import make_backend
 from metafed.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -43,7 +43,8 @@ def build_federation(cfg: RunConfig) -> Federation:
     model = FunctionalModel(module)
     algorithm = make_algorithm(cfg, model)
     backend = make_backend(cfg.backend, cfg.chunk_size, cfg.compile)
-    return Federation(cfg, dataset, algorithm, backend, WeightedMean(), algorithm.init(model.init_params()))
+    aggregator = make_aggregator(cfg.aggregator, cfg.attention_score, cfg.attention_temperature)
+    return Federation(cfg, dataset, algorithm, backend, aggregator, algorithm.init(model.init_params()))
 
 
 def config_dump(cfg: RunConfig) -> dict:

@@ -120,3 +120,27 @@ def nested_leaves(tree) -> list[Tensor]:
 
 def nested_bytes(tree) -> int:
     return sum(v.numel() * v.element_size() for v in nested_leaves(tree))
+
+
+def nested_flatten(tree: dict, prefix: str = "", sep: str = "/") -> dict[str, Tensor]:
+    """{"a": {"b": t}} -> {"a/b": t}; keys must not contain ``sep``."""
+    flat: dict[str, Tensor] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{sep}{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            flat.update(nested_flatten(v, key, sep))
+        else:
+            flat[key] = v
+    return flat
+
+
+def nested_unflatten(flat: dict[str, Tensor], sep: str = "/") -> dict:
+    """Inverse of :func:`nested_flatten`."""
+    out: dict = {}
+    for key, v in flat.items():
+        *heads, last = key.split(sep)
+        node = out
+        for h in heads:
+            node = node.setdefault(h, {})
+        node[last] = v
+    return out

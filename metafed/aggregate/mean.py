@@ -16,9 +16,9 @@ class WeightedMean:
     name: str = "mean"
     linear: bool = True
 
-    def weights(self, num_samples: Tensor, scores: Tensor | None = None) -> Tensor:
+    def weights(self, updates: dict, num_samples: Tensor, client_loss: Tensor | None = None) -> Tensor:
         return num_samples.to(torch.float64) / num_samples.sum()
 
-    def __call__(self, updates: dict, num_samples: Tensor, scores: Tensor | None = None) -> dict:
-        w = self.weights(num_samples, scores)
+    def __call__(self, updates: dict, num_samples: Tensor, client_loss: Tensor | None = None) -> dict:
+        w = self.weights(updates, num_samples, client_loss)
         return tree.nested_map(lambda v: torch.tensordot(w.to(v.dtype), v, dims=1), updates)

@@ -6,7 +6,14 @@ from typing import TYPE_CHECKING, Callable
 
 from metafed.aggregate.server_opt import ServerOptimizer
 from metafed.algorithms.base import FederatedAlgorithm, LocalProgram, ServerState
+from metafed.algorithms.ditto import Ditto
 from metafed.algorithms.fedavg import FedAvg
+from metafed.algorithms.maml import MAML
+from metafed.algorithms.meta_sgd import MetaSGD
+from metafed.algorithms.meta_updater import MetaUpdater
+from metafed.algorithms.per_fedavg import PerFedAvg
+from metafed.algorithms.personalized_fedavg import PersonalizedFedAvg
+from metafed.algorithms.pfedme import PFedMe
 from metafed.models import FunctionalModel
 
 if TYPE_CHECKING:
@@ -34,7 +41,56 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
         "FedAvg with the proximal term mu/2 ||w - w_global||^2 (--mu); keeps stragglers' partial work",
         "Li et al., MLSys 2020, arXiv:1812.06127",
         lambda cfg, model, opt: FedAvg(model, opt, cfg.lr, cfg.mu)),
+    "reptile": AlgorithmSpec(
+        "Reptile server step theta += eps * mean(theta_i - theta); eps = --server-lr (adam/yogi allowed)",
+        "Nichol & Schulman 2018, arXiv:1803.02999",
+        lambda cfg, model, opt: _named(FedAvg(model, opt, cfg.lr), "reptile", "Nichol & Schulman 2018")),
+    "maml": AlgorithmSpec(
+        "FedMeta-MAML: support/query steps, true second-order meta-gradient (--inner-lr alpha, --lr beta)",
+        "Finn et al., ICML 2017; Chen et al. 2018, arXiv:1802.07876",
+        lambda cfg, model, opt: MAML(model, opt, cfg.lr, cfg.inner_lr, cfg.inner_steps, first_order=False)),
+    "fomaml": AlgorithmSpec(
+        "first-order MAML: gradient of the query loss at the adapted point",
+        "Finn et al., ICML 2017, arXiv:1703.03400",
+        lambda cfg, model, opt: MAML(model, opt, cfg.lr, cfg.inner_lr, cfg.inner_steps, first_order=True)),
+    "meta-sgd": AlgorithmSpec(
+        "FedMeta-Meta-SGD: per-parameter inner learning rates learned with the initialisation",
+        "Li et al. 2017, arXiv:1707.09835; Chen et al. 2018, arXiv:1802.07876",
+        lambda cfg, model, opt: MetaSGD(model, opt, cfg.lr, cfg.inner_lr)),
+    "per-fedavg-fo": AlgorithmSpec(
+        "Per-FedAvg, first-order MAML local steps (alpha = --inner-lr, beta = --lr)",
+        "Fallah et al., NeurIPS 2020, arXiv:2002.07948",
+        lambda cfg, model, opt: PerFedAvg(model, opt, cfg.inner_lr, cfg.lr, hessian_free=False)),
+    "per-fedavg-hf": AlgorithmSpec(
+        "Per-FedAvg, Hessian-free: Hessian-vector product on a third independent batch",
+        "Fallah et al., NeurIPS 2020, arXiv:2002.07948",
+        lambda cfg, model, opt: PerFedAvg(model, opt, cfg.inner_lr, cfg.lr, hessian_free=True)),
+    "personalized-fedavg": AlgorithmSpec(
+        "FedAvg with long local epochs, then Reptile rounds, then local fine-tuning (--stage1-rounds)",
+        "Jiang et al. 2019, arXiv:1909.12488",
+        lambda cfg, model, opt: PersonalizedFedAvg(
+            model, opt, cfg.lr, cfg.stage1_rounds if cfg.stage1_rounds is not None else cfg.rounds // 2,
+            cfg.stage1_epochs or cfg.local_epochs)),
+    "pfedme": AlgorithmSpec(
+        "Moreau-envelope personal models (--pfedme-lambda, --pfedme-steps K, --personal-lr); beta = --server-lr",
+        "Dinh et al., NeurIPS 2020, arXiv:2006.08848",
+        lambda cfg, model, opt: PFedMe(model, opt, cfg.lr, cfg.personal_lr or cfg.lr, cfg.pfedme_lambda,
+                                       cfg.pfedme_steps)),
+    "ditto": AlgorithmSpec(
+        "global FedAvg update plus a personal model pulled to the global one (--ditto-lambda)",
+        "Li et al., ICML 2021, arXiv:2012.04221",
+        lambda cfg, model, opt: Ditto(model, opt, cfg.lr, cfg.personal_lr or cfg.lr, cfg.ditto_lambda)),
+    "meta-updater": AlgorithmSpec(
+        "personal models + meta-updaters u_i trained on a validation split; server applies aggregated u",
+        "metafed seed document 000 (design in metafed/algorithms/meta_updater.py)",
+        lambda cfg, model, opt: MetaUpdater(model, opt, cfg.lr, cfg.meta_lr or cfg.lr, cfg.meta_alpha, cfg.meta_mix,
+                                            cfg.meta_val_period, cfg.meta_order == "second")),
 }
+
+
+def _named(algorithm: FederatedAlgorithm, name: str, paper: str) -> FederatedAlgorithm:
+    algorithm.name, algorithm.paper = name, paper
+    return algorithm
 
 
 def make_algorithm(cfg: "RunConfig", model: FunctionalModel) -> FederatedAlgorithm:

@@ -72,7 +72,7 @@ class FederatedAlgorithm(ABC):
     def broadcast(self, state: ServerState, rnd: int) -> dict:
         return {"params": state.params}
 
-    def server_update(self, state: ServerState, aggregate: dict) -> ServerState:
+    def server_update(self, state: ServerState, aggregate: dict, rnd: int) -> ServerState:
         """``aggregate["update"]`` is the weighted mean of client deltas (local - global)."""
         params, opt_state = self.server_opt.step(state.params, aggregate["update"], state.opt_state)
         return ServerState(params, opt_state, state.extra)
@@ -83,8 +83,13 @@ class FederatedAlgorithm(ABC):
         return {}
 
     @abstractmethod
-    def client_program(self) -> LocalProgram:
-        """The local training program every sampled client runs."""
+    def client_program(self, rnd: int) -> LocalProgram:
+        """The local training program every sampled client runs in round ``rnd``."""
+
+    def local_work(self, rnd: int) -> tuple[int, int | None] | None:
+        """(epochs, steps) for round ``rnd`` when the algorithm overrides the config (e.g.
+        Personalized FedAvg's stages); None keeps the configured local work."""
+        return None
 
     def personalize_program(self, steps: int, lr: float) -> LocalProgram:
         """Evaluation-time adaptation on the client's train split (default: fine-tuning)."""
@@ -95,3 +100,15 @@ class FederatedAlgorithm(ABC):
     def global_params(self, state: ServerState) -> Params:
         """The params that 'global model' evaluation uses."""
         return state.params
+
+
+def batch_loss(model: FunctionalModel, params: Params, batch: dict, j: int, mask: Tensor | None = None) -> Tensor:
+    """Mean loss of ``params`` on minibatch ``j`` of a step's batch (optionally re-masked)."""
+    return model.loss(params, batch["x"][j], batch["y"][j], batch["mask"][j] if mask is None else mask)
+
+
+def sgd(params: Params, grads: Params, lr: float | Params) -> Params:
+    """params - lr * grads; ``lr`` may be a scalar or per-parameter tensors (Meta-SGD)."""
+    if isinstance(lr, dict):
+        return {k: v - lr[k] * grads[k] for k, v in params.items()}
+    return {k: v - lr * grads[k] for k, v in params.items()}

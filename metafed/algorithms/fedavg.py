@@ -63,5 +63,5 @@ class FedAvg(FederatedAlgorithm):
             self.name, self.paper = "fedprox", "Li et al., MLSys 2020 (arXiv:1812.06127)"
             self.straggler_policy = "keep"
 
-    def client_program(self) -> ProximalSGD:
+    def client_program(self, rnd: int = 0) -> ProximalSGD:
         return ProximalSGD(self.model, self.lr, self.mu)

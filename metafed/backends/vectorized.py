@@ -98,7 +98,7 @@ class VectorizedBackend:
         carry = tree.nested_map(torch.Tensor.contiguous, init_fn(shared, inputs))
         total = torch.zeros(len(chunk))
         for s in range(steps):
-            batch = {"x": xb[s], "y": yb[s], "mask": mb[s]}
+            batch = {"x": xb[s], "y": yb[s], "mask": mb[s], "idx": idx_t[s]}
             carry, loss = step_fn(shared, carry, batch, active[s])
             total = total + loss.detach()
         out = final_fn(shared, carry, inputs)

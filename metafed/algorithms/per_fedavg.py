@@ -1,0 +1,73 @@
+"""Per-FedAvg: Fallah, Mokhtari, Ozdaglar, "Personalized Federated Learning with Theoretical
+Guarantees: A Model-Agnostic Meta-Learning Approach", NeurIPS 2020, arXiv:2002.07948.
+
+Local step on independent batches D, D' (and D'' for HF), Algorithm 1 of the paper:
+  temp = w - alpha * grad f(w; D)
+  FO:  w <- w - beta * grad f(temp; D')
+  HF:  w <- w - beta * (I - alpha * H(w; D'')) grad f(temp; D')
+The Hessian-vector product H(w; D'') v is one forward-over-reverse ``jvp(grad(f), w, v)``:
+no Hessian is formed. Personalization (evaluation): SGD steps with lr alpha from w.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import Tensor
+from torch.func import grad, jvp
+
+from metafed import tree
+from metafed.aggregate.server_opt import ServerOptimizer
+from metafed.algorithms.base import FederatedAlgorithm, batch_loss, sgd
+from metafed.algorithms.finetune import FineTune
+from metafed.models import FunctionalModel
+from metafed.types import Params
+
+
+def hessian_vector_product(loss: Callable[[Params], Tensor], params: Params, vector: Params) -> Params:
+    """H(params) @ vector for a scalar ``loss``, via forward-mode over reverse-mode."""
+    return jvp(grad(loss), (params,), (vector,))[1]
+
+
+@dataclass(frozen=True)
+class PerFedAvgProgram:
+    model: FunctionalModel
+    alpha: float
+    beta: float
+    hessian_free: bool = False
+
+    @property
+    def batches_per_step(self) -> int:
+        return 3 if self.hessian_free else 2
+
+    def init(self, shared, client):
+        return {"params": shared["params"]}
+
+    def step(self, shared, carry, batch):
+        w = carry["params"]
+        loss = lambda j: (lambda p: batch_loss(self.model, p, batch, j))  # noqa: E731
+        temp = sgd(w, grad(loss(0))(w), self.alpha)
+        g, outer_loss = grad(lambda p: (loss(1)(p),) * 2, has_aux=True)(temp)
+        if self.hessian_free:
+            hv = hessian_vector_product(loss(2), w, g)
+            g = {k: g[k] - self.alpha * hv[k] for k in g}
+        return {"params": sgd(w, g, self.beta)}, outer_loss
+
+    def final(self, shared, carry, client):
+        return {"update": tree.sub(carry["params"], shared["params"]), "state": {}}
+
+
+class PerFedAvg(FederatedAlgorithm):
+    paper = "Fallah et al., NeurIPS 2020 (arXiv:2002.07948)"
+
+    def __init__(self, model: FunctionalModel, server_opt: ServerOptimizer, alpha: float, beta: float,
+                 hessian_free: bool):
+        super().__init__(model, server_opt)
+        self.name = "per-fedavg-hf" if hessian_free else "per-fedavg-fo"
+        self.program = PerFedAvgProgram(model, alpha, beta, hessian_free)
+
+    def client_program(self, rnd: int = 0) -> PerFedAvgProgram:
+        return self.program
+
+    def personalize_program(self, steps: int, lr: float) -> FineTune:
+        return FineTune(self.model, self.program.alpha)

@@ -1,0 +1,100 @@
+"""pFedMe: Dinh, Tran, Nguyen, "Personalized Federated Learning with Moreau Envelopes",
+NeurIPS 2020, arXiv:2006.08848.
+
+Client i approximately solves the Moreau-envelope inner problem on each minibatch,
+    theta_i = argmin_theta f_i(theta) + lambda/2 ||theta - w||^2,
+with K gradient steps at the personal learning rate (warm-started from the previous
+theta_i), then moves its local model towards it: w <- w - eta * lambda * (w - theta_i).
+The server mixes: w <- (1 - beta) w + beta * mean(w_i) = w + beta * mean delta, i.e. the
+SGD server optimizer with ``--server-lr`` = beta. theta_i is kept in client state. The
+personalized model used at evaluation is theta_i(w): the inner problem solved from the
+current global model on the client's train split.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from torch.func import grad
+
+from metafed import tree
+from metafed.aggregate.server_opt import ServerOptimizer
+from metafed.algorithms.base import FederatedAlgorithm, batch_loss
+from metafed.models import FunctionalModel
+from metafed.types import Params
+
+
+def moreau_inner_solve(grad_fn: Callable[[Params], Params], anchor: Params, theta: Params, lam: float, lr: float,
+                       steps: int) -> Params:
+    """K gradient steps on f(theta) + lam/2 ||theta - anchor||^2 starting at ``theta``."""
+    for _ in range(steps):
+        g = grad_fn(theta)
+        theta = {k: v - lr * (g[k] + lam * (v - anchor[k])) for k, v in theta.items()}
+    return theta
+
+
+@dataclass(frozen=True)
+class PFedMeProgram:
+    model: FunctionalModel
+    lr: float
+    personal_lr: float
+    lam: float
+    inner_steps: int
+    batches_per_step: int = 1
+
+    def init(self, shared, client):
+        return {"params": shared["params"], "personal": client["state"]["personal"]}
+
+    def step(self, shared, carry, batch):
+        w = carry["params"]
+        loss = lambda p: batch_loss(self.model, p, batch, 0)  # noqa: E731
+        theta = moreau_inner_solve(grad(loss), w, carry["personal"], self.lam, self.personal_lr, self.inner_steps)
+        w = {k: v - self.lr * self.lam * (v - theta[k]) for k, v in w.items()}
+        return {"params": w, "personal": theta}, loss(theta)
+
+    def final(self, shared, carry, client):
+        return {"update": tree.sub(carry["params"], shared["params"]), "state": {"personal": carry["personal"]}}
+
+
+@dataclass(frozen=True)
+class PFedMePersonalize:
+    """theta(w): one Moreau inner solve per train minibatch, anchored at the global model."""
+
+    model: FunctionalModel
+    personal_lr: float
+    lam: float
+    inner_steps: int
+    batches_per_step: int = 1
+
+    def init(self, shared, client):
+        return {"params": shared["params"]}
+
+    def step(self, shared, carry, batch):
+        loss = lambda p: batch_loss(self.model, p, batch, 0)  # noqa: E731
+        theta = moreau_inner_solve(grad(loss), shared["params"], carry["params"], self.lam, self.personal_lr,
+                                   self.inner_steps)
+        return {"params": theta}, loss(theta)
+
+    def final(self, shared, carry, client):
+        return {"params": carry["params"]}
+
+
+class PFedMe(FederatedAlgorithm):
+    name = "pfedme"
+    paper = "Dinh et al., NeurIPS 2020 (arXiv:2006.08848)"
+    straggler_policy = "keep"
+
+    def __init__(self, model: FunctionalModel, server_opt: ServerOptimizer, lr: float, personal_lr: float,
+                 lam: float, inner_steps: int):
+        super().__init__(model, server_opt)
+        self.program = PFedMeProgram(model, lr, personal_lr, lam, inner_steps)
+
+    def client_init(self, broadcast: dict) -> dict:
+        return {"personal": broadcast["params"]}
+
+    def client_program(self, rnd: int = 0) -> PFedMeProgram:
+        return self.program
+
+    def personalize_program(self, steps: int, lr: float) -> PFedMePersonalize:
+        p = self.program
+        return PFedMePersonalize(self.model, p.personal_lr, p.lam, p.inner_steps)
