@@ -101,3 +101,25 @@ def test_cli_resume_missing_folder(tmp_path):
 def test_cli_lists():
     assert "fedprox" in _cli("algorithms").output
     assert "synthetic" in _cli("datasets").output
+
+
+def test_resume_keeps_personal_client_state(tmp_path):
+    common = dict(algorithm="ditto", ditto_lambda=0.5, server_optimizer="yogi", server_lr=0.1)
+    full = run(small_config(rounds=4, out=tmp_path / "full", **common))
+    run(small_config(rounds=2, out=tmp_path / "cut", **common))
+    resumed = run(small_config(rounds=4), resume=tmp_path / "cut")
+    for k in full.params:
+        assert torch.equal(full.params[k], resumed.params[k]), k
+    assert resumed.rows[-1]["personalized_accuracy"] == full.rows[-1]["personalized_accuracy"]
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedprox", "reptile", "maml", "fomaml", "meta-sgd", "per-fedavg-fo",
+                                  "per-fedavg-hf", "personalized-fedavg", "pfedme", "ditto", "meta-updater"])
+def test_cli_every_algorithm_writes_personalized_and_new_client_metrics(tmp_path, name):
+    res = _cli("run", "--algorithm", name, "--dataset", "digits", "--rounds", "2", "--num-clients", "8",
+               "--clients-per-round", "3", "--heldout-fraction", "0.25", "--set", "hidden=[16]",
+               "--no-progress", "--out", str(tmp_path / name))
+    assert res.exit_code == 0, res.output
+    row = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in ("personalized_accuracy", "new_client_accuracy_k0", "new_client_accuracy_k10"):
+        assert 0.0 <= row[key] <= 1.0, key
