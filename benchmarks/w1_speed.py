@@ -69,10 +69,16 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=128)
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--unroll", type=int, default=None, help="vectorized+compile: steps per compiled call")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     fed = build(a.n, a.c, a.backend, a.chunk, a.compile)
+    if a.backend == "vectorized":
+        from metafed.backends import VectorizedBackend
+
+        fed.backend = VectorizedBackend(a.chunk, a.compile, unroll=a.unroll)
+        fed.evaluator.backend = fed.backend
     sizes = fed.dataset.train_sizes()
     times, samples = [], []
     for rnd in range(a.rounds + 1):
@@ -86,7 +92,7 @@ def main() -> None:
             samples.append(int(sizes[sample_clients(a.n, a.c, rnd, 0)].sum()))
     med = float(np.median(times))
     flops = float(np.mean(samples)) * 6.0 * N_PARAMS * 5
-    impl = f"metafed-{a.backend}" + ("+compile" if a.compile else "") + (f"-chunk{a.chunk}" if a.backend == "vectorized" else "")
+    impl = f"metafed-{a.backend}" + (f"+compile-unroll{fed.backend.unroll}" if a.compile else "") + (f"-chunk{a.chunk}" if a.backend == "vectorized" else "")
     print(json.dumps({"impl": impl, "N": a.n, "C": a.c, "rounds": len(times), "sec_per_round_median": round(med, 4),
                       "sec_per_round_all": [round(t, 4) for t in times], "gflops": round(flops / med / 1e9, 2),
                       "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

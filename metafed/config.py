@@ -75,6 +75,22 @@ class RunConfig(BaseModel):
     attention_score: Literal["loss", "cosine"] = "loss"
     attention_temperature: float = Field(1.0, gt=0)
 
+    # participation
+    client_sampling: Literal["fixed", "poisson"] = "fixed"
+    dropout: float = Field(0.0, ge=0, lt=1, description="fraction of sampled clients that never reply")
+
+    # differential privacy
+    dp: Optional[Literal["central", "local"]] = None
+    dp_clip: float = Field(1.0, gt=0)
+    dp_noise_multiplier: Optional[float] = Field(None, ge=0)
+    target_epsilon: Optional[float] = Field(None, gt=0, description="calibrate the noise multiplier to this")
+    dp_delta: float = Field(1e-5, gt=0, lt=1)
+    dp_adaptive_clip: bool = False
+    dp_target_quantile: float = Field(0.5, gt=0, lt=1)
+    dp_clip_lr: float = Field(0.2, gt=0)
+    dp_count_noise: Optional[float] = Field(None, gt=0, description="sigma_b of adaptive clipping (default m/20)")
+    dp_accountant: Literal["rdp", "pld"] = "rdp"
+
     # evaluation
     eval_every: int = Field(1, ge=1)
     personalize_steps: int = Field(5, ge=0)
@@ -103,6 +119,11 @@ class RunConfig(BaseModel):
     def _check_consistency(self) -> "RunConfig":
         if self.dataset in ("mnist", "femnist", "shakespeare") and self.model == "lstm" and self.dataset != "shakespeare":
             raise ValueError("model 'lstm' reads character sequences: use it with dataset 'shakespeare'")
+        if self.dp is not None:
+            if (self.dp_noise_multiplier is None) == (self.target_epsilon is None):
+                raise ValueError("--dp needs exactly one of --dp-noise-multiplier and --target-epsilon")
+            if self.dp == "central" and self.aggregator != "mean":
+                raise ValueError("central DP calibrates noise to a clipped mean: use --aggregator mean")
         if self.dataset == "shakespeare" and self.model not in (None, "lstm"):
             raise ValueError("dataset 'shakespeare' is text: use model 'lstm'")
         return self

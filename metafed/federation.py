@@ -3,7 +3,7 @@ server update -> (evaluate). Tracking and checkpointing hang off it in ``run.py`
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -14,8 +14,10 @@ from metafed.backends.base import Backend, ClientTask
 from metafed.client_store import ClientStore
 from metafed.config import RunConfig
 from metafed.data.federated import FederatedDataset
-from metafed.data.schedule import client_schedule, sample_clients, straggler_steps
+from metafed.data.schedule import client_schedule, poisson_sample_clients, sample_clients, straggler_steps
 from metafed.eval import Evaluator
+from metafed.privacy.accountant import PrivacyAccountant, calibrate_noise
+from metafed.privacy.dp import ClientDP
 
 log = logging.getLogger("metafed")
 
@@ -37,12 +39,34 @@ class Federation:
             raise ValueError("the dataset has no training clients")
         self.evaluator = Evaluator(self.algorithm, self.backend, self.cfg.eval_batch_size,
                                    self.cfg.personalize_lr or self.cfg.lr, self.cfg.seed)
+        self.dp, self.accountant = self._privacy()
+
+    def _privacy(self) -> tuple[ClientDP | None, PrivacyAccountant | None]:
+        cfg = self.cfg
+        if cfg.dp is None:
+            return None, None
+        n, m = self.dataset.num_clients, min(cfg.clients_per_round, self.dataset.num_clients)
+        sampling = "local" if cfg.dp == "local" else cfg.client_sampling
+        z = cfg.dp_noise_multiplier
+        if z is None:
+            z = calibrate_noise(cfg.target_epsilon, cfg.rounds, n, m, cfg.dp_delta, sampling, cfg.dp_accountant)
+        dp = ClientDP(cfg.dp, z, float(m), cfg.dp_adaptive_clip, cfg.dp_target_quantile, cfg.dp_clip_lr,
+                      cfg.dp_count_noise)
+        dp.update_z  # noqa: B018 - validates the adaptive-clipping noise split before training starts
+        return dp, PrivacyAccountant(z, n, m, cfg.dp_delta, sampling, cfg.dp_accountant)
+
+    def _round_generator(self, rnd: int, stream: int) -> torch.Generator:
+        seed = int(np.random.default_rng([self.cfg.seed, stream, rnd]).integers(2 ** 62))
+        return torch.Generator().manual_seed(seed)
 
     # ------------------------------------------------------------------ one round
     def plan_round(self, rnd: int, batches_per_step: int, broadcast: dict) -> tuple[list[int], list[ClientTask], int]:
         """Which clients train this round and what each does: (client ids, tasks, #sampled)."""
         cfg = self.cfg
-        sampled = sample_clients(self.dataset.num_clients, cfg.clients_per_round, rnd, cfg.seed)
+        sample = poisson_sample_clients if cfg.client_sampling == "poisson" else sample_clients
+        sampled = sample(self.dataset.num_clients, cfg.clients_per_round, rnd, cfg.seed)
+        n_gone = int(round(cfg.dropout * len(sampled)))
+        gone = set(np.random.default_rng([cfg.seed, 8, rnd]).choice(sampled, n_gone, replace=False).tolist())
         rng = np.random.default_rng([cfg.seed, 4, rnd])
         n_slow = int(round(cfg.stragglers * len(sampled)))
         slow = set(rng.choice(sampled, n_slow, replace=False).tolist()) if n_slow else set()
@@ -50,7 +74,7 @@ class Federation:
         epochs, steps = self.algorithm.local_work(rnd) or (cfg.local_epochs, cfg.local_steps)
         ids, tasks = [], []
         for cid in sampled.tolist():
-            if cid in slow and policy == "drop":
+            if cid in gone or (cid in slow and policy == "drop"):
                 continue
             data = self.dataset.clients[cid]
             sched = client_schedule(data.num_train, batch_size=cfg.batch_size, epochs=epochs,
@@ -71,7 +95,8 @@ class Federation:
         broadcast = alg.broadcast(self.state, rnd)
         program = alg.client_program(rnd)
         ids, tasks, n_sampled = self.plan_round(rnd, program.batches_per_step, broadcast)
-        metrics = {"round": rnd, "clients_sampled": n_sampled, "bytes_down": tree.nested_bytes(broadcast) * n_sampled}
+        metrics = {"round": rnd, "clients_sampled": n_sampled, "bytes_down": tree.nested_bytes(broadcast) * n_sampled,
+                   **self.privacy_spent(rnd)}
         if not tasks:
             log.warning("round %d: no client returned an update (all dropped); the model is unchanged", rnd)
             return {**metrics, "clients_used": 0, "bytes_up": 0, "train_loss": float("nan")}
@@ -88,12 +113,35 @@ class Federation:
         kept = {k: tree.nested_index(v, used) for k, v in outputs.items() if k not in ("state", "metrics")}
         # clients' loss for loss-scored aggregators: a reported validation loss, else the training loss
         client_loss = outputs.get("metrics", {}).get("val_loss", losses)[used]
-        aggregate = self.aggregator(kept, weights[used], client_loss)
+        if self.dp is not None:
+            aggregate = self._private_aggregate(kept, weights[used], client_loss, rnd, metrics)
+        else:
+            aggregate = self.aggregator(kept, weights[used], client_loss)
         self.state = alg.server_update(self.state, aggregate, rnd)
         w = weights[used]
         metrics["bytes_up"] = tree.nested_bytes(tree.nested_index(outputs["update"], used))
         metrics["train_loss"] = float((losses[used].double() * w).sum() / w.sum())
         return metrics
+
+    def _private_aggregate(self, kept: dict, weights, client_loss, rnd: int, metrics: dict) -> dict:
+        """Clip (+ local noise) per client, then the DP mean (central) or the configured
+        aggregator over the privatized messages (local). The clip norm lives in server state."""
+        clip = float(self.state.extra.get("dp.clip", torch.tensor(self.cfg.dp_clip)))
+        generator = self._round_generator(rnd, 7)
+        if self.dp.mode == "central":
+            aggregate, next_clip, dp_metrics = self.dp.aggregate(kept, clip, generator)
+        else:
+            private = self.dp.privatize(kept, clip, generator)
+            aggregate, next_clip, dp_metrics = self.aggregator(private, weights, client_loss), clip, {"dp_clip": clip}
+        self.state = replace(self.state, extra={**self.state.extra, "dp.clip": torch.tensor(next_clip, dtype=torch.float64)})
+        metrics.update(dp_metrics)
+        return aggregate
+
+    def privacy_spent(self, rnd: int) -> dict:
+        if self.accountant is None:
+            return {}
+        return {"epsilon": self.accountant.epsilon(rnd), "dp_delta": self.accountant.delta,
+                "dp_noise_multiplier": self.accountant.noise_multiplier}
 
     @staticmethod
     def _finite_rows(update: dict, ids: list[int]) -> torch.Tensor:

@@ -18,17 +18,21 @@ def _rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    kept = [r for r in rows if key in r]
+    return [r["round"] for r in kept], [r[key] for r in kept]
+
+
 def plot_run(run_dir: Path) -> list[Path]:
     """Write the run's plots next to its metrics; returns the files written."""
     rows = _rows(run_dir)
-    rounds = [r["round"] for r in rows]
     written = []
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, label in (("global_accuracy", "global"), ("personalized_accuracy", "personalized"),
                        ("personalized_accuracy_p10", "personalized, 10th pct client")):
-        if key in rows[0]:
-            ax.plot(rounds, [r[key] for r in rows], label=label)
+        if key in rows[-1]:
+            ax.plot(*_series(rows, key), label=label)
     ax.set(xlabel="round", ylabel="test accuracy", title="Global vs personalized accuracy")
     ax.legend()
     ax.grid(alpha=0.3)
@@ -37,8 +41,8 @@ def plot_run(run_dir: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, label in (("train_loss", "local training loss"), ("global_train_loss", "global model, train data"),
                        ("global_loss", "global model, test data")):
-        if key in rows[0]:
-            ax.plot(rounds, [r[key] for r in rows], label=label)
+        if key in rows[-1]:
+            ax.plot(*_series(rows, key), label=label)
     ax.set(xlabel="round", ylabel="cross-entropy", title="Loss per round")
     ax.legend()
     ax.grid(alpha=0.3)

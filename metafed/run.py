@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -99,7 +99,8 @@ def run(cfg: RunConfig, resume: Path | None = None) -> RunResult:
                 row.update(metrics)
             elapsed += time.perf_counter() - t0
             row.update(wall_time_s=round(elapsed, 4), bytes_up_total=bytes_up, bytes_down_total=bytes_down)
-            if "global_accuracy" in row:
+            # one row per evaluated round; every round under DP, so epsilon is reported each round
+            if "global_accuracy" in row or fed.accountant is not None:
                 tracker.log(row)
             if run_dir and (rnd % cfg.checkpoint_every == 0 or rnd == cfg.rounds):
                 save_checkpoint(run_dir, rnd, fed.state, fed.clients, {"wall_time_s": elapsed})
@@ -127,7 +128,9 @@ def _restore(cfg: RunConfig, run_dir: Path) -> tuple[Federation, int]:
     ckpt = load_checkpoint(run_dir)
     fed = build_federation(resumed_cfg)
     fed.algorithm.model.check_params(ckpt.state.params)
-    fed.state, fed.clients = ckpt.state, ckpt.clients
+    order = list(fed.state.params)  # the model's parameter order (safetensors returns keys sorted)
+    fed.state = replace(ckpt.state, params={k: ckpt.state.params[k] for k in order})
+    fed.clients = ckpt.clients
     return fed, ckpt.round
 
 

@@ -87,7 +87,7 @@ class MetaSGD(FederatedAlgorithm):
     def server_update(self, state: ServerState, aggregate: dict, rnd: int) -> ServerState:
         params, opt_state = self.server_opt.step(state.params, aggregate["update"], state.opt_state)
         lrs = {f"lr.{k}": state.extra[f"lr.{k}"] + v for k, v in aggregate["lr_update"].items()}
-        return ServerState(params, opt_state, lrs)
+        return ServerState(params, opt_state, {**state.extra, **lrs})
 
     def client_program(self, rnd: int = 0) -> MetaSGDProgram:
         return self.program

@@ -131,7 +131,7 @@ class MetaUpdater(FederatedAlgorithm):
         u_g = aggregate["update"]
         step = {k: -self.program.alpha * v for k, v in u_g.items()}
         params, opt_state = self.server_opt.step(state.params, step, state.opt_state)
-        return ServerState(params, opt_state, {f"meta.{k}": v for k, v in u_g.items()})
+        return ServerState(params, opt_state, {**state.extra, **{f"meta.{k}": v for k, v in u_g.items()}})
 
     def client_init(self, broadcast: dict) -> dict:
         return {"personal": broadcast["params"], "meta": broadcast["meta"]}

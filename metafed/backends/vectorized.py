@@ -27,6 +27,20 @@ def _masked_step(program: LocalProgram):
     return step
 
 
+def _unrolled(step, unroll: int):
+    """``unroll`` consecutive masked steps as one function: under torch.compile they become
+    one graph, so per-step Python and dispatch overhead is paid once per ``unroll`` steps."""
+
+    def steps(shared, carry, batches, active):
+        total = None
+        for u in range(unroll):
+            carry, loss = step(shared, carry, {k: v[u] for k, v in batches.items()}, active[u])
+            total = loss if total is None else total + loss
+        return carry, total
+
+    return steps
+
+
 def _pad_stack(tensors: list[Tensor]) -> Tensor:
     """Stack [n_c, ...] tensors to [C, n_max, ...], zero-padded."""
     n_max = max(t.shape[0] for t in tensors)
@@ -39,9 +53,12 @@ def _pad_stack(tensors: list[Tensor]) -> Tensor:
 class VectorizedBackend:
     name = "vectorized"
 
-    def __init__(self, chunk_size: int = 128, compile: bool = False, memory_budget_bytes: float = 2e9):
+    def __init__(self, chunk_size: int = 128, compile: bool = False, memory_budget_bytes: float = 2e9,
+                 unroll: int | None = None):
         self.chunk_size = chunk_size
         self.compile = compile
+        # steps fused per compiled call; eager runs gain nothing from unrolling
+        self.unroll = unroll if unroll is not None else (8 if compile else 1)
         self.memory_budget_bytes = memory_budget_bytes
         self._compiled: dict = {}
 
@@ -54,7 +71,7 @@ class VectorizedBackend:
         # Programs are frozen dataclasses, equal when their hyperparameters are: the round
         # loop builds a new one each round and must hit the same compiled step.
         if program not in self._compiled:
-            fn = torch.vmap(_masked_step(program), in_dims=(None, 0, 0, 0))
+            fn = _unrolled(torch.vmap(_masked_step(program), in_dims=(None, 0, 0, 0)), self.unroll)
             if self.compile:
                 fn = torch.compile(fn, dynamic=False)
             self._compiled[program] = fn
@@ -79,7 +96,8 @@ class VectorizedBackend:
         return tree.nested_index(outputs, inverse), losses[inverse]
 
     def _run_chunk(self, chunk: list[ClientTask], shared, step_fn, init_fn, final_fn):
-        steps = max(t.active_steps for t in chunk)
+        # pad the step count to a multiple of the unroll factor with inactive steps
+        steps = -(-max(t.active_steps for t in chunk) // self.unroll) * self.unroll
         k, b = chunk[0].schedule.shape[1:]
         idx = np.full((len(chunk), steps, k, b), -1, dtype=np.int64)  # [C, S, k, B]
         for c, t in enumerate(chunk):
@@ -97,9 +115,10 @@ class VectorizedBackend:
         # materialise broadcast (stride-0, expanded) leaves so every step sees one memory layout
         carry = tree.nested_map(torch.Tensor.contiguous, init_fn(shared, inputs))
         total = torch.zeros(len(chunk))
-        for s in range(steps):
-            batch = {"x": xb[s], "y": yb[s], "mask": mb[s], "idx": idx_t[s]}
-            carry, loss = step_fn(shared, carry, batch, active[s])
+        for s in range(0, steps, self.unroll):
+            window = slice(s, s + self.unroll)
+            batch = {"x": xb[window], "y": yb[window], "mask": mb[window], "idx": idx_t[window]}
+            carry, loss = step_fn(shared, carry, batch, active[window])
             total = total + loss.detach()
         out = final_fn(shared, carry, inputs)
         out = tree.nested_map(torch.Tensor.detach, out)

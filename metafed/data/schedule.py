@@ -17,6 +17,13 @@ def sample_clients(num_clients: int, per_round: int, rnd: int, seed: int) -> np.
     return np.random.default_rng([seed, 2, rnd]).choice(num_clients, per_round, replace=False)
 
 
+def poisson_sample_clients(num_clients: int, per_round: int, rnd: int, seed: int) -> np.ndarray:
+    """Each client joins independently with probability q = per_round / num_clients (the
+    sampling DP-FedAvg's privacy analysis assumes); the cohort size varies per round."""
+    q = min(1.0, per_round / num_clients)
+    return np.flatnonzero(np.random.default_rng([seed, 2, rnd]).random(num_clients) < q)
+
+
 def epoch_batches(n: int, batch_size: int, rng: np.random.Generator) -> np.ndarray:
     """One epoch: a permutation of range(n) cut into batches, [ceil(n/B), B], padded with -1."""
     per_epoch = -(-n // batch_size)

@@ -1,0 +1,1 @@
+"""Privacy: client-level differential privacy with an accountant, and secure aggregation."""

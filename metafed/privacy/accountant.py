@@ -1,0 +1,91 @@
+"""Privacy accounting with Google's ``dp-accounting`` (RDP or PLD).
+
+What is charged per round is what the round loop really does:
+
+- ``poisson`` client sampling (each client joins with probability q = m/N): a
+  Poisson-subsampled Gaussian, add-or-remove-one adjacency; the clipped sum has
+  sensitivity C and noise std z*C.
+- ``fixed`` sampling (m clients without replacement): sampled-without-replacement
+  Gaussian, replace-one adjacency (RDP only). Replacing one client moves the clipped sum by
+  up to 2C, so the charged noise multiplier is z/2 (conservative, never optimistic).
+- ``local`` DP: each report is its own Gaussian mechanism (sensitivity 2C under
+  replace-one, noise z*C) composed over every round, with no amplification by sampling
+  (the worst case of a client that is sampled every round).
+
+Dropped or rejected replies do not change the charge: the server's noise is calibrated to
+the clip norm and the fixed denominator, not to the number of replies, so fewer replies
+only lower the signal; each sampled client is charged as if it had replied.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import dp_accounting as dpa
+from dp_accounting import pld, rdp
+
+ACCOUNTANTS = ("rdp", "pld")
+
+
+@dataclass(frozen=True)
+class PrivacyAccountant:
+    noise_multiplier: float
+    num_clients: int
+    clients_per_round: int
+    delta: float
+    sampling: str = "fixed"  # fixed | poisson | local
+    method: str = "rdp"
+
+    def __post_init__(self):
+        if self.method not in ACCOUNTANTS:
+            raise ValueError(f"unknown accountant {self.method!r}; choose one of {', '.join(ACCOUNTANTS)}")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"dp delta must be in (0, 1), got {self.delta}")
+        if self.sampling == "fixed" and self.method == "pld":
+            raise ValueError("the PLD accountant has no fixed-size sampling: use --dp-accountant rdp "
+                             "or --client-sampling poisson")
+
+    def _event(self):
+        z = self.noise_multiplier
+        if self.sampling == "local":
+            return dpa.GaussianDpEvent(z / 2), dpa.NeighboringRelation.REPLACE_ONE
+        m, n = min(self.clients_per_round, self.num_clients), self.num_clients
+        if self.sampling == "poisson":
+            return dpa.PoissonSampledDpEvent(m / n, dpa.GaussianDpEvent(z)), dpa.NeighboringRelation.ADD_OR_REMOVE_ONE
+        if m == n:  # everyone, every round: no amplification
+            return dpa.GaussianDpEvent(z / 2), dpa.NeighboringRelation.REPLACE_ONE
+        return dpa.SampledWithoutReplacementDpEvent(n, m, dpa.GaussianDpEvent(z / 2)), dpa.NeighboringRelation.REPLACE_ONE
+
+    def epsilon(self, rounds: int) -> float:
+        """Epsilon at ``delta`` after ``rounds`` rounds (0 rounds -> 0)."""
+        if rounds <= 0:
+            return 0.0
+        if self.noise_multiplier <= 0:
+            return math.inf
+        event, relation = self._event()
+        if self.method == "rdp":
+            acc = rdp.RdpAccountant(neighboring_relation=relation)
+        else:
+            acc = pld.PLDAccountant(neighboring_relation=relation)
+        acc.compose(event, rounds)
+        return float(acc.get_epsilon(self.delta))
+
+
+def calibrate_noise(target_epsilon: float, rounds: int, num_clients: int, clients_per_round: int, delta: float,
+                    sampling: str = "fixed", method: str = "rdp", tolerance: float = 1e-3) -> float:
+    """Smallest noise multiplier whose epsilon after ``rounds`` is <= target (bisection)."""
+    if target_epsilon <= 0:
+        raise ValueError(f"target epsilon must be > 0, got {target_epsilon}")
+
+    def eps(z: float) -> float:
+        return PrivacyAccountant(z, num_clients, clients_per_round, delta, sampling, method).epsilon(rounds)
+
+    lo, hi = 0.0, 1.0
+    while eps(hi) > target_epsilon:
+        lo, hi = hi, hi * 2
+        if hi > 1e4:
+            raise ValueError(f"no noise multiplier reaches epsilon {target_epsilon} in {rounds} rounds")
+    while hi - lo > tolerance * hi:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if eps(mid) > target_epsilon else (lo, mid)
+    return hi

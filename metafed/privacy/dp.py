@@ -1,0 +1,112 @@
+"""Client-level differential privacy for federated averaging.
+
+- Central DP (DP-FedAvg): McMahan, Ramage, Talwar, Zhang, "Learning Differentially Private
+  Recurrent Language Models", ICLR 2018, arXiv:1710.06963. Each client's whole message is
+  clipped to L2 norm C; the server sums, adds N(0, (z C)^2) per coordinate and divides by
+  the *expected* number of clients m (a fixed denominator: the sensitivity stays C/m).
+- Adaptive clipping: Andrew, Thakkar, McMahan, Ramaswamy, "Differentially Private Learning
+  with Adaptive Clipping", NeurIPS 2021, arXiv:1905.03871. Clients also report
+  b_i = 1[||Delta_i|| <= C]; the server forms the noisy fraction
+  b = (sum b_i + N(0, sigma_b^2)) / m and updates C <- C * exp(-eta_C (b - gamma)). The
+  update noise uses z_Delta = (z^-2 - (2 sigma_b)^-2)^(-1/2), so the pair of releases is
+  exactly as private as one Gaussian mechanism with multiplier z.
+- Local DP: each client clips and adds N(0, (z C)^2) to its own message before sending.
+
+All functions take stacked messages (nested dicts of [C, ...] tensors) and an explicit
+torch.Generator, so runs are reproducible.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from metafed import tree
+
+
+def client_norms(stacked: dict) -> Tensor:
+    """L2 norm of each client's whole message (all leaves together): [C]."""
+    leaves = tree.nested_leaves(stacked)
+    c = leaves[0].shape[0]
+    return torch.sqrt(sum(v.reshape(c, -1).double().pow(2).sum(1) for v in leaves))
+
+
+def clip_each(stacked: dict, clip: float) -> tuple[dict, Tensor]:
+    """Scale each client's message to norm <= clip; returns (clipped, norms before clipping)."""
+    norms = client_norms(stacked)
+    factor = torch.clamp(clip / norms.clamp_min(1e-12), max=1.0)  # [C]
+
+    def scale(v: Tensor) -> Tensor:
+        return v * factor.to(v.dtype).view(-1, *([1] * (v.dim() - 1)))
+
+    return tree.nested_map(scale, stacked), norms
+
+
+def gaussian_like(tree_: dict, std: float, generator: torch.Generator) -> dict:
+    """N(0, std^2) noise shaped like ``tree_``, drawn in sorted-key order so the draws do not
+    depend on dict order (which a checkpoint round trip may change)."""
+    flat = tree.nested_flatten(tree_)
+    noise = {k: torch.randn(flat[k].shape, generator=generator, dtype=flat[k].dtype) * std for k in sorted(flat)}
+    return tree.nested_unflatten(noise)
+
+
+def update_noise_multiplier(z: float, count_std: float) -> float:
+    """z_Delta = (z^-2 - (2 sigma_b)^-2)^(-1/2) (Andrew et al. 2021, section 3.1)."""
+    rest = z ** -2 - (2 * count_std) ** -2
+    if rest <= 0:
+        raise ValueError(f"adaptive clipping needs the count noise std ({count_std}) > z/2 ({z / 2}): "
+                         "raise --dp-count-noise or the noise multiplier")
+    return rest ** -0.5
+
+
+@dataclass(frozen=True)
+class ClientDP:
+    """The DP part of one round; ``clip`` is the current clip norm (adaptive runs change it)."""
+
+    mode: str  # central | local
+    noise_multiplier: float
+    expected_clients: float
+    adaptive: bool = False
+    target_quantile: float = 0.5
+    clip_lr: float = 0.2
+    count_std: float | None = None  # sigma_b; default m / 20 as Andrew et al. recommend
+
+    def __post_init__(self):
+        if self.mode not in ("central", "local"):
+            raise ValueError(f"unknown dp mode {self.mode!r}; choose central or local")
+        if self.noise_multiplier < 0:
+            raise ValueError("dp noise multiplier must be >= 0")
+
+    @property
+    def sigma_b(self) -> float:
+        return self.count_std if self.count_std is not None else self.expected_clients / 20
+
+    @property
+    def update_z(self) -> float:
+        if self.adaptive and self.mode == "central" and self.noise_multiplier > 0:
+            return update_noise_multiplier(self.noise_multiplier, self.sigma_b)
+        return self.noise_multiplier
+
+    def privatize(self, stacked: dict, clip: float, generator: torch.Generator) -> dict:
+        """Local DP: what each client sends, clipped and noised on the client."""
+        clipped, _ = clip_each(stacked, clip)
+        return tree.nested_map(torch.add, clipped, gaussian_like(clipped, self.noise_multiplier * clip, generator))
+
+    def aggregate(self, stacked: dict, clip: float, generator: torch.Generator) -> tuple[dict, float, dict]:
+        """Central DP: clip, sum, add noise, divide by the expected cohort m, adapt the clip.
+
+        Returns (noisy mean message, next clip norm, metrics)."""
+        clipped, norms = clip_each(stacked, clip)
+        total = tree.nested_map(lambda v: v.sum(0), clipped)
+        if self.mode == "central":
+            total = tree.nested_map(torch.add, total, gaussian_like(total, self.update_z * clip, generator))
+        mean = tree.nested_map(lambda v: v / self.expected_clients, total)
+        next_clip = clip
+        metrics = {"dp_clip": clip, "dp_clipped_fraction": float((norms > clip).double().mean())}
+        if self.adaptive:
+            below = float((norms <= clip).double().sum())
+            noisy = (below + float(torch.randn((), generator=generator, dtype=torch.float64)) * self.sigma_b)
+            next_clip = clip * math.exp(-self.clip_lr * (noisy / self.expected_clients - self.target_quantile))
+        return mean, next_clip, metrics
