@@ -71,7 +71,18 @@ class RunConfig(BaseModel):
     meta_order: Literal["first", "second"] = "first"
 
     # aggregation
-    aggregator: Literal["mean", "attention"] = "mean"
+    aggregator: Literal["mean", "attention", "median", "trimmed-mean", "krum", "multi-krum", "bulyan",
+                        "centered-clipping", "fltrust"] = "mean"
+    byzantine_f: Optional[int] = Field(None, ge=0, description="f for robust rules (default: expected attackers)")
+    clip_tau: float = Field(0.1, gt=0, description="centered clipping radius")
+    fltrust_root_size: int = Field(100, ge=1, description="FLTrust: server's clean root samples")
+    max_sample_weight: Optional[float] = Field(None, gt=0, description="cap on client-reported sample counts")
+
+    # attack simulation
+    attack: Optional[Literal["label-flip", "sign-flip", "gaussian", "alie", "ipm", "backdoor"]] = None
+    malicious_fraction: float = Field(0.0, ge=0, lt=1)
+    attack_scale: Optional[float] = Field(None, gt=0)
+    backdoor_target: int = Field(0, ge=0)
     attention_score: Literal["loss", "cosine"] = "loss"
     attention_temperature: float = Field(1.0, gt=0)
 
@@ -119,6 +130,8 @@ class RunConfig(BaseModel):
     def _check_consistency(self) -> "RunConfig":
         if self.dataset in ("mnist", "femnist", "shakespeare") and self.model == "lstm" and self.dataset != "shakespeare":
             raise ValueError("model 'lstm' reads character sequences: use it with dataset 'shakespeare'")
+        if (self.attack is None) != (self.malicious_fraction == 0):
+            raise ValueError("--attack and --malicious-fraction > 0 go together")
         if self.dp is not None:
             if (self.dp_noise_multiplier is None) == (self.target_epsilon is None):
                 raise ValueError("--dp needs exactly one of --dp-noise-multiplier and --target-epsilon")

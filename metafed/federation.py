@@ -10,6 +10,7 @@ import torch
 
 from metafed import tree
 from metafed.algorithms.base import FederatedAlgorithm, ServerState
+from metafed.attacks import DEFAULT_SCALE, backdoor_accuracy, corrupt_updates
 from metafed.backends.base import Backend, ClientTask
 from metafed.client_store import ClientStore
 from metafed.config import RunConfig
@@ -33,6 +34,7 @@ class Federation:
     aggregator: object
     state: ServerState
     clients: ClientStore = field(default_factory=ClientStore)
+    malicious: set[int] = field(default_factory=set)
 
     def __post_init__(self):
         if self.dataset.num_clients < 1:
@@ -101,7 +103,10 @@ class Federation:
             log.warning("round %d: no client returned an update (all dropped); the model is unchanged", rnd)
             return {**metrics, "clients_used": 0, "bytes_up": 0, "train_loss": float("nan")}
         outputs, losses = self.backend.run(program, broadcast, tasks)
+        outputs = self._attack(outputs, ids, rnd)
         weights = torch.tensor([float(t.inputs["num_samples"]) for t in tasks])
+        if self.cfg.max_sample_weight is not None:  # clients report their sample counts: cap them
+            weights = weights.clamp(max=self.cfg.max_sample_weight)
         ok = self._finite_rows(outputs["update"], ids)
         for i, cid in enumerate(ids if outputs["state"] else []):
             if ok[i]:
@@ -115,6 +120,8 @@ class Federation:
         client_loss = outputs.get("metrics", {}).get("val_loss", losses)[used]
         if self.dp is not None:
             aggregate = self._private_aggregate(kept, weights[used], client_loss, rnd, metrics)
+        elif getattr(self.aggregator, "needs_reference", False):
+            aggregate = self.aggregator(kept, weights[used], client_loss, reference=self._root_update(program, broadcast, rnd))
         else:
             aggregate = self.aggregator(kept, weights[used], client_loss)
         self.state = alg.server_update(self.state, aggregate, rnd)
@@ -122,6 +129,35 @@ class Federation:
         metrics["bytes_up"] = tree.nested_bytes(tree.nested_index(outputs["update"], used))
         metrics["train_loss"] = float((losses[used].double() * w).sum() / w.sum())
         return metrics
+
+    def _attack(self, outputs: dict, ids: list[int], rnd: int) -> dict:
+        """Malicious clients replace what they send (update attacks; data attacks act earlier)."""
+        if not self.cfg.attack or not self.malicious:
+            return outputs
+        bad = torch.tensor([cid in self.malicious for cid in ids])
+        scale = self.cfg.attack_scale or DEFAULT_SCALE[self.cfg.attack]
+        sent = {k: v for k, v in outputs.items() if k not in ("state", "metrics")}
+        corrupted = corrupt_updates(self.cfg.attack, sent, bad, scale, self._round_generator(rnd, 10))
+        return {**outputs, **corrupted}
+
+    def _root_update(self, program, broadcast: dict, rnd: int) -> dict:
+        """FLTrust: the server's own update on its small clean root dataset (drawn once from
+        honest clients' training data)."""
+        if not hasattr(self, "_root"):
+            rng = np.random.default_rng([self.cfg.seed, 11])
+            honest = [c for i, c in enumerate(self.dataset.clients) if i not in self.malicious]
+            x = torch.cat([c.train_x for c in honest])
+            y = torch.cat([c.train_y for c in honest])
+            pick = torch.from_numpy(rng.choice(len(y), min(self.cfg.fltrust_root_size, len(y)), replace=False))
+            self._root = (x[pick], y[pick])
+        x, y = self._root
+        epochs, steps = self.algorithm.local_work(rnd) or (self.cfg.local_epochs, self.cfg.local_steps)
+        sched = client_schedule(len(y), batch_size=self.cfg.batch_size, epochs=epochs, steps=steps,
+                                batches_per_step=program.batches_per_step,
+                                rng=np.random.default_rng([self.cfg.seed, 12, rnd]))
+        inputs = {"state": self.algorithm.client_init(broadcast), "num_samples": torch.tensor(float(len(y)))}
+        out, _ = self.backend.run(program, broadcast, [ClientTask(x, y, sched, len(sched), inputs)])
+        return {k: tree.nested_index(v, 0) for k, v in out.items() if k not in ("state", "metrics")}
 
     def _private_aggregate(self, kept: dict, weights, client_loss, rnd: int, metrics: dict) -> dict:
         """Clip (+ local noise) per client, then the DP mean (central) or the configured
@@ -158,5 +194,11 @@ class Federation:
         broadcast = self.algorithm.broadcast(self.state, rnd)
         states = [self.clients.get(c, lambda: self.algorithm.client_init(broadcast))
                   for c in range(self.dataset.num_clients)]
-        return self.evaluator.evaluate(self.state, rnd, self.dataset.clients, states, self.cfg.personalize_steps,
-                                       self.dataset.heldout, HELDOUT_ADAPT_STEPS)
+        metrics, per_client = self.evaluator.evaluate(self.state, rnd, self.dataset.clients, states,
+                                                      self.cfg.personalize_steps, self.dataset.heldout,
+                                                      HELDOUT_ADAPT_STEPS)
+        if self.cfg.attack == "backdoor":
+            honest = [c for i, c in enumerate(self.dataset.clients) if i not in self.malicious]
+            metrics["backdoor_accuracy"] = backdoor_accuracy(self.algorithm.model, self.algorithm.global_params(self.state),
+                                                             honest, self.dataset.input_shape, self.cfg.backdoor_target)
+        return metrics, per_client

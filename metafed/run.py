@@ -3,6 +3,7 @@ checkpoints, run-folder outputs. ``metafed run`` is a thin wrapper around :func:
 from __future__ import annotations
 
 import json
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -14,6 +15,7 @@ from safetensors.torch import save_file
 
 from metafed.aggregate import make_aggregator
 from metafed.algorithms import make_algorithm
+from metafed.attacks import choose_malicious, poison_dataset
 from metafed.backends import make_backend
 from metafed.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from metafed.config import ConfigError, RunConfig
@@ -38,13 +40,18 @@ class RunResult:
 
 def build_federation(cfg: RunConfig) -> Federation:
     dataset = load_dataset(cfg)
+    malicious = choose_malicious(dataset.num_clients, cfg.malicious_fraction, cfg.seed) if cfg.attack else set()
+    dataset = poison_dataset(dataset, malicious, cfg.attack, cfg.backdoor_target) if cfg.attack else dataset
     model_name = cfg.model or DEFAULT_MODEL[cfg.dataset]
     module = build_model(model_name, dataset.input_shape, dataset.num_classes, cfg.seed, tuple(cfg.hidden))
     model = FunctionalModel(module)
     algorithm = make_algorithm(cfg, model)
     backend = make_backend(cfg.backend, cfg.chunk_size, cfg.compile)
-    aggregator = make_aggregator(cfg.aggregator, cfg.attention_score, cfg.attention_temperature)
-    return Federation(cfg, dataset, algorithm, backend, aggregator, algorithm.init(model.init_params()))
+    expected_cohort = min(cfg.clients_per_round, dataset.num_clients)
+    f = cfg.byzantine_f if cfg.byzantine_f is not None else math.ceil(cfg.malicious_fraction * expected_cohort)
+    aggregator = make_aggregator(cfg.aggregator, cfg.attention_score, cfg.attention_temperature, f, cfg.clip_tau)
+    return Federation(cfg, dataset, algorithm, backend, aggregator, algorithm.init(model.init_params()),
+                      malicious=malicious)
 
 
 def config_dump(cfg: RunConfig) -> dict:
