@@ -78,6 +78,14 @@ class RunConfig(BaseModel):
     fltrust_root_size: int = Field(100, ge=1, description="FLTrust: server's clean root samples")
     max_sample_weight: Optional[float] = Field(None, gt=0, description="cap on client-reported sample counts")
 
+    # secure aggregation
+    secure_aggregation: bool = False
+    secagg_threshold: Optional[int] = Field(None, ge=1, description="minimum survivors (default: majority)")
+    secagg_neighbours: Optional[int] = Field(None, ge=2, description="SecAgg+ neighbourhood size k")
+    secagg_dropout: float = Field(0.0, ge=0, lt=1, description="fraction dropping after key sharing")
+    secagg_range: float = Field(1e4, gt=0, description="fixed-point range [-R, R] of n_i * update")
+    secagg_bits: int = Field(40, ge=8, le=52)
+
     # attack simulation
     attack: Optional[Literal["label-flip", "sign-flip", "gaussian", "alie", "ipm", "backdoor"]] = None
     malicious_fraction: float = Field(0.0, ge=0, lt=1)
@@ -132,6 +140,9 @@ class RunConfig(BaseModel):
             raise ValueError("model 'lstm' reads character sequences: use it with dataset 'shakespeare'")
         if (self.attack is None) != (self.malicious_fraction == 0):
             raise ValueError("--attack and --malicious-fraction > 0 go together")
+        if self.secure_aggregation and self.aggregator != "mean":
+            raise ValueError(f"secure aggregation reveals only a sum: aggregator {self.aggregator!r} is not linear "
+                             "and cannot run after it (use --aggregator mean)")
         if self.dp is not None:
             if (self.dp_noise_multiplier is None) == (self.target_epsilon is None):
                 raise ValueError("--dp needs exactly one of --dp-noise-multiplier and --target-epsilon")

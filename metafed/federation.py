@@ -119,7 +119,10 @@ class Federation:
         # clients' loss for loss-scored aggregators: a reported validation loss, else the training loss
         client_loss = outputs.get("metrics", {}).get("val_loss", losses)[used]
         if self.dp is not None:
-            aggregate = self._private_aggregate(kept, weights[used], client_loss, rnd, metrics)
+            aggregate = self._private_aggregate(kept, weights[used], client_loss, rnd, metrics,
+                                                [ids[i] for i in used.tolist()])
+        elif self.cfg.secure_aggregation:
+            aggregate = self._secure_mean(kept, weights[used], [ids[i] for i in used.tolist()], rnd, metrics)
         elif getattr(self.aggregator, "needs_reference", False):
             aggregate = self.aggregator(kept, weights[used], client_loss, reference=self._root_update(program, broadcast, rnd))
         else:
@@ -159,16 +162,48 @@ class Federation:
         out, _ = self.backend.run(program, broadcast, [ClientTask(x, y, sched, len(sched), inputs)])
         return {k: tree.nested_index(v, 0) for k, v in out.items() if k not in ("state", "metrics")}
 
-    def _private_aggregate(self, kept: dict, weights, client_loss, rnd: int, metrics: dict) -> dict:
+    def _secure_sum(self, stacked: dict, client_ids: list[int], rnd: int, metrics: dict) -> dict:
+        """Sum stacked messages [C, ...] through the secure-aggregation protocol (in memory), with
+        ``secagg_dropout`` of the clients vanishing after key sharing. Returns the survivors' sum."""
+        from metafed.aggregate.robust import flatten_messages, unflatten_message
+        from metafed.privacy.secagg import FixedPoint, SecAggConfig, secure_sum
+
+        cfg = self.cfg
+        x, layout = flatten_messages(stacked)  # [C, D] float64
+        n = len(client_ids)
+        n_gone = int(round(cfg.secagg_dropout * n))
+        gone = set(np.random.default_rng([cfg.seed, 13, rnd]).choice(client_ids, n_gone, replace=False).tolist())
+        config = SecAggConfig(cfg.secagg_threshold or n // 2 + 1, cfg.secagg_neighbours)
+        result = secure_sum({cid: x[i].numpy() for i, cid in enumerate(client_ids)}, config,
+                            FixedPoint(cfg.secagg_range, cfg.secagg_bits), {"upload": gone})
+        metrics["clients_used"] = len(result.survivors)
+        self._secagg_survivors = [client_ids.index(c) for c in result.survivors]
+        dtype = tree.nested_leaves(stacked)[0].dtype
+        return unflatten_message(torch.from_numpy(result.total), layout, dtype)
+
+    def _secure_mean(self, kept: dict, weights, client_ids: list[int], rnd: int, metrics: dict) -> dict:
+        """Sample-weighted mean under secure aggregation: clients send n_i * message and n_i."""
+        w = weights.double()
+        scaled = tree.nested_map(lambda v: v.double() * w.view(-1, *([1] * (v.dim() - 1))), kept)
+        total = self._secure_sum({"message": scaled, "weight": w}, client_ids, rnd, metrics)
+        return tree.nested_map(lambda v: (v / total["weight"]).to(torch.float32), total["message"])
+
+    def _private_aggregate(self, kept: dict, weights, client_loss, rnd: int, metrics: dict,
+                           client_ids: list[int]) -> dict:
         """Clip (+ local noise) per client, then the DP mean (central) or the configured
         aggregator over the privatized messages (local). The clip norm lives in server state."""
         clip = float(self.state.extra.get("dp.clip", torch.tensor(self.cfg.dp_clip)))
         generator = self._round_generator(rnd, 7)
         if self.dp.mode == "central":
-            aggregate, next_clip, dp_metrics = self.dp.aggregate(kept, clip, generator)
+            summer = (lambda m: self._secure_sum(m, client_ids, rnd, metrics)) if self.cfg.secure_aggregation else None
+            aggregate, next_clip, dp_metrics = self.dp.aggregate(kept, clip, generator, summer)
         else:
             private = self.dp.privatize(kept, clip, generator)
-            aggregate, next_clip, dp_metrics = self.aggregator(private, weights, client_loss), clip, {"dp_clip": clip}
+            if self.cfg.secure_aggregation:
+                aggregate = self._secure_mean(private, weights, client_ids, rnd, metrics)
+            else:
+                aggregate = self.aggregator(private, weights, client_loss)
+            next_clip, dp_metrics = clip, {"dp_clip": clip}
         self.state = replace(self.state, extra={**self.state.extra, "dp.clip": torch.tensor(next_clip, dtype=torch.float64)})
         metrics.update(dp_metrics)
         return aggregate

@@ -94,12 +94,11 @@ class ClientDP:
         clipped, _ = clip_each(stacked, clip)
         return tree.nested_map(torch.add, clipped, gaussian_like(clipped, self.noise_multiplier * clip, generator))
 
-    def aggregate(self, stacked: dict, clip: float, generator: torch.Generator) -> tuple[dict, float, dict]:
-        """Central DP: clip, sum, add noise, divide by the expected cohort m, adapt the clip.
-
-        Returns (noisy mean message, next clip norm, metrics)."""
+    def aggregate(self, stacked: dict, clip: float, generator: torch.Generator, summer=None) -> tuple[dict, float, dict]:
+        """Central DP: clip, sum (``summer``, e.g. secure aggregation), add noise, divide by the
+        expected cohort m, adapt the clip. Returns (noisy mean message, next clip norm, metrics)."""
         clipped, norms = clip_each(stacked, clip)
-        total = tree.nested_map(lambda v: v.sum(0), clipped)
+        total = summer(clipped) if summer else tree.nested_map(lambda v: v.sum(0), clipped)
         if self.mode == "central":
             total = tree.nested_map(torch.add, total, gaussian_like(total, self.update_z * clip, generator))
         mean = tree.nested_map(lambda v: v / self.expected_clients, total)
