@@ -52,7 +52,23 @@ def run(
     personal_lr: Optional[float] = typer.Option(None, help="pFedMe / Ditto personal learning rate"),
     pfedme_lambda: Optional[float] = typer.Option(None),
     ditto_lambda: Optional[float] = typer.Option(None),
-    aggregator: Optional[str] = typer.Option(None, help="mean | attention"),
+    aggregator: Optional[str] = typer.Option(None, help="mean | attention | median | trimmed-mean | krum | "
+                                             "multi-krum | bulyan | centered-clipping | fltrust"),
+    byzantine_f: Optional[int] = typer.Option(None, help="attackers a robust rule tolerates per round"),
+    attack: Optional[str] = typer.Option(None, help="label-flip | sign-flip | gaussian | alie | ipm | backdoor"),
+    malicious_fraction: Optional[float] = typer.Option(None),
+    dp: Optional[str] = typer.Option(None, help="central | local: client-level differential privacy"),
+    dp_clip: Optional[float] = typer.Option(None),
+    dp_noise_multiplier: Optional[float] = typer.Option(None),
+    target_epsilon: Optional[float] = typer.Option(None, help="calibrate the noise multiplier to this epsilon"),
+    dp_delta: Optional[float] = typer.Option(None),
+    dp_adaptive_clip: Optional[bool] = typer.Option(None, "--dp-adaptive-clip/--dp-fixed-clip"),
+    client_sampling: Optional[str] = typer.Option(None, help="fixed | poisson"),
+    dropout: Optional[float] = typer.Option(None, help="fraction of sampled clients that never reply"),
+    secure_aggregation: Optional[bool] = typer.Option(None, "--secure-aggregation/--no-secure-aggregation"),
+    secagg_threshold: Optional[int] = typer.Option(None),
+    secagg_neighbours: Optional[int] = typer.Option(None, help="SecAgg+ neighbourhood size"),
+    secagg_dropout: Optional[float] = typer.Option(None, help="fraction dropping after key sharing"),
     attention_score: Optional[str] = typer.Option(None, help="loss | cosine"),
     server_optimizer: Optional[str] = typer.Option(None, help="sgd | adam | yogi"),
     server_lr: Optional[float] = typer.Option(None),
@@ -79,13 +95,18 @@ def run(
     from metafed.checkpoint import CheckpointError
     from metafed.config import ConfigError, build_config
     from metafed.data import DataNotFound
+    from metafed.privacy.secagg import SecAggAbort
     from metafed.run import run as run_job
 
     flags = dict(algorithm=algorithm, dataset=dataset, data_dir=data_dir, model=model, rounds=rounds,
                  num_clients=num_clients, clients_per_round=clients_per_round, local_epochs=local_epochs,
                  local_steps=local_steps, batch_size=batch_size, lr=lr, mu=mu, server_optimizer=server_optimizer,
                  inner_lr=inner_lr, personal_lr=personal_lr, pfedme_lambda=pfedme_lambda, ditto_lambda=ditto_lambda,
-                 aggregator=aggregator, attention_score=attention_score,
+                 aggregator=aggregator, attention_score=attention_score, byzantine_f=byzantine_f, attack=attack,
+                 malicious_fraction=malicious_fraction, dp=dp, dp_clip=dp_clip, dp_noise_multiplier=dp_noise_multiplier,
+                 target_epsilon=target_epsilon, dp_delta=dp_delta, dp_adaptive_clip=dp_adaptive_clip,
+                 client_sampling=client_sampling, dropout=dropout, secure_aggregation=secure_aggregation,
+                 secagg_threshold=secagg_threshold, secagg_neighbours=secagg_neighbours, secagg_dropout=secagg_dropout,
                  server_lr=server_lr, server_momentum=server_momentum, partition=partition,
                  dirichlet_alpha=dirichlet_alpha, synthetic_alpha=synthetic_alpha, synthetic_beta=synthetic_beta,
                  synthetic_iid=synthetic_iid, stragglers=stragglers, heldout_fraction=heldout_fraction,
@@ -98,7 +119,7 @@ def run(
         if cfg.out is None and resume is None:
             _fail("--out RUN_DIR is required (the folder the run writes)")
         result = run_job(cfg, resume=resume)
-    except (ConfigError, CheckpointError, DataNotFound, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, DataNotFound, FileNotFoundError, SecAggAbort) as e:
         _fail(str(e))
     except ValueError as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)

@@ -18,6 +18,7 @@ only lower the signal; each sampled client is charged as if it had replied.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -25,6 +26,8 @@ import dp_accounting as dpa
 from dp_accounting import pld, rdp
 
 ACCOUNTANTS = ("rdp", "pld")
+# dp-accounting logs through absl when an RDP order fails to converge and is (safely) skipped
+logging.getLogger("absl").setLevel(logging.ERROR)
 
 
 @dataclass(frozen=True)
