@@ -14,7 +14,8 @@ from pathlib import Path
 from sweep import run_grid
 
 RULES = ["mean", "median", "trimmed-mean", "multi-krum", "centered-clipping", "fltrust"]
-ATTACKS = [None, "label-flip", "sign-flip", "gaussian", "alie", "ipm", "backdoor"]
+# label-flip and ipm are implemented and tested; left out of this table to fit the 2-core budget
+ATTACKS = [None, "sign-flip", "gaussian", "alie", "backdoor"]
 
 
 def main() -> None:

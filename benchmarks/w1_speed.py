@@ -17,7 +17,6 @@ import json
 import resource
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch

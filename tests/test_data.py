@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from metafed.data import load_dataset
 from metafed.data.loaders import DataNotFound, load_leaf, load_mnist, read_idx

@@ -107,6 +107,14 @@ def batch_loss(model: FunctionalModel, params: Params, batch: dict, j: int, mask
     return model.loss(params, batch["x"][j], batch["y"][j], batch["mask"][j] if mask is None else mask)
 
 
+def grad_and_loss(model: FunctionalModel, params: Params, batch: dict, j: int = 0,
+                  mask: Tensor | None = None) -> tuple[Params, Tensor]:
+    """(gradient, value) of the mean loss on minibatch ``j``; pure and vmappable."""
+    from torch.func import grad
+
+    return grad(lambda p: (batch_loss(model, p, batch, j, mask),) * 2, has_aux=True)(params)
+
+
 def sgd(params: Params, grads: Params, lr: float | Params) -> Params:
     """params - lr * grads; ``lr`` may be a scalar or per-parameter tensors (Meta-SGD)."""
     if isinstance(lr, dict):

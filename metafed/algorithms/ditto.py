@@ -11,17 +11,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch.func import grad
 
 from metafed import tree
 from metafed.aggregate.server_opt import ServerOptimizer
-from metafed.algorithms.base import FederatedAlgorithm, batch_loss, sgd
+from metafed.algorithms.base import FederatedAlgorithm, grad_and_loss, sgd
 from metafed.models import FunctionalModel
 
 
 def personal_step(model: FunctionalModel, v, w_global, batch, lam: float, lr: float):
     """One step on f(v) + lam/2 ||v - w_global||^2; returns (v, data loss at v)."""
-    g, value = grad(lambda p: (batch_loss(model, p, batch, 0),) * 2, has_aux=True)(v)
+    g, value = grad_and_loss(model, v, batch)
     if lam:
         g = {k: g[k] + lam * (v[k] - w_global[k]) for k in g}
     return sgd(v, g, lr), value
@@ -39,7 +38,7 @@ class DittoProgram:
         return {"params": shared["params"], "personal": client["state"]["personal"]}
 
     def step(self, shared, carry, batch):
-        g, value = grad(lambda p: (batch_loss(self.model, p, batch, 0),) * 2, has_aux=True)(carry["params"])
+        g, value = grad_and_loss(self.model, carry["params"], batch)
         v, _ = personal_step(self.model, carry["personal"], shared["params"], batch, self.lam, self.personal_lr)
         return {"params": sgd(carry["params"], g, self.lr), "personal": v}, value
 

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch.func import grad
-
+from metafed.algorithms.base import grad_and_loss, sgd
 from metafed.models import FunctionalModel
 
 
@@ -23,12 +22,8 @@ class FineTune:
         return {"params": params}
 
     def step(self, shared, carry, batch):
-        def loss(p):
-            value = self.model.loss(p, batch["x"][0], batch["y"][0], batch["mask"][0])
-            return value, value
-
-        g, value = grad(loss, has_aux=True)(carry["params"])
-        return {"params": {k: v - self.lr * g[k] for k, v in carry["params"].items()}}, value
+        g, value = grad_and_loss(self.model, carry["params"], batch)
+        return {"params": sgd(carry["params"], g, self.lr)}, value
 
     def final(self, shared, carry, client):
         return {"params": carry["params"]}

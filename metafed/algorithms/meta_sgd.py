@@ -20,7 +20,7 @@ from torch.func import grad
 
 from metafed import tree
 from metafed.aggregate.server_opt import ServerOptimizer
-from metafed.algorithms.base import FederatedAlgorithm, ServerState, batch_loss, sgd
+from metafed.algorithms.base import FederatedAlgorithm, ServerState, batch_loss, grad_and_loss, sgd
 from metafed.models import FunctionalModel
 from metafed.types import Params
 
@@ -60,7 +60,7 @@ class MetaSGDAdapt:
         return {"params": shared["params"]}
 
     def step(self, shared, carry, batch):
-        g, value = grad(lambda p: (batch_loss(self.model, p, batch, 0),) * 2, has_aux=True)(carry["params"])
+        g, value = grad_and_loss(self.model, carry["params"], batch)
         return {"params": sgd(carry["params"], g, shared["lrs"])}, value
 
     def final(self, shared, carry, client):

@@ -36,7 +36,7 @@ import torch
 from torch.func import grad
 
 from metafed.aggregate.server_opt import ServerOptimizer
-from metafed.algorithms.base import FederatedAlgorithm, ServerState, batch_loss, sgd
+from metafed.algorithms.base import FederatedAlgorithm, ServerState, batch_loss, grad_and_loss, sgd
 from metafed.models import FunctionalModel
 from metafed.types import Params
 
@@ -70,7 +70,7 @@ class MetaUpdaterProgram:
         train_mask, val_mask = self._masks(batch)
         train_loss = lambda p: batch_loss(self.model, p, batch, 0, train_mask)  # noqa: E731
         theta = carry["personal"]
-        g_theta, value = grad(lambda p: (train_loss(p),) * 2, has_aux=True)(theta)
+        g_theta, value = grad_and_loss(self.model, theta, batch, 0, train_mask)
 
         def meta_loss(u):
             start = sgd(theta, u, self.alpha)
@@ -102,7 +102,7 @@ class MetaUpdaterPersonalize:
         return {"params": sgd(start, shared["meta"], self.alpha)}
 
     def step(self, shared, carry, batch):
-        g, value = grad(lambda p: (batch_loss(self.model, p, batch, 0),) * 2, has_aux=True)(carry["params"])
+        g, value = grad_and_loss(self.model, carry["params"], batch)
         return {"params": sgd(carry["params"], g, self.lr)}, value
 
     def final(self, shared, carry, client):
