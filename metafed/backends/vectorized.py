@@ -73,7 +73,7 @@ class VectorizedBackend:
         if program not in self._compiled:
             fn = _unrolled(torch.vmap(_masked_step(program), in_dims=(None, 0, 0, 0)), self.unroll)
             if self.compile:
-                fn = torch.compile(fn, dynamic=False)
+                fn = torch.compile(fn)  # sizes that change (cohort size, chunk size) become dynamic
             self._compiled[program] = fn
         return self._compiled[program]
 
@@ -104,7 +104,9 @@ class VectorizedBackend:
             idx[c, : t.active_steps] = t.schedule[: t.active_steps]
         # step-major layout [S, C, ...]: each step's slice is contiguous, so a compiled step
         # sees identical strides in every chunk (no recompiles)
-        idx_t = torch.from_numpy(np.ascontiguousarray(idx.transpose(1, 0, 2, 3)))  # [S, C, k, B]
+        # torch.tensor copies into canonical strides: NumPy keeps arbitrary strides on size-1
+        # dims (a 1-client chunk), which made the compiled step recompile on every call
+        idx_t = torch.tensor(idx.transpose(1, 0, 2, 3))  # [S, C, k, B]
         active = torch.arange(steps)[:, None] < torch.tensor([t.active_steps for t in chunk])[None, :]  # [S, C]
         x = _pad_stack([t.x for t in chunk])  # [C, n_max, ...]
         y = _pad_stack([t.y for t in chunk])
