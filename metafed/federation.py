@@ -177,7 +177,6 @@ class Federation:
         result = secure_sum({cid: x[i].numpy() for i, cid in enumerate(client_ids)}, config,
                             FixedPoint(cfg.secagg_range, cfg.secagg_bits), {"upload": gone})
         metrics["clients_used"] = len(result.survivors)
-        self._secagg_survivors = [client_ids.index(c) for c in result.survivors]
         dtype = tree.nested_leaves(stacked)[0].dtype
         return unflatten_message(torch.from_numpy(result.total), layout, dtype)
 
