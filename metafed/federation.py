@@ -107,7 +107,8 @@ class Federation:
         weights = torch.tensor([float(t.inputs["num_samples"]) for t in tasks])
         if self.cfg.max_sample_weight is not None:  # clients report their sample counts: cap them
             weights = weights.clamp(max=self.cfg.max_sample_weight)
-        ok = self._finite_rows(outputs["update"], ids)
+        sent = {k: v for k, v in outputs.items() if k not in ("state", "metrics")}  # what clients upload
+        ok = self._finite_rows(sent, ids)
         for i, cid in enumerate(ids if outputs["state"] else []):
             if ok[i]:
                 self.clients.put(cid, tree.nested_index(outputs["state"], i))
@@ -115,7 +116,7 @@ class Federation:
         metrics["clients_used"] = int(used.numel())
         if used.numel() == 0:
             return {**metrics, "bytes_up": 0, "train_loss": float("nan")}
-        kept = {k: tree.nested_index(v, used) for k, v in outputs.items() if k not in ("state", "metrics")}
+        kept = tree.nested_index(sent, used)
         # clients' loss for loss-scored aggregators: a reported validation loss, else the training loss
         client_loss = outputs.get("metrics", {}).get("val_loss", losses)[used]
         if self.dp is not None:
@@ -129,7 +130,7 @@ class Federation:
             aggregate = self.aggregator(kept, weights[used], client_loss)
         self.state = alg.server_update(self.state, aggregate, rnd)
         w = weights[used]
-        metrics["bytes_up"] = tree.nested_bytes(tree.nested_index(outputs["update"], used))
+        metrics["bytes_up"] = tree.nested_bytes(kept)
         metrics["train_loss"] = float((losses[used].double() * w).sum() / w.sum())
         return metrics
 
