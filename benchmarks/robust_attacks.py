@@ -16,6 +16,7 @@ from sweep import run_grid
 RULES = ["mean", "median", "trimmed-mean", "multi-krum", "centered-clipping", "fltrust"]
 # label-flip and ipm are implemented and tested; left out of this table to fit the 2-core budget
 ATTACKS = [None, "sign-flip", "gaussian", "alie", "backdoor"]
+STRONG = {"sign-flip x10": ("sign-flip", 10.0), "gaussian x10": ("gaussian", 10.0)}  # attack_scale 10
 
 
 def main() -> None:
@@ -31,12 +32,15 @@ def main() -> None:
         for attack in ATTACKS:
             extra = dict(attack=attack, malicious_fraction=0.2) if attack else {}
             grid[f"{rule}-{attack or 'clean'}"] = dict(aggregator=rule, **extra)
+        for label, (attack, scale) in STRONG.items():
+            grid[f"{rule}-{label.replace(' ', '')}"] = dict(aggregator=rule, attack=attack, malicious_fraction=0.2,
+                                                          attack_scale=scale)
     results = run_grid(a.out, base, grid)
-    header = " | ".join(a or "clean" for a in ATTACKS)
+    header = " | ".join([a or "clean" for a in ATTACKS] + list(STRONG))
     print(f"| rule | {header} | backdoor success |")
-    print("|---|" + "---|" * (len(ATTACKS) + 1))
+    print("|---|" + "---|" * (len(ATTACKS) + len(STRONG) + 1))
     for rule in RULES:
-        names = [f"{rule}-{attack or 'clean'}" for attack in ATTACKS]
+        names = [f"{rule}-{attack or 'clean'}" for attack in ATTACKS] + [f"{rule}-{s.replace(' ', '')}" for s in STRONG]
         cells = [f"{results[name][-1]['global_accuracy']:.3f}" for name in names]
         backdoor = results[f"{rule}-backdoor"][-1].get("backdoor_accuracy", float("nan"))
         print(f"| {rule} | " + " | ".join(cells) + f" | {backdoor:.3f} |")
