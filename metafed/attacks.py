@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from metafed.aggregate.robust import flatten_messages
+from metafed import tree
+from metafed.aggregate.robust import flatten_messages, unflatten_message
 from metafed.data.federated import ClientData, FederatedDataset
 
 ATTACKS = ("label-flip", "sign-flip", "gaussian", "alie", "ipm", "backdoor")
@@ -91,16 +92,7 @@ def corrupt_updates(attack: str, messages: dict, bad: Tensor, scale: float, gene
         x[bad] = x[bad] * (x.shape[0] / int(bad.sum()))
     else:
         raise ValueError(f"unknown attack {attack!r}; choose one of {', '.join(ATTACKS)}")
-    c = x.shape[0]
-    flat, pos = {}, 0
-    for key, shape in layout:
-        size = int(torch.Size(shape).numel())
-        flat[key] = x[:, pos: pos + size].reshape(c, *shape)
-        pos += size
-    from metafed import tree
-
-    dtypes = tree.nested_flatten(messages)
-    return tree.nested_unflatten({k: v.to(dtypes[k].dtype) for k, v in flat.items()})
+    return unflatten_message(x, layout, tree.nested_leaves(messages)[0].dtype)
 
 
 def backdoor_accuracy(model, params, clients: list[ClientData], input_shape, target: int) -> float:

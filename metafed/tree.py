@@ -1,17 +1,12 @@
 """Dict-of-tensor math. Every function is pure: it returns new dicts and never mutates."""
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from metafed.types import TensorDict
-
-
-def tree_map(fn: Callable[..., Tensor], tree: TensorDict, *rest: TensorDict) -> TensorDict:
-    """Apply ``fn`` leaf-wise over dicts that share keys."""
-    return {k: fn(v, *(r[k] for r in rest)) for k, v in tree.items()}
 
 
 def add(a: TensorDict, b: TensorDict, alpha: float = 1.0) -> TensorDict:
@@ -21,14 +16,6 @@ def add(a: TensorDict, b: TensorDict, alpha: float = 1.0) -> TensorDict:
 
 def sub(a: TensorDict, b: TensorDict) -> TensorDict:
     return {k: a[k] - b[k] for k in a}
-
-
-def scale(a: TensorDict, s: float | Tensor) -> TensorDict:
-    return {k: v * s for k, v in a.items()}
-
-
-def zeros_like(a: TensorDict) -> TensorDict:
-    return {k: torch.zeros_like(v) for k, v in a.items()}
 
 
 def clone(a: TensorDict) -> TensorDict:
@@ -43,48 +30,6 @@ def dot(a: TensorDict, b: TensorDict) -> Tensor:
 def sq_norm(a: TensorDict) -> Tensor:
     """Squared L2 norm of the concatenation of all leaves."""
     return sum((v * v).sum() for v in a.values())
-
-
-def where(cond: Tensor, a: TensorDict, b: TensorDict) -> TensorDict:
-    """Select ``a`` where ``cond`` (a scalar bool tensor) else ``b``, leaf-wise."""
-    return {k: torch.where(cond, a[k], b[k]) for k in a}
-
-
-def stack(trees: Sequence[TensorDict]) -> TensorDict:
-    """List of C dicts -> one dict with a leading client axis [C, ...]."""
-    return {k: torch.stack([t[k] for t in trees]) for k in trees[0]}
-
-
-def unstack(tree: TensorDict) -> list[TensorDict]:
-    """Inverse of :func:`stack`."""
-    n = len(next(iter(tree.values())))
-    return [{k: v[i] for k, v in tree.items()} for i in range(n)]
-
-
-def index(tree: TensorDict, idx: Tensor | slice | int) -> TensorDict:
-    return {k: v[idx] for k, v in tree.items()}
-
-
-def concat(trees: Iterable[TensorDict]) -> TensorDict:
-    trees = list(trees)
-    return {k: torch.cat([t[k] for t in trees]) for k in trees[0]}
-
-
-def weighted_mean(stacked: TensorDict, weights: Tensor) -> TensorDict:
-    """sum_c w_c x_c / sum_c w_c over the leading axis; weights [C]."""
-    w = weights / weights.sum()
-    return {k: torch.tensordot(w.to(v.dtype), v, dims=1) for k, v in stacked.items()}
-
-
-def flatten(tree: TensorDict, batch_dims: int = 0) -> Tensor:
-    """Concatenate leaves into one vector ([D]) or, with batch_dims=1, a matrix [C, D]."""
-    lead = lambda v: v.shape[:batch_dims]  # noqa: E731
-    return torch.cat([v.reshape(*lead(v), -1) for v in tree.values()], dim=batch_dims)
-
-
-def num_bytes(tree: TensorDict) -> int:
-    """Exact payload bytes of the tensors (what a dense encoding puts on the wire)."""
-    return sum(v.numel() * v.element_size() for v in tree.values())
 
 
 def all_finite(tree: TensorDict) -> bool:

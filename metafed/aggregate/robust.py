@@ -34,11 +34,13 @@ def flatten_messages(stacked: dict) -> tuple[Tensor, list[tuple[str, torch.Size]
     return torch.cat([flat[k].reshape(c, -1).double() for k, _ in layout], dim=1), layout
 
 
-def unflatten_message(vector: Tensor, layout, dtype=torch.float32) -> dict:
+def unflatten_message(matrix: Tensor, layout, dtype=torch.float32) -> dict:
+    """Inverse of :func:`flatten_messages` for [D] (one message) or [C, D] (stacked)."""
     out, pos = {}, 0
+    lead = matrix.shape[:-1]
     for key, shape in layout:
         size = int(torch.Size(shape).numel())
-        out[key] = vector[pos: pos + size].reshape(shape).to(dtype)
+        out[key] = matrix[..., pos: pos + size].reshape((*lead, *shape)).to(dtype)
         pos += size
     return tree.nested_unflatten(out)
 
