@@ -3,6 +3,7 @@ server update -> (evaluate). Tracking and checkpointing hang off it in ``run.py`
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -42,6 +43,8 @@ class Federation:
         self.evaluator = Evaluator(self.algorithm, self.backend, self.cfg.eval_batch_size,
                                    self.cfg.personalize_lr or self.cfg.lr, self.cfg.seed)
         self.dp, self.accountant = self._privacy()
+        self._run_id = os.urandom(16)  # binds secure-aggregation sessions to this run
+        self._cohort: list[int] = []
 
     def _privacy(self) -> tuple[ClientDP | None, PrivacyAccountant | None]:
         cfg = self.cfg
@@ -89,6 +92,7 @@ class Federation:
                       "num_samples": torch.tensor(float(data.num_train))}
             ids.append(cid)
             tasks.append(ClientTask(data.train_x, data.train_y, sched, active, inputs))
+        self._cohort = sampled.tolist()
         return ids, tasks, len(sampled)
 
     def run_round(self, rnd: int) -> dict:
@@ -164,22 +168,42 @@ class Federation:
         return {k: tree.nested_index(v, 0) for k, v in out.items() if k not in ("state", "metrics")}
 
     def _secure_sum(self, stacked: dict, client_ids: list[int], rnd: int, metrics: dict) -> dict:
-        """Sum stacked messages [C, ...] through the secure-aggregation protocol (in memory), with
-        ``secagg_dropout`` of the clients vanishing after key sharing. Returns the survivors' sum."""
+        """Sum stacked messages [C, ...] through the secure-aggregation protocol (in memory).
+
+        The round's cohort is every sampled client; the threshold t > n/2 of it is fixed
+        before any reply arrives. Clients that did not reply never advertise keys,
+        ``secagg_dropout`` of the repliers vanish after key sharing, and a client whose
+        input lies outside the fixed-point range is dropped with a log line. Identity keys
+        come from the trusted set-up (:meth:`_secagg_roster`). Returns the survivors' sum."""
         from metafed.aggregate.robust import flatten_messages, unflatten_message
         from metafed.privacy.secagg import FixedPoint, SecAggConfig, secure_sum
+        from metafed.privacy.secagg.messages import session_id
 
         cfg = self.cfg
         x, layout = flatten_messages(stacked)  # [C, D] float64
-        n = len(client_ids)
-        n_gone = int(round(cfg.secagg_dropout * n))
+        cohort = sorted(self._cohort)
+        n_gone = int(round(cfg.secagg_dropout * len(client_ids)))
         gone = set(np.random.default_rng([cfg.seed, 13, rnd]).choice(client_ids, n_gone, replace=False).tolist())
-        config = SecAggConfig(cfg.secagg_threshold or n // 2 + 1, cfg.secagg_neighbours)
+        config = SecAggConfig(cfg.secagg_threshold or len(cohort) // 2 + 1, cfg.secagg_neighbours)
+        signing, roster = self._secagg_roster(cohort)
         result = secure_sum({cid: x[i].numpy() for i, cid in enumerate(client_ids)}, config,
-                            FixedPoint(cfg.secagg_range, cfg.secagg_bits), {"upload": gone})
+                            FixedPoint(cfg.secagg_range, cfg.secagg_bits), {"upload": gone}, cohort=cohort,
+                            signing=signing, roster=roster, session=session_id(self._run_id, rnd))
         metrics["clients_used"] = len(result.survivors)
         dtype = tree.nested_leaves(stacked)[0].dtype
         return unflatten_message(torch.from_numpy(result.total), layout, dtype)
+
+    def _secagg_roster(self, cohort: list[int]) -> tuple[dict, dict[int, bytes]]:
+        """Trusted set-up of long-term Ed25519 identities (OS randomness, never stored)."""
+        from metafed.privacy.secagg import identities
+
+        if not hasattr(self, "_identities"):
+            self._identities = {}
+        missing = [c for c in cohort if c not in self._identities]
+        if missing:
+            signing, public = identities(missing)
+            self._identities.update({c: (signing[c], public[c]) for c in missing})
+        return {c: self._identities[c][0] for c in cohort}, {c: self._identities[c][1] for c in cohort}
 
     def _secure_mean(self, kept: dict, weights, client_ids: list[int], rnd: int, metrics: dict) -> dict:
         """Sample-weighted mean under secure aggregation: clients send n_i * message and n_i."""

@@ -1,7 +1,8 @@
-"""Secure aggregation (SecAgg, SecAgg+) with dropout recovery; see ``protocol``."""
-from metafed.privacy.secagg.protocol import SecAggAbort, SecAggConfig
+"""Secure aggregation (SecAgg, SecAgg+) with dropout recovery, identity keys and a
+per-round client state machine; see ``protocol``."""
+from metafed.privacy.secagg.protocol import SecAggAbort, SecAggClient, SecAggConfig, SecAggServer
 from metafed.privacy.secagg.quantize import FixedPoint, QuantizationRangeError
-from metafed.privacy.secagg.simulate import STAGES, SecAggResult, secure_sum, secure_sum_encoded
+from metafed.privacy.secagg.simulate import STAGES, SecAggResult, identities, secure_sum, secure_sum_encoded, setup
 
-__all__ = ["SecAggAbort", "SecAggConfig", "FixedPoint", "QuantizationRangeError", "STAGES", "SecAggResult",
-           "secure_sum", "secure_sum_encoded"]
+__all__ = ["SecAggAbort", "SecAggClient", "SecAggConfig", "SecAggServer", "FixedPoint", "QuantizationRangeError",
+           "STAGES", "SecAggResult", "identities", "secure_sum", "secure_sum_encoded", "setup"]
