@@ -1,23 +1,32 @@
 """Atomic per-round checkpoints: safetensors for tensors, JSON for the rest. Never pickle.
 
-Layout in the run folder: ``checkpoint.json`` points at ``checkpoint-<round>.safetensors``.
-The tensor file is written completely and fsynced before the pointer is atomically
-replaced, so a run killed at any moment resumes from the last committed round.
+Layout in the run folder: ``checkpoint.json`` points at ``checkpoint-<round>.safetensors``
+and records its SHA-256. The tensor file is written completely and fsynced before the
+pointer is atomically replaced, so a run killed at any moment resumes from the last
+committed round. The pointer is untrusted input when read back: its file name must be
+exactly ``checkpoint-<round>.safetensors`` inside the folder, the checksum must match, and
+every tensor name must belong to a known group.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
 
 from metafed.algorithms.base import ServerState
 from metafed.client_store import ClientStore
+from metafed.run_folder import write_text_atomic
 
 POINTER = "checkpoint.json"
+GROUPS = ("params", "opt", "extra", "client")
+_NAME = re.compile(r"checkpoint-(\d+)\.safetensors")
 
 
 class CheckpointError(RuntimeError):
@@ -40,49 +49,72 @@ def _flatten(state: ServerState, clients: ClientStore) -> dict:
     return {k: v.contiguous() for k, v in flat.items()}
 
 
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(run_dir: Path, rnd: int, state: ServerState, clients: ClientStore, meta: dict) -> None:
     name = f"checkpoint-{rnd}.safetensors"
-    tmp = run_dir / (name + ".tmp")
-    save_file(_flatten(state, clients), str(tmp))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, run_dir / name)
-    previous = read_pointer(run_dir) if (run_dir / POINTER).exists() else None
-    _write_json_atomic(run_dir / POINTER, {"round": rnd, "file": name, **meta})
-    if previous and previous.get("file") != name:
-        (run_dir / previous["file"]).unlink(missing_ok=True)
+    blob = save_bytes(_flatten(state, clients))
+    write_text_atomic(run_dir / name, blob)
+    previous = _previous_file(run_dir)
+    write_text_atomic(run_dir / POINTER, json.dumps({"round": rnd, "file": name,
+                                                     "sha256": hashlib.sha256(blob).hexdigest(), **meta}, indent=1))
+    if previous and previous != name:
+        (run_dir / previous).unlink(missing_ok=True)
+
+
+def _previous_file(run_dir: Path) -> str | None:
+    """The tensor file the current pointer names, only if it is a valid checkpoint name."""
+    try:
+        meta = read_pointer(run_dir)
+    except CheckpointError:
+        return None
+    name = meta.get("file")
+    return name if isinstance(name, str) and _NAME.fullmatch(name) else None
 
 
 def read_pointer(run_dir: Path) -> dict:
+    path = run_dir / POINTER
     try:
-        return json.loads((run_dir / POINTER).read_text())
+        meta = json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{run_dir} has no {POINTER}: nothing to resume") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{run_dir / POINTER} is corrupt: {e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, IsADirectoryError) as e:
+        raise CheckpointError(f"{path} is corrupt: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, not {type(meta).__name__}")
+    return meta
 
 
 def load_checkpoint(run_dir: Path) -> Checkpoint:
     meta = read_pointer(run_dir)
-    path = run_dir / meta.get("file", "")
+    rnd, name, digest = meta.get("round"), meta.get("file"), meta.get("sha256")
+    if type(rnd) is not int or rnd < 1:
+        raise CheckpointError(f"{run_dir / POINTER}: 'round' must be a positive integer, got {rnd!r}")
+    if not isinstance(name, str) or name != f"checkpoint-{rnd}.safetensors":
+        raise CheckpointError(f"{run_dir / POINTER}: 'file' must be checkpoint-{rnd}.safetensors inside the run "
+                              f"folder, got {name!r}")
+    if not isinstance(digest, str):
+        raise CheckpointError(f"{run_dir / POINTER}: 'sha256' checksum missing")
+    path = run_dir / name
+    if path.is_symlink():
+        raise CheckpointError(f"checkpoint file {path} is a symbolic link: refused")
     try:
-        flat = load_file(str(path))
+        blob = path.read_bytes()
     except (FileNotFoundError, IsADirectoryError):
         raise CheckpointError(f"checkpoint file {path} is missing") from None
+    if hashlib.sha256(blob).hexdigest() != digest:
+        raise CheckpointError(f"checkpoint file {path} does not match its checksum: corrupt or modified")
+    try:
+        flat = load_bytes(blob)
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint file {path} is corrupt: {e}") from None
-    groups: dict[str, dict] = {"params": {}, "opt": {}, "extra": {}, "client": {}}
+    groups: dict[str, dict] = {g: {} for g in GROUPS}
     for key, v in flat.items():
-        head, rest = key.split("/", 1)
+        head, _, rest = key.partition("/")
+        if head not in groups or not rest:
+            raise CheckpointError(f"checkpoint file {path} holds an unexpected tensor {key!r}")
         groups[head][rest] = v
     state = ServerState(groups["params"], groups["opt"], groups["extra"])
-    return Checkpoint(int(meta["round"]), state, ClientStore.from_tensors(groups["client"]), meta)
+    try:
+        clients = ClientStore.from_tensors(groups["client"])
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"checkpoint file {path} has malformed client states: {e}") from None
+    return Checkpoint(rnd, state, clients, meta)

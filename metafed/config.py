@@ -3,7 +3,7 @@ rejected with a message naming the field."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -13,15 +13,38 @@ class ConfigError(ValueError):
     """A configuration problem the user can fix; the CLI prints it on one line."""
 
 
+# settings that only mean something when another one is on: set alone, they would be ignored
+NEEDS = {
+    "dp_clip": ("dp", "--dp central|local"), "dp_noise_multiplier": ("dp", "--dp"),
+    "target_epsilon": ("dp", "--dp"), "dp_delta": ("dp", "--dp"), "dp_accountant": ("dp", "--dp"),
+    "dp_adaptive_clip": ("dp", "--dp central"), "dp_target_quantile": ("dp_adaptive_clip", "--dp-adaptive-clip"),
+    "dp_clip_lr": ("dp_adaptive_clip", "--dp-adaptive-clip"),
+    "dp_count_noise": ("dp_adaptive_clip", "--dp-adaptive-clip"),
+    "insecure_reproducible_privacy": ("dp", "--dp"),
+    "secagg_threshold": ("secure_aggregation", "--secure-aggregation"),
+    "secagg_neighbours": ("secure_aggregation", "--secure-aggregation"),
+    "secagg_dropout": ("secure_aggregation", "--secure-aggregation"),
+    "secagg_range": ("secure_aggregation", "--secure-aggregation"),
+    "secagg_bits": ("secure_aggregation", "--secure-aggregation"),
+    "byzantine_f": ("aggregator", "a robust --aggregator"),
+    "attention_score": ("aggregator", "--aggregator attention"),
+    "attention_temperature": ("aggregator", "--aggregator attention"),
+    "fltrust_root_size": ("aggregator", "--aggregator fltrust"),
+    "clip_tau": ("aggregator", "--aggregator centered-clipping"),
+}
+
+
+
 class RunConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: "inf" or "nan" is refused wherever a number is meant
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     # what to train
     algorithm: str = "fedavg"
     dataset: Literal["digits", "mnist", "femnist", "shakespeare", "synthetic"] = "digits"
     data_dir: Optional[Path] = None
     model: Optional[Literal["logistic", "mlp", "cnn", "lstm"]] = None
-    hidden: list[int] = Field(default_factory=lambda: [200])
+    hidden: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [200])
 
     # how data is federated (digits / mnist are partitioned; LEAF is naturally federated)
     num_clients: int = Field(20, ge=1)
@@ -76,7 +99,9 @@ class RunConfig(BaseModel):
     byzantine_f: Optional[int] = Field(None, ge=0, description="f for robust rules (default: expected attackers)")
     clip_tau: float = Field(0.1, gt=0, description="centered clipping radius")
     fltrust_root_size: int = Field(100, ge=1, description="FLTrust: server's clean root samples")
-    max_sample_weight: Optional[float] = Field(None, gt=0, description="cap on client-reported sample counts")
+    max_sample_weight: Optional[float] = Field(None, gt=0, description="absolute cap on client-reported sample counts")
+    sample_weight_cap: Optional[float] = Field(10.0, ge=1, description="cap each reported sample count at this "
+                                               "multiple of the round's median count (None: no relative cap)")
 
     # secure aggregation
     secure_aggregation: bool = False
@@ -109,6 +134,8 @@ class RunConfig(BaseModel):
     dp_clip_lr: float = Field(0.2, gt=0)
     dp_count_noise: Optional[float] = Field(None, gt=0, description="sigma_b of adaptive clipping (default m/20)")
     dp_accountant: Literal["rdp", "pld"] = "rdp"
+    insecure_reproducible_privacy: bool = Field(False, description="TESTS ONLY: seeded DP noise and sampling; "
+                                                "anyone with the seed can undo the noise, the guarantee does not hold")
 
     # evaluation
     eval_every: int = Field(1, ge=1)
@@ -148,9 +175,37 @@ class RunConfig(BaseModel):
                 raise ValueError("--dp needs exactly one of --dp-noise-multiplier and --target-epsilon")
             if self.dp == "central" and self.aggregator != "mean":
                 raise ValueError("central DP calibrates noise to a clipped mean: use --aggregator mean")
+            if self.dp == "local" and self.dp_adaptive_clip:
+                raise ValueError("--dp-adaptive-clip adapts a clip norm at the server from a noised count: it "
+                                 "exists for --dp central only")
+            if self.dp == "local" and self.aggregator == "attention" and self.attention_score == "loss":
+                raise ValueError("under --dp local clients send no raw losses: use --attention-score cosine")
+        self._refuse_ignored()
+        if self.aggregator in ("krum", "multi-krum", "trimmed-mean", "bulyan") and self.byzantine_f is None \
+                and self.attack is None:
+            raise ValueError(f"--aggregator {self.aggregator} needs --byzantine-f F, the number of malicious "
+                             "clients per round it must tolerate (with f = 0 it is no defence)")
+        if self.secagg_threshold is not None and self.client_sampling == "fixed" and \
+                not self.clients_per_round / 2 < self.secagg_threshold <= self.clients_per_round:
+            raise ValueError(f"--secagg-threshold {self.secagg_threshold} must satisfy m/2 < t <= m for "
+                             f"--clients-per-round m = {self.clients_per_round}")
         if self.dataset == "shakespeare" and self.model not in (None, "lstm"):
             raise ValueError("dataset 'shakespeare' is text: use model 'lstm'")
         return self
+
+
+    def _refuse_ignored(self) -> None:
+        on = {"aggregator": {"byzantine_f": self.aggregator in ("krum", "multi-krum", "trimmed-mean", "bulyan"),
+                             "attention_score": self.aggregator == "attention",
+                             "attention_temperature": self.aggregator == "attention",
+                             "fltrust_root_size": self.aggregator == "fltrust",
+                             "clip_tau": self.aggregator == "centered-clipping"}}
+        for key, (switch, flag) in NEEDS.items():
+            if key not in self.model_fields_set or getattr(self, key) == type(self).model_fields[key].default:
+                continue  # left at its default: nothing is being ignored
+            active = on[switch][key] if switch in on else bool(getattr(self, switch))
+            if not active:
+                raise ValueError(f"--{key.replace('_', '-')} has no effect without {flag}: remove it or add {flag}")
 
 
 def _format_validation_error(err: ValidationError) -> str:

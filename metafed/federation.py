@@ -19,7 +19,10 @@ from metafed.data.federated import FederatedDataset
 from metafed.data.schedule import client_schedule, poisson_sample_clients, sample_clients, straggler_steps
 from metafed.eval import Evaluator
 from metafed.privacy.accountant import PrivacyAccountant, calibrate_noise
+from metafed.aggregate import RoundSkipped, cap_sample_weights
 from metafed.privacy.dp import ClientDP
+from metafed.privacy.noise import PrivacyRandom
+from metafed.privacy.secagg import SecAggAbort
 
 log = logging.getLogger("metafed")
 
@@ -52,48 +55,99 @@ class Federation:
             return None, None
         n, m = self.dataset.num_clients, min(cfg.clients_per_round, self.dataset.num_clients)
         sampling = "local" if cfg.dp == "local" else cfg.client_sampling
+        amplified = not cfg.insecure_reproducible_privacy  # a known cohort gets no sampling gain
         z = cfg.dp_noise_multiplier
         if z is None:
-            z = calibrate_noise(cfg.target_epsilon, cfg.rounds, n, m, cfg.dp_delta, sampling, cfg.dp_accountant)
+            z = calibrate_noise(cfg.target_epsilon, cfg.rounds, n, m, cfg.dp_delta, sampling, cfg.dp_accountant,
+                                amplified=amplified)
         dp = ClientDP(cfg.dp, z, float(m), cfg.dp_adaptive_clip, cfg.dp_target_quantile, cfg.dp_clip_lr,
                       cfg.dp_count_noise)
         dp.update_z  # noqa: B018 - validates the adaptive-clipping noise split before training starts
-        return dp, PrivacyAccountant(z, n, m, cfg.dp_delta, sampling, cfg.dp_accountant)
+        return dp, PrivacyAccountant(z, n, m, cfg.dp_delta, sampling, cfg.dp_accountant, amplified)
+
+    def privacy_ledger(self) -> list[float]:
+        """Noise multiplier of every round released so far (kept in server state, checkpointed)."""
+        ledger = self.state.extra.get("dp.ledger")
+        return [] if ledger is None else [float(z) for z in ledger.reshape(-1)]
+
+    def resume_privacy(self) -> None:
+        """After a resume: keep the epsilon already spent (the ledger) and, for a target-epsilon
+        run, recalibrate the noise of the remaining rounds so the total stays within target."""
+        if self.dp is None or self.cfg.target_epsilon is None:
+            return
+        spent = self.privacy_ledger()
+        remaining = self.cfg.rounds - len(spent)
+        if remaining <= 0:
+            return
+        acc = self.accountant
+        z = calibrate_noise(self.cfg.target_epsilon, remaining, acc.num_clients, acc.clients_per_round, acc.delta,
+                            acc.sampling, acc.method, spent=spent, amplified=acc.amplified)
+        self.dp = replace(self.dp, noise_multiplier=z)
+        self.dp.update_z  # noqa: B018
+        self.accountant = replace(acc, noise_multiplier=z)
+
+    def _charge_round(self, metrics: dict) -> None:
+        """Append this round's release to the privacy ledger and report the composed epsilon."""
+        ledger = self.privacy_ledger() + [self.dp.noise_multiplier]
+        self.state = replace(self.state, extra={**self.state.extra,
+                                                "dp.ledger": torch.tensor(ledger, dtype=torch.float64)})
+        metrics.update(epsilon=self.accountant.epsilon_of(ledger), dp_delta=self.accountant.delta,
+                       dp_noise_multiplier=self.dp.noise_multiplier)
+
+    def _privacy_random(self, rnd: int, *stream: int) -> PrivacyRandom:
+        """Secure OS randomness, or the seeded stream behind insecure_reproducible_privacy."""
+        if self.cfg.insecure_reproducible_privacy:
+            return PrivacyRandom.insecure_reproducible(self.cfg.seed, rnd, *stream)
+        return PrivacyRandom.secure_fresh()
 
     def _round_generator(self, rnd: int, stream: int) -> torch.Generator:
         seed = int(np.random.default_rng([self.cfg.seed, stream, rnd]).integers(2 ** 62))
         return torch.Generator().manual_seed(seed)
 
     # ------------------------------------------------------------------ one round
+    def _sample(self, rnd: int) -> np.ndarray:
+        """This round's cohort. Under DP the choice is the privacy mechanism's: secure,
+        unsaved randomness (amplification by sampling needs an unpredictable cohort)."""
+        cfg, n = self.cfg, self.dataset.num_clients
+        if cfg.dp is not None and not cfg.insecure_reproducible_privacy:
+            rand = PrivacyRandom.secure_fresh()
+            return rand.sample_poisson(n, cfg.clients_per_round) if cfg.client_sampling == "poisson" \
+                else rand.sample_fixed(n, cfg.clients_per_round)
+        sample = poisson_sample_clients if cfg.client_sampling == "poisson" else sample_clients
+        return sample(n, cfg.clients_per_round, rnd, cfg.seed)
+
     def plan_round(self, rnd: int, batches_per_step: int, broadcast: dict) -> tuple[list[int], list[ClientTask], int]:
         """Which clients train this round and what each does: (client ids, tasks, #sampled)."""
         cfg = self.cfg
-        sample = poisson_sample_clients if cfg.client_sampling == "poisson" else sample_clients
-        sampled = sample(self.dataset.num_clients, cfg.clients_per_round, rnd, cfg.seed)
+        sampled = self._sample(rnd)
         n_gone = int(round(cfg.dropout * len(sampled)))
         gone = set(np.random.default_rng([cfg.seed, 8, rnd]).choice(sampled, n_gone, replace=False).tolist())
         rng = np.random.default_rng([cfg.seed, 4, rnd])
         n_slow = int(round(cfg.stragglers * len(sampled)))
         slow = set(rng.choice(sampled, n_slow, replace=False).tolist()) if n_slow else set()
         policy = cfg.straggler_policy or self.algorithm.straggler_policy
-        epochs, steps = self.algorithm.local_work(rnd) or (cfg.local_epochs, cfg.local_steps)
         ids, tasks = [], []
         for cid in sampled.tolist():
             if cid in gone or (cid in slow and policy == "drop"):
                 continue
-            data = self.dataset.clients[cid]
-            sched = client_schedule(data.num_train, batch_size=cfg.batch_size, epochs=epochs,
-                                    steps=steps, batches_per_step=batches_per_step,
-                                    rng=np.random.default_rng([cfg.seed, 3, rnd, cid]))
-            active = len(sched)
+            task = self._task(cid, rnd, batches_per_step, broadcast)
             if cid in slow:
-                active = straggler_steps(len(sched), epochs, steps is not None, rng)
-            inputs = {"state": self.clients.get(cid, lambda: self.algorithm.client_init(broadcast)),
-                      "num_samples": torch.tensor(float(data.num_train))}
+                epochs, steps = self.algorithm.local_work(rnd) or (cfg.local_epochs, cfg.local_steps)
+                task = replace(task, active_steps=straggler_steps(len(task.schedule), epochs, steps is not None, rng))
             ids.append(cid)
-            tasks.append(ClientTask(data.train_x, data.train_y, sched, active, inputs))
+            tasks.append(task)
         self._cohort = sampled.tolist()
         return ids, tasks, len(sampled)
+
+    def _task(self, cid: int, rnd: int, batches_per_step: int, broadcast: dict) -> ClientTask:
+        cfg = self.cfg
+        epochs, steps = self.algorithm.local_work(rnd) or (cfg.local_epochs, cfg.local_steps)
+        data = self.dataset.clients[cid]
+        sched = client_schedule(data.num_train, batch_size=cfg.batch_size, epochs=epochs, steps=steps,
+                                batches_per_step=batches_per_step, rng=np.random.default_rng([cfg.seed, 3, rnd, cid]))
+        inputs = {"state": self.clients.get(cid, lambda: self.algorithm.client_init(broadcast)),
+                  "num_samples": torch.tensor(float(data.num_train))}
+        return ClientTask(data.train_x, data.train_y, sched, len(sched), inputs)
 
     def run_round(self, rnd: int) -> dict:
         """Train one round; returns the round's training metrics."""
@@ -102,41 +156,65 @@ class Federation:
         program = alg.client_program(rnd)
         ids, tasks, n_sampled = self.plan_round(rnd, program.batches_per_step, broadcast)
         metrics = {"round": rnd, "clients_sampled": n_sampled, "bytes_down": tree.nested_bytes(broadcast) * n_sampled,
-                   **self.privacy_spent(rnd)}
-        if not tasks:
-            log.warning("round %d: no client returned an update (all dropped); the model is unchanged", rnd)
-            return {**metrics, "clients_used": 0, "bytes_up": 0, "train_loss": float("nan")}
-        outputs, losses = self.backend.run(program, broadcast, tasks)
-        outputs = self._attack(outputs, ids, rnd)
-        weights = torch.tensor([float(t.inputs["num_samples"]) for t in tasks])
-        if self.cfg.max_sample_weight is not None:  # clients report their sample counts: cap them
-            weights = weights.clamp(max=self.cfg.max_sample_weight)
-        sent = {k: v for k, v in outputs.items() if k not in ("state", "metrics")}  # what clients upload
-        ok = self._finite_rows(sent, ids)
-        for i, cid in enumerate(ids if outputs["state"] else []):
-            if ok[i]:
-                self.clients.put(cid, tree.nested_index(outputs["state"], i))
-        used = torch.nonzero(ok).flatten()
-        metrics["clients_used"] = int(used.numel())
-        if used.numel() == 0:
-            return {**metrics, "bytes_up": 0, "train_loss": float("nan")}
-        kept = tree.nested_index(sent, used)
-        # clients' loss for loss-scored aggregators: a reported validation loss, else the training loss
-        client_loss = outputs.get("metrics", {}).get("val_loss", losses)[used]
+                   "clients_used": 0, "bytes_up": 0, "train_loss": float("nan")}
+        kept, weights, client_loss, used_ids = None, None, None, []
+        if tasks:
+            outputs, losses = self.backend.run(program, broadcast, tasks)
+            outputs = self._attack(outputs, ids, rnd)
+            sent = {k: v for k, v in outputs.items() if k not in ("state", "metrics")}  # what clients upload
+            self._template = tree.nested_map(lambda v: v[:0], sent)
+            ok = self._finite_rows(sent, ids)
+            for i, cid in enumerate(ids if outputs["state"] else []):
+                if ok[i]:
+                    self.clients.put(cid, tree.nested_index(outputs["state"], i))
+            used = torch.nonzero(ok).flatten()
+            used_ids = [ids[i] for i in used.tolist()]
+            if used_ids:
+                kept = tree.nested_index(sent, used)
+                weights = self._weights([tasks[i] for i in used.tolist()])
+                # clients' loss for loss-scored aggregators: a reported validation loss, else the training loss
+                client_loss = outputs.get("metrics", {}).get("val_loss", losses)[used]
+                metrics.update(clients_used=len(used_ids), bytes_up=tree.nested_bytes(kept),
+                               train_loss=float((losses[used].double() * weights).sum() / weights.sum()))
+        try:
+            if self.dp is not None and self.dp.mode == "central":
+                # every round releases noise, even one without replies (Poisson sampling may be empty)
+                kept = kept if kept is not None else self._empty_message(program, broadcast, rnd)
+                aggregate = self._private_aggregate(kept, weights, client_loss, rnd, metrics, used_ids)
+            elif not used_ids:
+                raise RoundSkipped("no client returned a usable update")
+            elif self.dp is not None:
+                aggregate = self._private_aggregate(kept, weights, client_loss, rnd, metrics, used_ids)
+            elif self.cfg.secure_aggregation:
+                aggregate = self._secure_mean(kept, weights, used_ids, rnd, metrics)
+            elif getattr(self.aggregator, "needs_reference", False):
+                aggregate = self.aggregator(kept, weights, client_loss, reference=self._root_update(program, broadcast, rnd))
+            else:
+                aggregate = self.aggregator(kept, weights, client_loss)
+        except (RoundSkipped, SecAggAbort) as e:
+            log.warning("round %d skipped, the model is unchanged: %s", rnd, e)
+            metrics["round_skipped"] = 1
+            aggregate = None
+        if aggregate is not None:
+            self.state = alg.server_update(self.state, aggregate, rnd)
         if self.dp is not None:
-            aggregate = self._private_aggregate(kept, weights[used], client_loss, rnd, metrics,
-                                                [ids[i] for i in used.tolist()])
-        elif self.cfg.secure_aggregation:
-            aggregate = self._secure_mean(kept, weights[used], [ids[i] for i in used.tolist()], rnd, metrics)
-        elif getattr(self.aggregator, "needs_reference", False):
-            aggregate = self.aggregator(kept, weights[used], client_loss, reference=self._root_update(program, broadcast, rnd))
-        else:
-            aggregate = self.aggregator(kept, weights[used], client_loss)
-        self.state = alg.server_update(self.state, aggregate, rnd)
-        w = weights[used]
-        metrics["bytes_up"] = tree.nested_bytes(kept)
-        metrics["train_loss"] = float((losses[used].double() * w).sum() / w.sum())
+            self._charge_round(metrics)  # a sampled cohort was charged whatever happened next
         return metrics
+
+    def _weights(self, tasks: list[ClientTask]) -> torch.Tensor:
+        """Aggregation weights from the clients' reported sample counts, capped (a client that
+        lies about its count must not become the mean): see :func:`cap_sample_weights`."""
+        reported = torch.tensor([float(t.inputs["num_samples"]) for t in tasks], dtype=torch.float64)
+        return cap_sample_weights(reported, self.cfg.sample_weight_cap, self.cfg.max_sample_weight)
+
+    def _empty_message(self, program, broadcast: dict, rnd: int) -> dict:
+        """A zero-row message with the shapes clients upload (to release noise in a round
+        without replies); learned from an earlier round, else from a dry run of client 0."""
+        if getattr(self, "_template", None) is None:
+            out, _ = self.backend.run(program, broadcast, [self._task(0, rnd, program.batches_per_step, broadcast)])
+            self._template = tree.nested_map(lambda v: v[:0], {k: v for k, v in out.items()
+                                                               if k not in ("state", "metrics")})
+        return self._template
 
     def _attack(self, outputs: dict, ids: list[int], rnd: int) -> dict:
         """Malicious clients replace what they send (update attacks; data attacks act earlier)."""
@@ -149,15 +227,13 @@ class Federation:
         return {**outputs, **corrupted}
 
     def _root_update(self, program, broadcast: dict, rnd: int) -> dict:
-        """FLTrust: the server's own update on its small clean root dataset (drawn once from
-        honest clients' training data)."""
-        if not hasattr(self, "_root"):
-            rng = np.random.default_rng([self.cfg.seed, 11])
-            honest = [c for i, c in enumerate(self.dataset.clients) if i not in self.malicious]
-            x = torch.cat([c.train_x for c in honest])
-            y = torch.cat([c.train_y for c in honest])
-            pick = torch.from_numpy(rng.choice(len(y), min(self.cfg.fltrust_root_size, len(y)), replace=False))
-            self._root = (x[pick], y[pick])
+        """FLTrust: the server's own update on its small root dataset. The root set is a
+        server-held split (carved from the pool before partitioning, or from held-out
+        clients): the server does not know which clients are honest, so it never draws from
+        clients' data."""
+        if self.dataset.server_root is None:
+            raise ValueError("fltrust needs the dataset's server-held root set")
+        self._root = self.dataset.server_root
         x, y = self._root
         epochs, steps = self.algorithm.local_work(rnd) or (self.cfg.local_epochs, self.cfg.local_steps)
         sched = client_schedule(len(y), batch_size=self.cfg.batch_size, epochs=epochs, steps=steps,
@@ -214,29 +290,24 @@ class Federation:
 
     def _private_aggregate(self, kept: dict, weights, client_loss, rnd: int, metrics: dict,
                            client_ids: list[int]) -> dict:
-        """Clip (+ local noise) per client, then the DP mean (central) or the configured
-        aggregator over the privatized messages (local). The clip norm lives in server state."""
+        """Central DP: clip, (securely) sum, add noise, divide by the fixed m. Local DP: each
+        client clips and noises with its own randomness; the aggregator then sees neither raw
+        losses nor sample counts (uniform weights). The clip norm lives in server state."""
         clip = float(self.state.extra.get("dp.clip", torch.tensor(self.cfg.dp_clip)))
-        generator = self._round_generator(rnd, 7)
         if self.dp.mode == "central":
             summer = (lambda m: self._secure_sum(m, client_ids, rnd, metrics)) if self.cfg.secure_aggregation else None
-            aggregate, next_clip, dp_metrics = self.dp.aggregate(kept, clip, generator, summer)
+            aggregate, next_clip, dp_metrics = self.dp.aggregate(kept, clip, self._privacy_random(rnd, 7), summer)
         else:
-            private = self.dp.privatize(kept, clip, generator)
+            private = self.dp.privatize(kept, clip, [self._privacy_random(rnd, 7, cid) for cid in client_ids])
+            uniform = torch.ones(len(client_ids), dtype=torch.float64)
             if self.cfg.secure_aggregation:
-                aggregate = self._secure_mean(private, weights, client_ids, rnd, metrics)
+                aggregate = self._secure_mean(private, uniform, client_ids, rnd, metrics)
             else:
-                aggregate = self.aggregator(private, weights, client_loss)
+                aggregate = self.aggregator(private, uniform, None)
             next_clip, dp_metrics = clip, {"dp_clip": clip}
         self.state = replace(self.state, extra={**self.state.extra, "dp.clip": torch.tensor(next_clip, dtype=torch.float64)})
         metrics.update(dp_metrics)
         return aggregate
-
-    def privacy_spent(self, rnd: int) -> dict:
-        if self.accountant is None:
-            return {}
-        return {"epsilon": self.accountant.epsilon(rnd), "dp_delta": self.accountant.delta,
-                "dp_noise_multiplier": self.accountant.noise_multiplier}
 
     @staticmethod
     def _finite_rows(update: dict, ids: list[int]) -> torch.Tensor:

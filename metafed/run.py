@@ -3,6 +3,7 @@ checkpoints, run-folder outputs. ``metafed run`` is a thin wrapper around :func:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from contextlib import nullcontext
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import save_file
+from safetensors.torch import save as save_bytes
 
 from metafed.aggregate import make_aggregator
 from metafed.algorithms import make_algorithm
@@ -23,11 +24,17 @@ from metafed.data import DEFAULT_MODEL, load_dataset
 from metafed.federation import Federation
 from metafed.models import FunctionalModel, build_model
 from metafed.tracking import RunTracker
+from metafed.run_folder import RunFolderError, check_target, create, write_text_atomic
 from metafed.types import Params
 
+log = logging.getLogger("metafed")
 CONFIG_FILE = "config.yaml"
+PRIVACY_NOTICE = "PRIVACY_NOT_GUARANTEED.txt"
 # a resumed run must match the original in everything but these
 RESUMABLE_CHANGES = {"rounds", "out", "progress", "backend", "chunk_size", "compile"}
+# what a DP run releases under its (epsilon, delta) guarantee: the model, and the privacy
+# bookkeeping; every other metric is computed from clients' data without noise
+DP_RELEASED = {"round", "epsilon", "dp_delta", "dp_noise_multiplier", "dp_clip", "dp_unclipped_fraction_noisy"}
 
 
 @dataclass
@@ -48,7 +55,13 @@ def build_federation(cfg: RunConfig) -> Federation:
     algorithm = make_algorithm(cfg, model)
     backend = make_backend(cfg.backend, cfg.chunk_size, cfg.compile)
     expected_cohort = min(cfg.clients_per_round, dataset.num_clients)
+    if cfg.clients_per_round > dataset.num_clients:
+        log.warning("--clients-per-round %d is larger than the federation's %d training clients: every client "
+                    "trains every round", cfg.clients_per_round, dataset.num_clients)
     f = cfg.byzantine_f if cfg.byzantine_f is not None else math.ceil(cfg.malicious_fraction * expected_cohort)
+    if cfg.byzantine_f is None and cfg.aggregator in ("krum", "multi-krum", "trimmed-mean", "bulyan"):
+        log.warning("--aggregator %s tolerates f = %d per round: the expected number of simulated attackers "
+                    "(ceil(malicious_fraction x cohort)); set --byzantine-f to choose", cfg.aggregator, f)
     aggregator = make_aggregator(cfg.aggregator, cfg.attention_score, cfg.attention_temperature, f, cfg.clip_tau)
     return Federation(cfg, dataset, algorithm, backend, aggregator, algorithm.init(model.init_params()),
                       malicious=malicious)
@@ -74,27 +87,32 @@ def _describe(row: dict) -> str:
     return "  ".join(f"{short} {row[k]:.3f}" for k, short in keys if k in row and row[k] == row[k])
 
 
-def run(cfg: RunConfig, resume: Path | None = None) -> RunResult:
-    """Run (or resume) a federated job. With ``cfg.out`` set, writes the run folder."""
+def run(cfg: RunConfig, resume: Path | None = None, overwrite: bool = False) -> RunResult:
+    """Run (or resume) a federated job. With ``cfg.out`` set, writes the run folder.
+
+    A fresh run refuses an ``out`` folder that already holds files unless ``overwrite``;
+    nothing on disk changes until the whole job (config, data, model) has been validated."""
     run_dir = Path(resume) if resume else (Path(cfg.out) if cfg.out else None)
-    start = 0
-    fed = None
     if resume is not None:
         fed, start = _restore(cfg, run_dir)
     else:
-        fed = build_federation(cfg)
         if run_dir:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "metrics.jsonl").write_text("")
-            (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(config_dump(cfg), sort_keys=False))
+            check_target(run_dir, overwrite)
+        fed, start = build_federation(cfg), 0
+        if run_dir:
+            create(run_dir, overwrite)
+            write_text_atomic(run_dir / CONFIG_FILE, yaml.safe_dump(config_dump(cfg), sort_keys=False))
     cfg = fed.cfg
     tracker = RunTracker(run_dir)
     if resume is not None:
         tracker.resume_from(start)
-    elapsed = tracker.rows[-1]["wall_time_s"] if tracker.rows else 0.0
+    else:
+        tracker.start()
+    _privacy_notice(cfg, run_dir)
+    elapsed = tracker.rows[-1].get("wall_time_s", 0.0) if tracker.rows else 0.0
     per_client: dict = {}
-    bytes_up = tracker.rows[-1]["bytes_up_total"] if tracker.rows else 0
-    bytes_down = tracker.rows[-1]["bytes_down_total"] if tracker.rows else 0
+    bytes_up = tracker.rows[-1].get("bytes_up_total", 0) if tracker.rows else 0
+    bytes_down = tracker.rows[-1].get("bytes_down_total", 0) if tracker.rows else 0
     with _progress(cfg.progress, cfg.rounds, start) as bar:
         for rnd in range(start + 1, cfg.rounds + 1):
             t0 = time.perf_counter()
@@ -106,6 +124,8 @@ def run(cfg: RunConfig, resume: Path | None = None) -> RunResult:
                 row.update(metrics)
             elapsed += time.perf_counter() - t0
             row.update(wall_time_s=round(elapsed, 4), bytes_up_total=bytes_up, bytes_down_total=bytes_down)
+            if fed.dp is not None:
+                row["outside_dp_guarantee"] = sorted(k for k in row if k not in DP_RELEASED)
             # one row per evaluated round; every round under DP, so epsilon is reported each round
             if "global_accuracy" in row or fed.accountant is not None:
                 tracker.log(row)
@@ -119,42 +139,82 @@ def run(cfg: RunConfig, resume: Path | None = None) -> RunResult:
     return RunResult(params, tracker.rows, run_dir, fed)
 
 
+def _privacy_notice(cfg: RunConfig, run_dir: Path | None) -> None:
+    if cfg.dp is None or not cfg.insecure_reproducible_privacy:
+        return
+    text = ("insecure_reproducible_privacy is on: the DP noise and the client sampling follow from the seed in "
+            "config.yaml, so anyone holding this folder can rebuild and subtract the noise. The epsilon reported "
+            "here is NOT a privacy guarantee (and is charged without amplification by sampling).\n")
+    log.warning(text.strip())
+    if run_dir:
+        write_text_atomic(run_dir / PRIVACY_NOTICE, text)
+
+
+def privacy_summary(cfg: RunConfig, final: dict) -> dict | None:
+    if cfg.dp is None:
+        return None
+    if cfg.insecure_reproducible_privacy:
+        guarantee = "NONE: insecure_reproducible_privacy made the noise and sampling reproducible from the seed"
+    else:
+        guarantee = (f"client-level ({final.get('epsilon', float('nan')):.4g}, {cfg.dp_delta:g})-DP "
+                     f"({cfg.dp} DP, {cfg.dp_accountant} accountant) for the released model")
+    return {"guarantee": guarantee, "released_under_dp": sorted(DP_RELEASED) + ["final.safetensors (the model)"],
+            "outside_dp_guarantee": final.get("outside_dp_guarantee", []) + ["per_client_accuracy"]}
+
+
 def _restore(cfg: RunConfig, run_dir: Path) -> tuple[Federation, int]:
-    """Rebuild the federation a run folder describes and load its last committed round."""
+    """Rebuild the federation a run folder describes and load its last committed round.
+    Settings that cannot change on resume are compared, and any difference is refused."""
     config_path = run_dir / CONFIG_FILE
-    if not config_path.exists():
+    if not run_dir.is_dir() or not config_path.is_file():
         raise CheckpointError(f"{run_dir} has no {CONFIG_FILE}: is it a metafed run folder?")
-    saved = RunConfig(**yaml.safe_load(config_path.read_text()))
+    try:
+        loaded = yaml.safe_load(config_path.read_text())
+        saved = RunConfig(**loaded)
+    except (yaml.YAMLError, TypeError, ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{config_path} is not a valid metafed config: {str(e).splitlines()[0]}") from None
     asked = config_dump(cfg)
     merged = config_dump(saved)
+    changed = sorted(k for k in cfg.model_fields_set - RESUMABLE_CHANGES if asked[k] != merged.get(k))
+    if changed:
+        diffs = ", ".join(f"{k}: {merged.get(k)!r} -> {asked[k]!r}" for k in changed)
+        raise CheckpointError(f"--resume cannot change settings of the run in {run_dir}: {diffs} "
+                              f"(only {', '.join(sorted(RESUMABLE_CHANGES - {'out'}))} may change)")
     for key in RESUMABLE_CHANGES:
         if key in cfg.model_fields_set:
             merged[key] = asked[key]
     merged["out"] = str(run_dir)
     resumed_cfg = RunConfig(**merged)
     ckpt = load_checkpoint(run_dir)
+    if resumed_cfg.rounds < ckpt.round:
+        raise CheckpointError(f"--rounds {resumed_cfg.rounds} is below the {ckpt.round} rounds {run_dir} has already "
+                              "done: a resume can only continue")
     fed = build_federation(resumed_cfg)
-    fed.algorithm.model.check_params(ckpt.state.params)
+    try:
+        fed.algorithm.model.check_params(ckpt.state.params)
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"checkpoint in {run_dir} does not fit this run's model: {e}") from None
     order = list(fed.state.params)  # the model's parameter order (safetensors returns keys sorted)
     fed.state = replace(ckpt.state, params={k: ckpt.state.params[k] for k in order})
     fed.clients = ckpt.clients
+    fed.resume_privacy()
     return fed, ckpt.round
 
 
 def _write_outputs(run_dir: Path, tracker: RunTracker, params: Params, per_client: dict, cfg: RunConfig) -> None:
     from metafed.plots import plot_run
 
-    save_file({k: v.contiguous() for k, v in params.items()}, str(run_dir / "final.safetensors"))
+    write_text_atomic(run_dir / "final.safetensors", save_bytes({k: v.contiguous() for k, v in params.items()}))
     tracker.write_csv()
     final = tracker.rows[-1] if tracker.rows else {}
     tracker.write_summary({
         "algorithm": cfg.algorithm, "dataset": cfg.dataset, "backend": cfg.backend, "rounds": cfg.rounds,
         "final": final, "per_client_accuracy": per_client,
         "weighting": "*_accuracy is sample-weighted over clients' test samples; *_accuracy_mean is unweighted",
-        "torch": torch.__version__,
+        "torch": torch.__version__, "privacy": privacy_summary(cfg, final),
     })
     if tracker.rows:
         plot_run(run_dir)
 
 
-__all__ = ["run", "build_federation", "RunResult", "ConfigError", "CheckpointError"]
+__all__ = ["run", "build_federation", "RunResult", "ConfigError", "CheckpointError", "RunFolderError"]

@@ -1,9 +1,14 @@
-"""Run outputs: metrics.jsonl (one object per evaluated round), metrics.csv, summary.json."""
+"""Run outputs: metrics.jsonl (one object per logged round), metrics.csv, summary.json."""
 from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
+
+from metafed.run_folder import open_nofollow, write_text_atomic
+
+log = logging.getLogger("metafed")
 
 
 class RunTracker:
@@ -17,17 +22,34 @@ class RunTracker:
     def jsonl(self) -> Path | None:
         return self.run_dir / "metrics.jsonl" if self.run_dir else None
 
+    def start(self) -> None:
+        if self.jsonl:
+            write_text_atomic(self.jsonl, "")
+
     def resume_from(self, last_round: int) -> None:
+        """Keep the complete rows up to the checkpointed round. A torn or garbled line (power
+        loss, full disk) ends the readable history: it and anything after it are dropped."""
         if not self.jsonl or not self.jsonl.exists():
             return
-        kept = [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
+        kept = []
+        for n, line in enumerate(self.jsonl.read_text(errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except (json.JSONDecodeError, RecursionError):
+                row = None
+            if not isinstance(row, dict) or type(row.get("round")) is not int:
+                log.warning("metrics.jsonl line %d is incomplete or corrupt: recovering to the last complete row", n)
+                break
+            kept.append(row)
         self.rows = [r for r in kept if r["round"] <= last_round]
-        self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        write_text_atomic(self.jsonl, "".join(json.dumps(r) + "\n" for r in self.rows))
 
     def log(self, row: dict) -> None:
         self.rows.append(row)
         if self.jsonl:
-            with open(self.jsonl, "a") as f:
+            with open_nofollow(self.jsonl, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
     def write_csv(self) -> None:
@@ -36,11 +58,11 @@ class RunTracker:
         keys: list[str] = []
         for r in self.rows:
             keys += [k for k in r if k not in keys]
-        with open(self.run_dir / "metrics.csv", "w", newline="") as f:
+        with open_nofollow(self.run_dir / "metrics.csv", "w") as f:
             writer = csv.DictWriter(f, fieldnames=keys)
             writer.writeheader()
             writer.writerows(self.rows)
 
     def write_summary(self, summary: dict) -> None:
         if self.run_dir:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1))

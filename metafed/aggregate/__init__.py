@@ -1,6 +1,6 @@
 """Aggregators (stacked updates -> one update) and server optimizers."""
 from metafed.aggregate.attention import ATTENTION_SCORES, Attention
-from metafed.aggregate.mean import WeightedMean
+from metafed.aggregate.mean import RoundSkipped, WeightedMean, cap_sample_weights
 from metafed.aggregate.robust import ROBUST_AGGREGATORS, RobustAggregator
 from metafed.aggregate.server_opt import SERVER_OPTIMIZERS, ServerOptimizer
 
@@ -18,5 +18,5 @@ def make_aggregator(name: str, attention_score: str = "loss", temperature: float
     raise ValueError(f"unknown aggregator {name!r}; choose one of {', '.join(AGGREGATORS)}")
 
 
-__all__ = ["Attention", "RobustAggregator", "ROBUST_AGGREGATORS", "WeightedMean", "ServerOptimizer", "SERVER_OPTIMIZERS", "AGGREGATORS", "ATTENTION_SCORES",
+__all__ = ["RoundSkipped", "cap_sample_weights", "Attention", "RobustAggregator", "ROBUST_AGGREGATORS", "WeightedMean", "ServerOptimizer", "SERVER_OPTIMIZERS", "AGGREGATORS", "ATTENTION_SCORES",
            "make_aggregator"]

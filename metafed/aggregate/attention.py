@@ -7,17 +7,27 @@ from the consensus (in the spirit of FedAtt, Ji et al. 2019, arXiv:1812.07108, w
 weighs clients by their distance to the server model).
 The weights depend on individual updates, so the rule is not linear in them: it cannot run
 after secure-aggregation masking.
+
+Attention is NOT a Byzantine defence: clients report their own losses. A reported loss
+that is not finite or is negative (cross-entropy never is) is rejected (weight 0, logged),
+and accepted losses are clipped to [0, LOSS_CAP], so no report can take more than the
+weight of a perfect fit; but a liar claiming loss 0 still out-weighs honest clients. Use a
+robust rule (median, centered-clipping, ...) against malicious clients.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from metafed import tree
+from metafed.aggregate.mean import RoundSkipped
 
 ATTENTION_SCORES = ("loss", "cosine")
+LOSS_CAP = 50.0  # losses above this carry no further information for the softmax
+log = logging.getLogger("metafed")
 
 
 @dataclass(frozen=True)
@@ -33,15 +43,27 @@ class Attention:
         if not self.temperature > 0:
             raise ValueError(f"attention temperature must be > 0, got {self.temperature}")
 
-    def scores(self, updates: dict, client_loss: Tensor) -> Tensor:
+    def scores(self, updates: dict, client_loss: Tensor | None) -> Tensor:
+        """[C] scores; NaN marks a client whose report is rejected."""
         if self.score == "loss":
-            return -client_loss.to(torch.float64)
+            if client_loss is None:
+                raise ValueError("attention --attention-score loss needs the clients' losses (not sent under local DP)")
+            loss = client_loss.to(torch.float64)
+            valid = torch.isfinite(loss) & (loss >= 0)
+            return torch.where(valid, -loss.clamp(0, LOSS_CAP), torch.full_like(loss, float("nan")))
         flat = torch.cat([v.reshape(v.shape[0], -1) for v in tree.nested_leaves(updates["update"])], dim=1)
         flat = flat.to(torch.float64)  # [C, D]
-        return torch.nn.functional.cosine_similarity(flat, flat.mean(0, keepdim=True), dim=1)
+        return torch.nn.functional.cosine_similarity(flat, flat.mean(0, keepdim=True), dim=1)  # in [-1, 1]
 
-    def weights(self, updates: dict, num_samples: Tensor, client_loss: Tensor) -> Tensor:
-        return torch.softmax(self.scores(updates, client_loss) / self.temperature, dim=0)
+    def weights(self, updates: dict, num_samples: Tensor, client_loss: Tensor | None) -> Tensor:
+        s = self.scores(updates, client_loss)
+        bad = ~torch.isfinite(s)
+        for i in torch.nonzero(bad).flatten().tolist():
+            log.warning("attention: rejected client row %d: its score is not finite (reported loss %s)", i,
+                        None if client_loss is None else float(client_loss[i]))
+        if bool(bad.all()):
+            raise RoundSkipped("attention: no client has a valid score")
+        return torch.softmax(torch.where(bad, torch.full_like(s, -torch.inf), s) / self.temperature, dim=0)
 
     def __call__(self, updates: dict, num_samples: Tensor, client_loss: Tensor) -> dict:
         w = self.weights(updates, num_samples, client_loss)

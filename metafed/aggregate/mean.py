@@ -1,4 +1,5 @@
-"""Linear aggregators over stacked client updates [C, ...] with weights [C]."""
+"""Linear aggregators over stacked client updates [C, ...] with weights [C], and the cap on
+client-reported sample counts."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,6 +8,25 @@ import torch
 from torch import Tensor
 
 from metafed import tree
+
+
+class RoundSkipped(RuntimeError):
+    """An aggregator cannot produce a safe update this round (too few clients for its rule,
+    no valid score); the round loop logs it and leaves the model unchanged."""
+
+
+def cap_sample_weights(reported: Tensor, median_multiple: float | None, absolute: float | None = None) -> Tensor:
+    """Weights from client-reported sample counts [C], capped so that one client that claims
+    1e9 samples cannot become the mean: w_i = min(n_i, k * median(n), absolute cap).
+
+    The median is robust while fewer than half of a round's clients lie. ``median_multiple``
+    k = None or 0 turns the relative cap off; ``absolute`` None turns the absolute one off."""
+    w = reported.to(torch.float64)
+    if median_multiple:
+        w = w.clamp(max=median_multiple * float(w.median()))
+    if absolute is not None:
+        w = w.clamp(max=absolute)
+    return w
 
 
 @dataclass(frozen=True)

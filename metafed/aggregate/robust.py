@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from metafed import tree
+from metafed.aggregate.mean import RoundSkipped
 
 ROBUST_AGGREGATORS = ("median", "trimmed-mean", "krum", "multi-krum", "bulyan", "centered-clipping", "fltrust")
 
@@ -54,7 +55,7 @@ def coordinate_median(x: Tensor) -> Tensor:
 
 def trimmed_mean(x: Tensor, f: int) -> Tensor:
     if x.shape[0] <= 2 * f:
-        raise ValueError(f"trimmed mean with f={f} needs more than {2 * f} clients, got {x.shape[0]}")
+        raise RoundSkipped(f"trimmed mean with f={f} needs more than {2 * f} clients, got {x.shape[0]}")
     s = x.sort(dim=0).values
     return s[f: x.shape[0] - f].mean(0)
 
@@ -67,9 +68,14 @@ def krum_scores(x: Tensor, f: int) -> Tensor:
     return d2.sort(dim=1).values[:, : n - f - 2].sum(1)
 
 
+def required_clients(rule: str, f: int) -> int:
+    """Fewest updates ``rule`` can combine while tolerating f Byzantine clients."""
+    return {"krum": 2 * f + 3, "multi-krum": 2 * f + 3, "bulyan": 4 * f + 3, "trimmed-mean": 2 * f + 1}.get(rule, 1)
+
+
 def _check(n: int, f: int, need: int, rule: str, formula: str) -> None:
     if f < 0 or n < need:
-        raise ValueError(f"{rule} needs n >= {formula} clients; got n={n}, f={f}")
+        raise RoundSkipped(f"{rule} needs n >= {formula} clients; got n={n}, f={f}")
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,9 @@ class RobustAggregator:
         if self.name not in ROBUST_AGGREGATORS:
             raise ValueError(f"unknown aggregator {self.name!r}; choose one of {', '.join(ROBUST_AGGREGATORS)}")
         object.__setattr__(self, "needs_reference", self.name == "fltrust")
+
+    def required_clients(self) -> int:
+        return required_clients(self.name, self.f)
 
     def combine(self, x: Tensor, reference: Tensor | None = None) -> Tensor:
         """[C, D] -> [D]."""

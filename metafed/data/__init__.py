@@ -36,6 +36,27 @@ def resolve_data_dir(data_dir: Path | None) -> Path:
     raise DataNotFound("this dataset is read from local files: pass --data-dir or set METAFED_DATA")
 
 
+def _carve_server_root(x: np.ndarray, y: np.ndarray, size: int, seed: int):
+    """Take ``size`` random samples out of a pooled dataset before it is partitioned: the
+    server's own root set (FLTrust), which no client ever holds. Returns (x, y, root)."""
+    if size >= len(y):
+        raise ValueError(f"fltrust_root_size {size} leaves no data for the clients ({len(y)} samples)")
+    pick = np.random.default_rng([seed, 11]).permutation(len(y))
+    root, rest = pick[:size], np.sort(pick[size:])
+    return x[rest], y[rest], (torch.from_numpy(x[root]), torch.from_numpy(y[root]))
+
+
+def _heldout_root(heldout: list[ClientData], size: int, seed: int):
+    """A root set from held-out clients' training data (clients that never train)."""
+    if not heldout:
+        raise ValueError("--aggregator fltrust needs a server-held root set: for femnist, shakespeare and synthetic "
+                         "it is drawn from held-out clients, so set --heldout-fraction > 0")
+    x = torch.cat([c.train_x for c in heldout])
+    y = torch.cat([c.train_y for c in heldout])
+    pick = torch.from_numpy(np.random.default_rng([seed, 11]).permutation(len(y))[:size])
+    return x[pick], y[pick]
+
+
 def _partitioned(name: str, x: np.ndarray, y: np.ndarray, cfg: "RunConfig", rng: np.random.Generator,
                  shape: tuple[int, ...]) -> list[ClientData]:
     parts = partition(cfg.partition, y, cfg.num_clients, rng, alpha=cfg.dirichlet_alpha,
@@ -48,12 +69,13 @@ def load_dataset(cfg: "RunConfig") -> FederatedDataset:
     """Build the FederatedDataset a config asks for (deterministic in cfg.seed)."""
     rng = np.random.default_rng([cfg.seed, 100])
     name = cfg.dataset
-    if name == "digits":
-        x, y = load_digits()
-        clients, shape, classes = _partitioned(name, x, y, cfg, rng, (64,)), (64,), 10
-    elif name == "mnist":
-        x, y = load_mnist(resolve_data_dir(cfg.data_dir) / "mnist")
-        clients, shape, classes = _partitioned(name, x, y, cfg, rng, (784,)), (784,), 10
+    root = None
+    if name in ("digits", "mnist"):
+        x, y = load_digits() if name == "digits" else load_mnist(resolve_data_dir(cfg.data_dir) / "mnist")
+        if cfg.aggregator == "fltrust":
+            x, y, root = _carve_server_root(x, y, cfg.fltrust_root_size, cfg.seed)
+        shape, classes = (x.shape[1],), 10
+        clients = _partitioned(name, x, y, cfg, rng, shape)
     elif name in ("femnist", "shakespeare"):
         users = load_leaf(resolve_data_dir(cfg.data_dir) / name, text=name == "shakespeare")
         if cfg.max_clients is not None:
@@ -71,7 +93,9 @@ def load_dataset(cfg: "RunConfig") -> FederatedDataset:
     heldout: list[ClientData] = []
     if cfg.heldout_fraction > 0:
         clients, heldout = hold_out(clients, cfg.heldout_fraction, rng)
-    return FederatedDataset(name, clients, shape, classes, heldout)
+    if cfg.aggregator == "fltrust" and root is None:
+        root = _heldout_root(heldout, cfg.fltrust_root_size, cfg.seed)
+    return FederatedDataset(name, clients, shape, classes, heldout, root)
 
 
 __all__ = ["ClientData", "FederatedDataset", "DataNotFound", "DATASETS", "DEFAULT_MODEL", "PARTITIONS",

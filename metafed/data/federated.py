@@ -36,6 +36,8 @@ class FederatedDataset:
     input_shape: tuple[int, ...]
     num_classes: int
     heldout: list[ClientData] = field(default_factory=list)
+    # samples only the server holds (FLTrust's root set): never any client's data
+    server_root: tuple[Tensor, Tensor] | None = None
 
     @property
     def num_clients(self) -> int:

@@ -7,13 +7,17 @@
 - Adaptive clipping: Andrew, Thakkar, McMahan, Ramaswamy, "Differentially Private Learning
   with Adaptive Clipping", NeurIPS 2021, arXiv:1905.03871. Clients also report
   b_i = 1[||Delta_i|| <= C]; the server forms the noisy fraction
-  b = (sum b_i + N(0, sigma_b^2)) / m and updates C <- C * exp(-eta_C (b - gamma)). The
-  update noise uses z_Delta = (z^-2 - (2 sigma_b)^-2)^(-1/2), so the pair of releases is
-  exactly as private as one Gaussian mechanism with multiplier z.
+  b = (sum (b_i - 1/2) + N(0, sigma_b^2)) / m + 1/2 and updates
+  C <- C * exp(-eta_C (b - gamma)). Centring each b_i at 1/2 (as TF Privacy's quantile
+  estimator does) makes the count's sensitivity 1/2, so its noise multiplier is 2 sigma_b
+  and the update noise z_Delta = (z^-2 - (2 sigma_b)^-2)^(-1/2) makes the pair of releases
+  exactly as private as one Gaussian mechanism with multiplier z. (Without the centring
+  the count's sensitivity is 1 and that split under-charges epsilon.)
 - Local DP: each client clips and adds N(0, (z C)^2) to its own message before sending.
 
-All functions take stacked messages (nested dicts of [C, ...] tensors) and an explicit
-torch.Generator, so runs are reproducible.
+All functions take stacked messages (nested dicts of [C, ...] tensors) and a
+:class:`~metafed.privacy.noise.PrivacyRandom`: secure OS randomness by default, a seeded
+stream only behind ``insecure_reproducible_privacy``. Noise is drawn in float64.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import torch
 from torch import Tensor
 
 from metafed import tree
+from metafed.privacy.noise import PrivacyRandom
 
 
 def client_norms(stacked: dict) -> Tensor:
@@ -44,12 +49,22 @@ def clip_each(stacked: dict, clip: float) -> tuple[dict, Tensor]:
     return tree.nested_map(scale, stacked), norms
 
 
-def gaussian_like(tree_: dict, std: float, generator: torch.Generator) -> dict:
-    """N(0, std^2) noise shaped like ``tree_``, drawn in sorted-key order so the draws do not
-    depend on dict order (which a checkpoint round trip may change)."""
+def gaussian_like(tree_: dict, std: float, rand: PrivacyRandom) -> dict:
+    """float64 N(0, std^2) noise shaped like ``tree_``, drawn in sorted-key order so the draws
+    do not depend on dict order (which a checkpoint round trip may change)."""
     flat = tree.nested_flatten(tree_)
-    noise = {k: torch.randn(flat[k].shape, generator=generator, dtype=flat[k].dtype) * std for k in sorted(flat)}
-    return tree.nested_unflatten(noise)
+    return tree.nested_unflatten({k: rand.normal_tensor(flat[k].shape, std) for k in sorted(flat)})
+
+
+def add_noise(tree_: dict, std: float, rand: PrivacyRandom) -> dict:
+    """tree_ + N(0, std^2), added in float64 and cast back to each leaf's dtype."""
+    return tree.nested_map(lambda v, e: (v.double() + e).to(v.dtype), tree_, gaussian_like(tree_, std, rand))
+
+
+def centred_count(norms: Tensor, clip: float) -> float:
+    """sum_i (1[||Delta_i|| <= C] - 1/2): the adaptive-clipping statistic before noise.
+    Adding or removing one client moves it by exactly 1/2."""
+    return float((norms <= clip).double().sum() - 0.5 * norms.numel())
 
 
 def update_noise_multiplier(z: float, count_std: float) -> float:
@@ -89,23 +104,31 @@ class ClientDP:
             return update_noise_multiplier(self.noise_multiplier, self.sigma_b)
         return self.noise_multiplier
 
-    def privatize(self, stacked: dict, clip: float, generator: torch.Generator) -> dict:
-        """Local DP: what each client sends, clipped and noised on the client."""
+    def privatize(self, stacked: dict, clip: float, client_rand: list[PrivacyRandom]) -> dict:
+        """Local DP: what each client sends, clipped and noised on the client with the
+        client's own randomness (``client_rand[i]`` for row i)."""
         clipped, _ = clip_each(stacked, clip)
-        return tree.nested_map(torch.add, clipped, gaussian_like(clipped, self.noise_multiplier * clip, generator))
+        rows = [add_noise(tree.nested_index(clipped, i), self.noise_multiplier * clip, r)
+                for i, r in enumerate(client_rand)]
+        return tree.nested_stack(rows)
 
-    def aggregate(self, stacked: dict, clip: float, generator: torch.Generator, summer=None) -> tuple[dict, float, dict]:
+    def aggregate(self, stacked: dict, clip: float, rand: PrivacyRandom, summer=None) -> tuple[dict, float, dict]:
         """Central DP: clip, sum (``summer``, e.g. secure aggregation), add noise, divide by the
-        expected cohort m, adapt the clip. Returns (noisy mean message, next clip norm, metrics)."""
-        clipped, norms = clip_each(stacked, clip)
-        total = summer(clipped) if summer else tree.nested_map(lambda v: v.sum(0), clipped)
-        if self.mode == "central":
-            total = tree.nested_map(torch.add, total, gaussian_like(total, self.update_z * clip, generator))
+        expected cohort m, adapt the clip. Returns (noisy mean message, next clip norm, metrics).
+        A round with no replies passes zero-row messages: it still releases the noise."""
+        clipped, norms = clip_each(stacked, clip) if _rows(stacked) else (stacked, torch.zeros(0, dtype=torch.float64))
+        total = summer(clipped) if summer and _rows(stacked) else tree.nested_map(lambda v: v.sum(0), clipped)
+        total = add_noise(total, self.update_z * clip, rand)
         mean = tree.nested_map(lambda v: v / self.expected_clients, total)
         next_clip = clip
-        metrics = {"dp_clip": clip, "dp_clipped_fraction": float((norms > clip).double().mean())}
+        metrics = {"dp_clip": clip}
         if self.adaptive:
-            below = float((norms <= clip).double().sum())
-            noisy = (below + float(torch.randn((), generator=generator, dtype=torch.float64)) * self.sigma_b)
-            next_clip = clip * math.exp(-self.clip_lr * (noisy / self.expected_clients - self.target_quantile))
+            noisy = centred_count(norms, clip) + float(rand.normal(1)[0]) * self.sigma_b
+            fraction = noisy / self.expected_clients + 0.5  # noisy fraction of clients at or below the clip
+            next_clip = clip * math.exp(-self.clip_lr * (fraction - self.target_quantile))
+            metrics["dp_unclipped_fraction_noisy"] = fraction
         return mean, next_clip, metrics
+
+
+def _rows(stacked: dict) -> int:
+    return tree.nested_leaves(stacked)[0].shape[0]
