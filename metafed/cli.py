@@ -6,7 +6,9 @@ line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -29,8 +31,39 @@ def _parse_sets(pairs: list[str]) -> dict:
         if "=" not in pair:
             _fail(f"--set expects KEY=VALUE, got {pair!r}")
         key, value = pair.split("=", 1)
-        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        try:
+            out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            _fail(f"--set {key}: {value!r} is not a valid value")
     return out
+
+
+@contextmanager
+def _one_line_errors():
+    """Every failure below a command ends as one line on stderr and exit code 2: known user
+    errors with their own message, anything else with its type (METAFED_DEBUG=1 re-raises)."""
+    from metafed.checkpoint import CheckpointError
+    from metafed.config import ConfigError
+    from metafed.privacy.secagg import SecAggAbort
+    from metafed.run_folder import RunFolderError
+
+    try:
+        yield
+    except (typer.Exit, KeyboardInterrupt):
+        raise
+    except (ConfigError, CheckpointError, RunFolderError, SecAggAbort, ValueError, OSError) as e:
+        _fail(_first_line(e))
+    except Exception as e:  # noqa: BLE001 - the CLI boundary: never a traceback
+        if os.environ.get("METAFED_DEBUG"):
+            raise
+        _fail(f"{type(e).__name__}: {_first_line(e)} (set METAFED_DEBUG=1 for the traceback)")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        text = f"{e.filename}: {e.strerror}"
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 @app.command()
@@ -88,14 +121,15 @@ def run(
     seed: Optional[int] = typer.Option(None),
     out: Optional[Path] = typer.Option(None, help="run folder to write"),
     resume: Optional[Path] = typer.Option(None, help="continue the run in this folder from its last checkpoint"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing run folder given as --out"),
+    insecure_reproducible_privacy: Optional[bool] = typer.Option(
+        None, "--insecure-reproducible-privacy", help="TESTS ONLY: seeded DP noise and sampling; the privacy "
+        "guarantee does NOT hold (anyone with the seed can remove the noise)"),
     set_: list[str] = typer.Option([], "--set", help="any config key: --set key=value (repeatable)"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Run a federated job (or resume one) and write its run folder."""
-    from metafed.checkpoint import CheckpointError
-    from metafed.config import ConfigError, build_config
-    from metafed.data import DataNotFound
-    from metafed.privacy.secagg import SecAggAbort
+    from metafed.config import build_config
     from metafed.run import run as run_job
 
     flags = dict(algorithm=algorithm, dataset=dataset, data_dir=data_dir, model=model, rounds=rounds,
@@ -111,18 +145,17 @@ def run(
                  dirichlet_alpha=dirichlet_alpha, synthetic_alpha=synthetic_alpha, synthetic_beta=synthetic_beta,
                  synthetic_iid=synthetic_iid, stragglers=stragglers, heldout_fraction=heldout_fraction,
                  personalize_steps=personalize_steps, eval_every=eval_every, backend=backend, chunk_size=chunk_size,
-                 compile=compile, seed=seed, out=out, progress=progress)
+                 compile=compile, seed=seed, out=out, progress=progress,
+                 insecure_reproducible_privacy=insecure_reproducible_privacy)
     flags.update(_parse_sets(set_))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
+    with _one_line_errors():
         cfg = build_config(config, **flags)
         if cfg.out is None and resume is None:
             _fail("--out RUN_DIR is required (the folder the run writes)")
-        result = run_job(cfg, resume=resume)
-    except (ConfigError, CheckpointError, DataNotFound, FileNotFoundError, SecAggAbort) as e:
-        _fail(str(e))
-    except ValueError as e:
-        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        if resume is not None and overwrite:
+            _fail("--resume continues a run and --overwrite replaces one: choose one")
+        result = run_job(cfg, resume=resume, overwrite=overwrite)
     final = result.rows[-1] if result.rows else {}
     typer.echo(f"done: {result.run_dir}  global_accuracy={final.get('global_accuracy', float('nan')):.4f}  "
                f"personalized_accuracy={final.get('personalized_accuracy', float('nan')):.4f}")
@@ -133,11 +166,9 @@ def plot(run_dir: Path = typer.Argument(..., help="a run folder written by `meta
     """(Re)draw a run folder's PNG plots."""
     from metafed.plots import plot_run
 
-    try:
+    with _one_line_errors():
         for path in plot_run(run_dir):
             typer.echo(str(path))
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        _fail(str(e))
 
 
 @app.command()
@@ -158,12 +189,28 @@ def algorithms() -> None:
         typer.echo(f"{name:20s} {spec.summary}  [{spec.paper}]")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Entry point. Usage errors (an unknown flag, a word where a number goes) are one line
+    on stderr with exit code 2, like every other user error, not click's usage box."""
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError  # typer's bundled click
+
     try:
-        app()
-    except KeyboardInterrupt:
+        code = app(args=argv, prog_name="metafed", standalone_mode=False)
+    except NoArgsIsHelpError as e:
+        typer.echo(e.ctx.get_help() if e.ctx else str(e))
+        code = 0
+    except UsageError as e:
+        typer.echo(f"error: {e.format_message().splitlines()[0]} (see `metafed --help`)", err=True)
+        code = 2
+    except ClickException as e:
+        typer.echo(f"error: {e.format_message().splitlines()[0]}", err=True)
+        code = e.exit_code
+    except typer.Exit as e:
+        code = e.exit_code
+    except (KeyboardInterrupt, typer.Abort):
         typer.echo("interrupted; resume with `metafed run --resume RUN_DIR`", err=True)
-        sys.exit(130)
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

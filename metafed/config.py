@@ -185,6 +185,9 @@ class RunConfig(BaseModel):
                 and self.attack is None:
             raise ValueError(f"--aggregator {self.aggregator} needs --byzantine-f F, the number of malicious "
                              "clients per round it must tolerate (with f = 0 it is no defence)")
+        if self.secagg_neighbours is not None and self.secagg_neighbours % 2:
+            raise ValueError(f"--secagg-neighbours {self.secagg_neighbours}: SecAgg+ needs an even k (k/2 "
+                             "neighbours on each side of the ring)")
         if self.secagg_threshold is not None and self.client_sampling == "fixed" and \
                 not self.clients_per_round / 2 < self.secagg_threshold <= self.clients_per_round:
             raise ValueError(f"--secagg-threshold {self.secagg_threshold} must satisfy m/2 < t <= m for "
@@ -225,10 +228,14 @@ def build_config(file: Optional[Path] = None, **overrides) -> RunConfig:
     if file is not None:
         if not file.exists():
             raise ConfigError(f"config file {file} does not exist")
+        if not file.is_file():
+            raise ConfigError(f"config file {file} is a folder, not a YAML file")
         try:
             loaded = yaml.safe_load(file.read_text())
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {file} is not valid YAML: {str(e).splitlines()[0]}") from None
+        except (UnicodeDecodeError, OSError, RecursionError) as e:
+            raise ConfigError(f"config file {file} cannot be read as text: {type(e).__name__}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -239,3 +246,5 @@ def build_config(file: Optional[Path] = None, **overrides) -> RunConfig:
         return RunConfig(**values)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e)) from None
+    except TypeError as e:  # e.g. a non-string key in the YAML mapping
+        raise ConfigError(f"config is malformed: {e}") from None

@@ -46,6 +46,10 @@ class Federation:
         self.evaluator = Evaluator(self.algorithm, self.backend, self.cfg.eval_batch_size,
                                    self.cfg.personalize_lr or self.cfg.lr, self.cfg.seed)
         self.dp, self.accountant = self._privacy()
+        need = getattr(self.aggregator, "required_clients", lambda: 1)()
+        if min(self.cfg.clients_per_round, self.dataset.num_clients) < need:
+            raise ValueError(f"--aggregator {self.cfg.aggregator} with f = {self.aggregator.f} needs at least {need} "
+                             f"clients per round; raise --clients-per-round or lower --byzantine-f")
         self._run_id = os.urandom(16)  # binds secure-aggregation sessions to this run
         self._cohort: list[int] = []
 
@@ -82,6 +86,11 @@ class Federation:
         acc = self.accountant
         z = calibrate_noise(self.cfg.target_epsilon, remaining, acc.num_clients, acc.clients_per_round, acc.delta,
                             acc.sampling, acc.method, spent=spent, amplified=acc.amplified)
+        if z > self.dp.noise_multiplier * 1.01:
+            log.warning("resume: the rounds already released spent epsilon %.4g of --target-epsilon %g; the %d "
+                        "remaining rounds run at noise multiplier %.4g (was %.4g) to stay within it",
+                        self.accountant.epsilon_of(spent), self.cfg.target_epsilon, remaining, z,
+                        self.dp.noise_multiplier)
         self.dp = replace(self.dp, noise_multiplier=z)
         self.dp.update_z  # noqa: B018
         self.accountant = replace(acc, noise_multiplier=z)

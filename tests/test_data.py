@@ -105,11 +105,11 @@ def test_digits_dataset_has_train_and_test_per_client():
 
 def test_mnist_idx_from_shared_data(tmp_path):
     root = needs_shared("mnist")
-    labels = read_idx(root / "t10k-labels-idx1-ubyte.gz")
+    labels = read_idx(root / "t10k-labels-idx1-ubyte.gz", 1)
     assert labels.shape == (10000,) and labels.max() == 9
     # raw (un-gzipped) files are read too
     (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(gzip.open(root / "t10k-labels-idx1-ubyte.gz").read())
-    assert np.array_equal(read_idx(tmp_path / "t10k-labels-idx1-ubyte"), labels)
+    assert np.array_equal(read_idx(tmp_path / "t10k-labels-idx1-ubyte", 1), labels)
     x, y = load_mnist(root)
     assert x.shape == (70000, 784) and 0.0 <= x.min() and x.max() <= 1.0
 
@@ -118,7 +118,7 @@ def test_truncated_idx_is_a_clear_error(tmp_path):
     bad = tmp_path / "x-idx"
     bad.write_bytes(bytes([0, 0, 8, 1]) + (100).to_bytes(4, "big") + bytes(10))
     with pytest.raises(ValueError, match="truncated"):
-        read_idx(bad)
+        read_idx(bad, 1)
 
 
 def test_leaf_femnist_and_shakespeare_from_shared_data():

@@ -109,7 +109,10 @@ def calibrate_noise(target_epsilon: float, rounds: int, num_clients: int, client
     while eps(hi) > target_epsilon:
         lo, hi = hi, hi * 2
         if hi > 1e4:
-            raise ValueError(f"no noise multiplier reaches epsilon {target_epsilon} in {rounds} rounds")
+            already = f" after the {len(spent)} rounds already released (epsilon {acc.epsilon_of(list(spent)):.4g})" \
+                if spent else ""
+            raise ValueError(f"no noise multiplier reaches epsilon {target_epsilon} in {rounds} more rounds{already}: "
+                             "no further round fits the budget")
     while hi - lo > tolerance * hi:
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if eps(mid) > target_epsilon else (lo, mid)
