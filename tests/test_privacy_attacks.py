@@ -1,6 +1,7 @@
 """Differential privacy under attack: each test plays what a reader of the run folder, the
 server or an accountant auditor would do, and fails on the pre-hardening code."""
 import json
+import logging
 import math
 
 import dp_accounting as dpa
@@ -198,3 +199,27 @@ def test_flags_a_mode_would_ignore_are_refused():
 
 def test_federation_type_is_used():
     assert Federation is not None and math.isfinite(1.0)
+
+
+@pytest.mark.parametrize("sampling", ["fixed", "poisson"])
+def test_reported_epsilon_matches_dp_accounting_directly(sampling):
+    fed = build_federation(small_config(num_clients=20, clients_per_round=5, client_sampling=sampling, **DP))
+    for rnd in (1, 2, 3):
+        row = fed.run_round(rnd)
+    if sampling == "poisson":
+        event, relation = dpa.PoissonSampledDpEvent(5 / 20, dpa.GaussianDpEvent(1.0)), \
+            dpa.NeighboringRelation.ADD_OR_REMOVE_ONE
+    else:  # replace-one: the clipped sum moves by up to 2C, so the multiplier charged is z/2
+        event, relation = dpa.SampledWithoutReplacementDpEvent(20, 5, dpa.GaussianDpEvent(0.5)), \
+            dpa.NeighboringRelation.REPLACE_ONE
+    assert row["epsilon"] == pytest.approx(_rdp_epsilon(event, 3, relation=relation), rel=1e-9)
+
+
+def test_secure_aggregation_under_central_dp_and_an_out_of_range_client(caplog):
+    with caplog.at_level(logging.WARNING, logger="metafed.secagg"):
+        result = run(small_config(rounds=2, clients_per_round=5, secure_aggregation=True, secagg_range=1000.0,
+                                  attack="gaussian", malicious_fraction=0.25, attack_scale=1e6))
+    assert "dropped client" in caplog.text  # the huge update cannot be encoded: that client is dropped
+    assert all(torch.isfinite(v).all() for v in result.params.values())
+    dp_run = run(small_config(rounds=2, clients_per_round=5, secure_aggregation=True, secagg_range=1000.0, **DP))
+    assert all(torch.isfinite(v).all() for v in dp_run.params.values()) and dp_run.rows[-1]["epsilon"] > 0
