@@ -171,7 +171,7 @@ class Federation:
             outputs, losses = self.backend.run(program, broadcast, tasks)
             outputs = self._attack(outputs, ids, rnd)
             sent = {k: v for k, v in outputs.items() if k not in ("state", "metrics")}  # what clients upload
-            self._template = tree.nested_map(lambda v: v[:0], sent)
+            self._template = tree.nested_map(lambda v: v.new_zeros((0, *v.shape[1:])), sent)  # shapes only
             ok = self._finite_rows(sent, ids)
             for i, cid in enumerate(ids if outputs["state"] else []):
                 if ok[i]:
@@ -221,7 +221,7 @@ class Federation:
         without replies); learned from an earlier round, else from a dry run of client 0."""
         if getattr(self, "_template", None) is None:
             out, _ = self.backend.run(program, broadcast, [self._task(0, rnd, program.batches_per_step, broadcast)])
-            self._template = tree.nested_map(lambda v: v[:0], {k: v for k, v in out.items()
+            self._template = tree.nested_map(lambda v: v.new_zeros((0, *v.shape[1:])), {k: v for k, v in out.items()
                                                                if k not in ("state", "metrics")})
         return self._template
 
