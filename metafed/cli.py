@@ -192,7 +192,10 @@ def algorithms() -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point. Usage errors (an unknown flag, a word where a number goes) are one line
     on stderr with exit code 2, like every other user error, not click's usage box."""
-    from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError  # typer's bundled click
+    try:  # typer >= 0.24 bundles its own click
+        from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+    except ImportError:  # older typer (e.g. beside flwr) depends on click
+        from click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 
     try:
         code = app(args=argv, prog_name="metafed", standalone_mode=False)

@@ -1,5 +1,6 @@
-"""The ONE round loop: sample -> broadcast -> run clients -> validate -> aggregate ->
-server update -> (evaluate). Tracking and checkpointing hang off it in ``run.py``."""
+"""The ONE round loop: sample -> broadcast -> the client pool -> validate -> aggregate ->
+server update -> (evaluate). Clients are reached only through a ``ClientPool``
+(``metafed.pools``). Tracking and checkpointing hang off it in ``run.py``."""
 from __future__ import annotations
 
 import logging
@@ -16,12 +17,13 @@ from metafed.backends.base import Backend, ClientTask
 from metafed.client_store import ClientStore
 from metafed.config import RunConfig
 from metafed.data.federated import FederatedDataset
-from metafed.data.schedule import client_schedule, poisson_sample_clients, sample_clients, straggler_steps
+from metafed.data.schedule import client_schedule, poisson_sample_clients, sample_clients
 from metafed.eval import Evaluator
-from metafed.privacy.accountant import PrivacyAccountant, calibrate_noise
 from metafed.aggregate import RoundSkipped, cap_sample_weights
+from metafed.privacy.accountant import PrivacyAccountant, calibrate_noise
 from metafed.privacy.dp import ClientDP
 from metafed.privacy.noise import PrivacyRandom
+from metafed.pools import ClientPool, SimulationPool
 from metafed.privacy.secagg import SecAggAbort
 
 log = logging.getLogger("metafed")
@@ -37,17 +39,19 @@ class Federation:
     backend: Backend
     aggregator: object
     state: ServerState
-    clients: ClientStore = field(default_factory=ClientStore)
     malicious: set[int] = field(default_factory=set)
+    pool: ClientPool | None = None  # default: the simulation pool over ``dataset``
 
     def __post_init__(self):
-        if self.dataset.num_clients < 1:
+        if self.pool is None:
+            self.pool = SimulationPool(self.cfg, self.dataset, self.algorithm, self.backend)
+        if self.pool.num_clients < 1:
             raise ValueError("the dataset has no training clients")
         self.evaluator = Evaluator(self.algorithm, self.backend, self.cfg.eval_batch_size,
                                    self.cfg.personalize_lr or self.cfg.lr, self.cfg.seed)
         self.dp, self.accountant = self._privacy()
         need = getattr(self.aggregator, "required_clients", lambda: 1)()
-        if min(self.cfg.clients_per_round, self.dataset.num_clients) < need:
+        if min(self.cfg.clients_per_round, self.pool.num_clients) < need:
             raise ValueError(f"--aggregator {self.cfg.aggregator} with f = {self.aggregator.f} needs at least {need} "
                              f"clients per round; raise --clients-per-round or lower --byzantine-f")
         self._run_id = os.urandom(16)  # binds secure-aggregation sessions to this run
@@ -57,7 +61,7 @@ class Federation:
         cfg = self.cfg
         if cfg.dp is None:
             return None, None
-        n, m = self.dataset.num_clients, min(cfg.clients_per_round, self.dataset.num_clients)
+        n, m = self.pool.num_clients, min(cfg.clients_per_round, self.pool.num_clients)
         sampling = "local" if cfg.dp == "local" else cfg.client_sampling
         amplified = not cfg.insecure_reproducible_privacy  # a known cohort gets no sampling gain
         z = cfg.dp_noise_multiplier
@@ -113,11 +117,20 @@ class Federation:
         seed = int(np.random.default_rng([self.cfg.seed, stream, rnd]).integers(2 ** 62))
         return torch.Generator().manual_seed(seed)
 
+    @property
+    def clients(self) -> ClientStore:
+        """Personal client states kept server-side (simulation); checkpointed with the run."""
+        return self.pool.clients
+
+    @clients.setter
+    def clients(self, store: ClientStore) -> None:
+        self.pool.clients = store
+
     # ------------------------------------------------------------------ one round
     def _sample(self, rnd: int) -> np.ndarray:
         """This round's cohort. Under DP the choice is the privacy mechanism's: secure,
         unsaved randomness (amplification by sampling needs an unpredictable cohort)."""
-        cfg, n = self.cfg, self.dataset.num_clients
+        cfg, n = self.cfg, self.pool.num_clients
         if cfg.dp is not None and not cfg.insecure_reproducible_privacy:
             rand = PrivacyRandom.secure_fresh()
             return rand.sample_poisson(n, cfg.clients_per_round) if cfg.client_sampling == "poisson" \
@@ -125,62 +138,29 @@ class Federation:
         sample = poisson_sample_clients if cfg.client_sampling == "poisson" else sample_clients
         return sample(n, cfg.clients_per_round, rnd, cfg.seed)
 
-    def plan_round(self, rnd: int, batches_per_step: int, broadcast: dict) -> tuple[list[int], list[ClientTask], int]:
-        """Which clients train this round and what each does: (client ids, tasks, #sampled)."""
-        cfg = self.cfg
-        sampled = self._sample(rnd)
-        n_gone = int(round(cfg.dropout * len(sampled)))
-        gone = set(np.random.default_rng([cfg.seed, 8, rnd]).choice(sampled, n_gone, replace=False).tolist())
-        rng = np.random.default_rng([cfg.seed, 4, rnd])
-        n_slow = int(round(cfg.stragglers * len(sampled)))
-        slow = set(rng.choice(sampled, n_slow, replace=False).tolist()) if n_slow else set()
-        policy = cfg.straggler_policy or self.algorithm.straggler_policy
-        ids, tasks = [], []
-        for cid in sampled.tolist():
-            if cid in gone or (cid in slow and policy == "drop"):
-                continue
-            task = self._task(cid, rnd, batches_per_step, broadcast)
-            if cid in slow:
-                epochs, steps = self.algorithm.local_work(rnd) or (cfg.local_epochs, cfg.local_steps)
-                task = replace(task, active_steps=straggler_steps(len(task.schedule), epochs, steps is not None, rng))
-            ids.append(cid)
-            tasks.append(task)
-        self._cohort = sampled.tolist()
-        return ids, tasks, len(sampled)
-
-    def _task(self, cid: int, rnd: int, batches_per_step: int, broadcast: dict) -> ClientTask:
-        cfg = self.cfg
-        epochs, steps = self.algorithm.local_work(rnd) or (cfg.local_epochs, cfg.local_steps)
-        data = self.dataset.clients[cid]
-        sched = client_schedule(data.num_train, batch_size=cfg.batch_size, epochs=epochs, steps=steps,
-                                batches_per_step=batches_per_step, rng=np.random.default_rng([cfg.seed, 3, rnd, cid]))
-        inputs = {"state": self.clients.get(cid, lambda: self.algorithm.client_init(broadcast)),
-                  "num_samples": torch.tensor(float(data.num_train))}
-        return ClientTask(data.train_x, data.train_y, sched, len(sched), inputs)
-
     def run_round(self, rnd: int) -> dict:
-        """Train one round; returns the round's training metrics."""
+        """Train one round: sample -> pool -> validate -> aggregation pipeline -> server update."""
         alg = self.algorithm
         broadcast = alg.broadcast(self.state, rnd)
         program = alg.client_program(rnd)
-        ids, tasks, n_sampled = self.plan_round(rnd, program.batches_per_step, broadcast)
-        metrics = {"round": rnd, "clients_sampled": n_sampled, "bytes_down": tree.nested_bytes(broadcast) * n_sampled,
+        cohort = self._sample(rnd)
+        self._cohort = cohort.tolist()
+        replies = self.pool.train(rnd, cohort, program, broadcast)
+        metrics = {"round": rnd, "clients_sampled": len(cohort), "bytes_down": tree.nested_bytes(broadcast) * len(cohort),
                    "clients_used": 0, "bytes_up": 0, "train_loss": float("nan")}
         kept, weights, client_loss, used_ids = None, None, None, []
-        if tasks:
-            outputs, losses = self.backend.run(program, broadcast, tasks)
-            outputs = self._attack(outputs, ids, rnd)
+        if replies.ids:
+            ids, outputs, losses = replies.ids, self._attack(replies.outputs, replies.ids, rnd), replies.losses
             sent = {k: v for k, v in outputs.items() if k not in ("state", "metrics")}  # what clients upload
             self._template = tree.nested_map(lambda v: v.new_zeros((0, *v.shape[1:])), sent)  # shapes only
             ok = self._finite_rows(sent, ids)
-            for i, cid in enumerate(ids if outputs["state"] else []):
-                if ok[i]:
-                    self.clients.put(cid, tree.nested_index(outputs["state"], i))
+            self.pool.keep_states(ids, outputs.get("state", {}), ok)
             used = torch.nonzero(ok).flatten()
             used_ids = [ids[i] for i in used.tolist()]
             if used_ids:
                 kept = tree.nested_index(sent, used)
-                weights = self._weights([tasks[i] for i in used.tolist()])
+                weights = cap_sample_weights(replies.num_samples[used], self.cfg.sample_weight_cap,
+                                             self.cfg.max_sample_weight)
                 # clients' loss for loss-scored aggregators: a reported validation loss, else the training loss
                 client_loss = outputs.get("metrics", {}).get("val_loss", losses)[used]
                 metrics.update(clients_used=len(used_ids), bytes_up=tree.nested_bytes(kept),
@@ -210,19 +190,11 @@ class Federation:
             self._charge_round(metrics)  # a sampled cohort was charged whatever happened next
         return metrics
 
-    def _weights(self, tasks: list[ClientTask]) -> torch.Tensor:
-        """Aggregation weights from the clients' reported sample counts, capped (a client that
-        lies about its count must not become the mean): see :func:`cap_sample_weights`."""
-        reported = torch.tensor([float(t.inputs["num_samples"]) for t in tasks], dtype=torch.float64)
-        return cap_sample_weights(reported, self.cfg.sample_weight_cap, self.cfg.max_sample_weight)
-
     def _empty_message(self, program, broadcast: dict, rnd: int) -> dict:
         """A zero-row message with the shapes clients upload (to release noise in a round
         without replies); learned from an earlier round, else from a dry run of client 0."""
         if getattr(self, "_template", None) is None:
-            out, _ = self.backend.run(program, broadcast, [self._task(0, rnd, program.batches_per_step, broadcast)])
-            self._template = tree.nested_map(lambda v: v.new_zeros((0, *v.shape[1:])), {k: v for k, v in out.items()
-                                                               if k not in ("state", "metrics")})
+            self._template = self.pool.message_template(rnd, program, broadcast)
         return self._template
 
     def _attack(self, outputs: dict, ids: list[int], rnd: int) -> dict:

@@ -1,0 +1,48 @@
+"""The contract between the round loop and the clients, wherever they run."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from metafed.algorithms.base import LocalProgram
+
+
+@dataclass
+class RoundReplies:
+    """What the clients of one round sent back, in reply order.
+
+    ids: client ids; outputs: the program's ``final`` outputs stacked [C, ...] (``update``
+    and anything else uploaded, ``state`` only where the pool keeps states server-side,
+    ``metrics``); losses: mean training loss per client [C]; num_samples: the sample counts
+    clients report [C] (untrusted: the round loop caps them)."""
+
+    ids: list[int]
+    outputs: dict
+    losses: Tensor
+    num_samples: Tensor
+
+    @classmethod
+    def empty(cls) -> "RoundReplies":
+        return cls([], {}, torch.zeros(0), torch.zeros(0, dtype=torch.float64))
+
+
+class ClientPool(Protocol):
+    num_clients: int
+
+    def train(self, rnd: int, cohort: np.ndarray, program: LocalProgram, broadcast: dict) -> RoundReplies:
+        """Ask the ``cohort`` (client ids) to run ``program`` from ``broadcast``; return who replied."""
+        ...
+
+    def keep_states(self, ids: list[int], states: dict, accepted: Tensor) -> None:
+        """Persist the personal states of clients whose reply the server accepted (a no-op
+        where clients keep their own state, as in deployment)."""
+        ...
+
+    def message_template(self, rnd: int, program: LocalProgram, broadcast: dict) -> dict:
+        """Zero-row stacked outputs with the shapes clients upload (a round without replies
+        still needs them to release DP noise)."""
+        ...
