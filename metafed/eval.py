@@ -147,3 +147,42 @@ class Evaluator:
                 metrics[f"new_client_accuracy_mean_k{k}"] = scores.summary("x")["x_accuracy_mean"]
                 per_client[f"new_client_k{k}"] = scores.accuracy.tolist()
         return metrics, per_client
+
+
+def evaluate_one_client(evaluator: Evaluator, params: Params, broadcast: dict, rnd: int, cid: int,
+                        client: ClientData, client_state: dict, personalize_steps: int) -> dict[str, float]:
+    """Federated evaluation on one client's own data: the counts the server aggregates into
+    the same metrics :meth:`Evaluator.evaluate` reports (global test and train, personalized).
+    The adaptation schedule uses the same seeds ([seed, 5, round, client]) as the simulation."""
+    model = evaluator.algorithm.model
+    glob = score_global(model, params, [client.test_x], [client.test_y])
+    train = score_global(model, params, [client.train_x], [client.train_y])
+    out = {"global_correct": float(glob.correct[0]), "global_loss_sum": float(glob.loss_sum[0]),
+           "test_count": float(glob.count[0]), "train_loss_sum": float(train.loss_sum[0]),
+           "train_count": float(train.count[0])}
+    if personalize_steps > 0:
+        program = evaluator.algorithm.personalize_program(personalize_steps, evaluator.personalize_lr)
+        sched = client_schedule(client.num_train, batch_size=evaluator.batch_size, epochs=1, steps=personalize_steps,
+                                batches_per_step=program.batches_per_step,
+                                rng=np.random.default_rng([evaluator.seed, 5, rnd, cid]))
+        task = ClientTask(client.train_x, client.train_y, sched, personalize_steps,
+                          {"state": client_state, "num_samples": torch.tensor(float(client.num_train))})
+        adapted, _ = evaluator.backend.run(program, broadcast, [task])
+        pers = score_stacked(model, adapted["params"], [client.test_x], [client.test_y])
+        out.update(personalized_correct=float(pers.correct[0]), personalized_loss_sum=float(pers.loss_sum[0]))
+    else:
+        out.update(personalized_correct=out["global_correct"], personalized_loss_sum=out["global_loss_sum"])
+    return out
+
+
+def combine_client_evaluations(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Server side of federated evaluation: per-client counts -> the metrics of ``evaluate``."""
+    count = torch.tensor([r["test_count"] for r in rows], dtype=torch.float64)
+    metrics = {}
+    for prefix in ("global", "personalized"):
+        scores = ClientScores(torch.tensor([r[f"{prefix}_correct"] for r in rows], dtype=torch.float64),
+                              torch.tensor([r[f"{prefix}_loss_sum"] for r in rows], dtype=torch.float64), count)
+        metrics.update(scores.summary(prefix))
+        if prefix == "global":
+            metrics["global_train_loss"] = sum(r["train_loss_sum"] for r in rows) / sum(r["train_count"] for r in rows)
+    return metrics

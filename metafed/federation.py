@@ -303,6 +303,8 @@ class Federation:
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, rnd: int) -> tuple[dict, dict]:
         broadcast = self.algorithm.broadcast(self.state, rnd)
+        if hasattr(self.pool, "evaluate"):  # federated evaluation: clients score on their own data
+            return self.pool.evaluate(rnd, self.algorithm.global_params(self.state), broadcast), {}
         states = [self.clients.get(c, lambda: self.algorithm.client_init(broadcast))
                   for c in range(self.dataset.num_clients)]
         metrics, per_client = self.evaluator.evaluate(self.state, rnd, self.dataset.clients, states,

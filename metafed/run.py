@@ -45,7 +45,11 @@ class RunResult:
     federation: Federation
 
 
-def build_federation(cfg: RunConfig) -> Federation:
+def build_federation(cfg: RunConfig, pool=None) -> Federation:
+    """The federation a config describes; with ``pool`` (deployment) the clients' data stays
+    with them and only its shape, reported by the clients, is known here."""
+    if pool is not None:
+        return _deployed_federation(cfg, pool)
     dataset = load_dataset(cfg)
     malicious = choose_malicious(dataset.num_clients, cfg.malicious_fraction, cfg.seed) if cfg.attack else set()
     dataset = poison_dataset(dataset, malicious, cfg.attack, cfg.backdoor_target) if cfg.attack else dataset
@@ -65,6 +69,23 @@ def build_federation(cfg: RunConfig) -> Federation:
     aggregator = make_aggregator(cfg.aggregator, cfg.attention_score, cfg.attention_temperature, f, cfg.clip_tau)
     return Federation(cfg, dataset, algorithm, backend, aggregator, algorithm.init(model.init_params()),
                       malicious=malicious)
+
+
+def _deployed_federation(cfg: RunConfig, pool) -> Federation:
+    from metafed.data.federated import FederatedDataset
+
+    if cfg.attack:
+        raise ConfigError("attack simulation poisons simulated clients' data: in deployment the attackers are real")
+    dataset = FederatedDataset(cfg.dataset, [], pool.input_shape, pool.num_classes)
+    module = build_model(cfg.model or DEFAULT_MODEL[cfg.dataset], dataset.input_shape, dataset.num_classes, cfg.seed,
+                         tuple(cfg.hidden))
+    model = FunctionalModel(module)
+    algorithm = make_algorithm(cfg, model)
+    pool.algorithm = algorithm
+    f = cfg.byzantine_f or 0
+    aggregator = make_aggregator(cfg.aggregator, cfg.attention_score, cfg.attention_temperature, f, cfg.clip_tau)
+    return Federation(cfg, dataset, algorithm, make_backend("loop", cfg.chunk_size, False), aggregator,
+                      algorithm.init(model.init_params()), pool=pool)
 
 
 def config_dump(cfg: RunConfig) -> dict:
@@ -87,18 +108,18 @@ def _describe(row: dict) -> str:
     return "  ".join(f"{short} {row[k]:.3f}" for k, short in keys if k in row and row[k] == row[k])
 
 
-def run(cfg: RunConfig, resume: Path | None = None, overwrite: bool = False) -> RunResult:
+def run(cfg: RunConfig, resume: Path | None = None, overwrite: bool = False, pool=None) -> RunResult:
     """Run (or resume) a federated job. With ``cfg.out`` set, writes the run folder.
 
     A fresh run refuses an ``out`` folder that already holds files unless ``overwrite``;
     nothing on disk changes until the whole job (config, data, model) has been validated."""
     run_dir = Path(resume) if resume else (Path(cfg.out) if cfg.out else None)
     if resume is not None:
-        fed, start = _restore(cfg, run_dir)
+        fed, start = _restore(cfg, run_dir, pool)
     else:
         if run_dir:
             check_target(run_dir, overwrite)
-        fed, start = build_federation(cfg), 0
+        fed, start = build_federation(cfg, pool), 0
         if run_dir:
             create(run_dir, overwrite)
             write_text_atomic(run_dir / CONFIG_FILE, yaml.safe_dump(config_dump(cfg), sort_keys=False))
@@ -162,7 +183,7 @@ def privacy_summary(cfg: RunConfig, final: dict) -> dict | None:
             "outside_dp_guarantee": final.get("outside_dp_guarantee", []) + ["per_client_accuracy"]}
 
 
-def _restore(cfg: RunConfig, run_dir: Path) -> tuple[Federation, int]:
+def _restore(cfg: RunConfig, run_dir: Path, pool=None) -> tuple[Federation, int]:
     """Rebuild the federation a run folder describes and load its last committed round.
     Settings that cannot change on resume are compared, and any difference is refused."""
     config_path = run_dir / CONFIG_FILE
@@ -189,7 +210,7 @@ def _restore(cfg: RunConfig, run_dir: Path) -> tuple[Federation, int]:
     if resumed_cfg.rounds < ckpt.round:
         raise CheckpointError(f"--rounds {resumed_cfg.rounds} is below the {ckpt.round} rounds {run_dir} has already "
                               "done: a resume can only continue")
-    fed = build_federation(resumed_cfg)
+    fed = build_federation(resumed_cfg, pool)
     try:
         fed.algorithm.model.check_params(ckpt.state.params)
     except (ValueError, KeyError) as e:

@@ -1,0 +1,73 @@
+"""metafed's Flower ClientApp: runs on each SuperNode, on that node's data only.
+
+Messages (``message_type`` / content):
+- ``query`` {"config"}: reply who this node is (client id, sample count, data shape).
+- ``train`` {"config", "broadcast"}: rebuild the run's algorithm, run this round's
+  ``LocalProgram`` with the loop backend exactly as the simulation would (same seeded
+  schedule), keep the personal state on the node's disk, reply the uploaded arrays.
+- ``evaluate`` {"config", "broadcast"}: score the global and personalized model on the
+  node's test split; reply counts only.
+
+The config record carries the run config as JSON plus the round. Tensors travel as
+ArrayRecords (numpy, never pickle). Errors are replied as Flower errors, never crashes."""
+from __future__ import annotations
+
+import json
+import logging
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from metafed import tree
+from metafed.deploy.node import load_node, parse_node_config
+from metafed.deploy.wire import from_records, to_records
+from metafed.eval import evaluate_one_client
+
+app = ClientApp()
+log = logging.getLogger("metafed.deploy")
+
+
+def _node(msg: Message, context: Context):
+    config = msg.content["config"]
+    dataset, pid, parts = parse_node_config(dict(context.node_config))
+    state_dir = str(context.node_config.get("state-dir", f"/tmp/metafed-node-{pid}"))
+    return load_node(str(config["config"]), dataset, pid, parts, state_dir), int(config["round"])
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    node, _ = _node(msg, context)
+    info = ConfigRecord({"client": node.client_id, "num_train": node.data.num_train,
+                         "input_shape": list(node.input_shape), "num_classes": node.num_classes})
+    return Message(RecordDict({"info": info}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    node, rnd = _node(msg, context)
+    broadcast = from_records(msg.content["broadcast"])
+    program = node.algorithm.client_program(rnd)
+    pool = node.pool()
+    state = node.load_state(broadcast)
+    task = pool.task(node.client_id, rnd, program.batches_per_step, broadcast)
+    task.inputs["state"] = state
+    outputs, losses = pool.backend.run(program, broadcast, [task])
+    row = tree.nested_index(outputs, 0)
+    node.save_state(row.get("state", {}))
+    sent = {k: v for k, v in row.items() if k not in ("state", "metrics")}
+    metrics = {"round": rnd, "client": node.client_id, "loss": float(losses[0]),
+               "num_samples": float(node.data.num_train)}
+    metrics.update({f"metric/{k}": float(v) for k, v in row.get("metrics", {}).items()})
+    return Message(RecordDict({"upload": to_records(sent), "meta": MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    node, rnd = _node(msg, context)
+    params = from_records(msg.content["params"])
+    broadcast = from_records(msg.content["broadcast"])
+    steps = int(json.loads(str(msg.content["config"]["config"]))["personalize_steps"])
+    scores = evaluate_one_client(node.evaluator, params, broadcast, rnd, node.client_id, node.data,
+                                 node.load_state(broadcast), steps)
+    return Message(RecordDict({"scores": MetricRecord({"round": rnd, "client": node.client_id, **scores})}),
+                   reply_to=msg)

@@ -1,0 +1,212 @@
+"""``metafed deploy-local``: a real Flower deployment on this machine, for one run.
+
+It starts a SuperLink and N SuperNodes as separate processes on 127.0.0.1 (each SuperNode
+holding one data partition, given by ``--node-config``), submits metafed's Flower app with
+``flwr run``, streams its log, and tears everything down. By default the links use TLS with
+a throwaway CA made for the run (``--insecure`` turns TLS off, loopback only). The run folder
+is the same as ``metafed run`` writes, committed by the ServerApp after every round."""
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from metafed.config import ConfigError, RunConfig
+from metafed.run_folder import check_target
+
+APP_PYPROJECT = """[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "metafed-app"
+version = "1.0.0"
+description = "metafed on Flower's deployment engine"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "metafed"
+
+[tool.flwr.app.components]
+serverapp = "metafed.deploy.server_app:app"
+clientapp = "metafed.deploy.client_app:app"
+
+[tool.flwr.app.config]
+config-file = ""
+out = ""
+num-nodes = 1
+resume = false
+round-timeout = 300.0
+connect-timeout = 60.0
+"""
+
+
+class DeployError(RuntimeError):
+    """The local deployment could not start or its run did not finish."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise DeployError(f"{what} exited with code {proc.returncode} while starting")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise DeployError(f"{what} did not listen on 127.0.0.1:{port} within {timeout:.0f} s")
+
+
+def make_tls(folder: Path) -> dict[str, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1 / localhost (valid one day)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def name(cn: str):
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(name("metafed deploy-local CA")).issuer_name(name("metafed deploy-local CA"))
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True).sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    san = x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    cert = (x509.CertificateBuilder().subject_name(name("127.0.0.1")).issuer_name(ca.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(san, critical=False).sign(ca_key, hashes.SHA256()))
+    paths = {"ca": folder / "ca.pem", "cert": folder / "server.pem", "key": folder / "server.key"}
+    paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths["key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+    os.chmod(paths["key"], 0o600)
+    return paths
+
+
+def _tool(name: str) -> str:
+    path = Path(sys.executable).parent / name
+    if not path.exists():
+        raise DeployError(f"{name} not found beside {sys.executable}: install the deploy extra "
+                          '(pip install "metafed[deploy]")')
+    return str(path)
+
+
+class LocalDeployment:
+    """The processes of one local deployment; a context manager that always tears them down."""
+
+    def __init__(self, clients: int, cfg: RunConfig, work: Path, insecure: bool):
+        self.clients, self.cfg, self.work, self.insecure = clients, cfg, work, insecure
+        self.procs: list[subprocess.Popen] = []
+        self.env = {**os.environ, "FLWR_HOME": str(work / "flwr-home"), "PYTHONUNBUFFERED": "1"}
+        self.logs = work / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+
+    def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen:
+        log = open(self.logs / log_name, "wb")
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def __enter__(self) -> "LocalDeployment":
+        self.port = free_port()
+        tls = None if self.insecure else make_tls(self.work / "tls")
+        security = ["--insecure"] if self.insecure else \
+            ["--ssl-ca-certfile", str(tls["ca"]), "--ssl-certfile", str(tls["cert"]), "--ssl-keyfile", str(tls["key"])]
+        link = self._spawn([_tool("flower-superlink"), *security, "--disable-runtime-dependency-installation",
+                            "--host", "127.0.0.1", "--port", str(self.port)], "superlink.log")
+        _wait_for_port(self.port, link, 60, "the SuperLink")
+        node_security = ["--insecure"] if self.insecure else ["--root-certificates", str(tls["ca"])]
+        for i in range(self.clients):
+            node_config = (f'dataset="{self.cfg.dataset}" partition-id={i} num-partitions={self.clients} '
+                           f"state-dir='{self.work / f'node-{i}'}'")  # TOML values
+            self._spawn([_tool("flower-supernode"), *node_security, "--superlink", f"127.0.0.1:{self.port}",
+                         "--node-config", node_config, "--port", str(free_port())], f"supernode-{i}.log")
+        home = self.work / "flwr-home"
+        home.mkdir(exist_ok=True)
+        connection = f'address = "127.0.0.1:{self.port}"\n' + \
+            ("insecure = true\n" if self.insecure else f'root-certificates = "{tls["ca"]}"\n')
+        (home / "config.toml").write_text(f'[superlink]\ndefault = "metafed"\n\n[superlink.metafed]\n{connection}')
+        return self
+
+    def submit(self, out: Path, resume: bool, round_timeout: float, echo=print) -> int:
+        app = self.work / "app"
+        app.mkdir(exist_ok=True)
+        (app / "pyproject.toml").write_text(APP_PYPROJECT)
+        config_file = self.work / "run-config.json"
+        config_file.write_text(self.cfg.model_dump_json())
+        run_config = (f"config-file='{config_file}' out='{out.resolve()}' num-nodes={self.clients} "
+                      f"resume={'true' if resume else 'false'} round-timeout={round_timeout}")
+        proc = subprocess.Popen([_tool("flwr"), "run", str(app), "metafed", "--stream", "--run-config", run_config],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.env, text=True)
+        self.procs.append(proc)
+        for line in proc.stdout:
+            echo(line.rstrip())
+        return proc.wait()
+
+    def __exit__(self, *exc) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except (ProcessLookupError, PermissionError):
+                    proc.terminate()
+        deadline = time.monotonic() + 10
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    proc.kill()
+                proc.wait()
+
+
+def deploy_local(cfg: RunConfig, clients: int, out: Path, insecure: bool = False, overwrite: bool = False,
+                 resume: bool = False, timeout: float = 1800.0, round_timeout: float = 300.0, echo=print) -> Path:
+    """Run ``cfg`` on a local SuperLink with ``clients`` SuperNodes; returns the run folder."""
+    if clients < 1:
+        raise ConfigError("--clients must be at least 1")
+    if cfg.dataset not in ("digits", "mnist", "synthetic"):
+        raise ConfigError(f"deploy-local partitions a built-in pooled dataset (digits, mnist, synthetic), not "
+                          f"{cfg.dataset!r}")
+    if cfg.heldout_fraction > 0:
+        raise ConfigError("held-out clients are not federated yet: use --heldout-fraction 0 with deploy-local")
+    cfg = cfg.model_copy(update={"num_clients": clients, "out": out, "progress": False, "backend": "loop"})
+    RunConfig(**json.loads(cfg.model_dump_json()))  # re-validate with the node count
+    if not resume:
+        check_target(out, overwrite)
+    with tempfile.TemporaryDirectory(prefix="metafed-deploy-") as tmp:
+        work = Path(tmp)
+        with LocalDeployment(clients, cfg, work, insecure) as deployment:
+            code = deployment.submit(out, resume, round_timeout, echo)
+        if code != 0 or not (out / "summary.json").exists():
+            logs = "\n".join((work / "logs" / f).read_text(errors="replace")[-2000:]
+                             for f in sorted(os.listdir(work / "logs")))
+            raise DeployError(f"the deployed run did not finish (flwr run exit code {code}); last logs:\n{logs}")
+    return out

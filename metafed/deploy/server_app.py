@@ -1,0 +1,41 @@
+"""metafed's Flower ServerApp: drives metafed's own round loop (sampling, validation, the
+aggregation pipeline, DP, server optimizer, accountant, checkpoints, run folder) over the
+SuperNodes of the run, through :class:`~metafed.deploy.pool.FlowerPool`.
+
+Run config keys (``flwr run --run-config``): ``config-file`` (the metafed RunConfig as
+JSON, on the SuperLink's host), ``out`` (the run folder), ``num-nodes`` (SuperNodes to wait
+for), ``resume`` (continue the run in ``out``), ``round-timeout`` and ``connect-timeout``
+(seconds)."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from metafed.config import RunConfig
+from metafed.deploy.pool import FlowerPool
+from metafed.run import run
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpcore", "flwr"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    rc = context.run_config
+    cfg = RunConfig(**json.loads(Path(str(rc["config-file"])).read_text()))
+    out = Path(str(rc["out"]))
+    resume = bool(rc.get("resume", False))
+    cfg = cfg.model_copy(update={"out": out, "progress": False, "backend": "loop"})
+    pool = FlowerPool(grid, cfg, int(rc["num-nodes"]), float(rc.get("connect-timeout", 60.0)),
+                      float(rc.get("round-timeout", 300.0)))
+    result = run(RunConfig(rounds=cfg.rounds, progress=False) if resume else cfg, resume=out if resume else None,
+                 pool=pool)
+    final = result.rows[-1] if result.rows else {}
+    logging.getLogger("metafed.deploy").info("run finished: %s global_accuracy=%s", out,
+                                             final.get("global_accuracy"))
