@@ -161,6 +161,43 @@ def run(
                f"personalized_accuracy={final.get('personalized_accuracy', float('nan')):.4f}")
 
 
+@app.command("deploy-local")
+def deploy_local_cmd(
+    clients: int = typer.Option(..., "--clients", help="SuperNodes to start, one data partition each"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML run config (any `metafed run` key)"),
+    out: Path = typer.Option(..., "--out", help="run folder the ServerApp writes"),
+    set_: list[str] = typer.Option([], "--set", help="any config key: --set key=value (repeatable)"),
+    insecure: bool = typer.Option(False, "--insecure", help="plain HTTP between the processes (loopback only)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing run folder"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
+    round_timeout: float = typer.Option(300.0, help="seconds the server waits for a round's replies"),
+    timeout: float = typer.Option(1800.0, help="seconds the whole run may take before it is stopped"),
+) -> None:
+    """A real deployment on this machine: a SuperLink and N SuperNodes (Flower) on 127.0.0.1,
+    TLS with a throwaway CA, metafed's ServerApp and ClientApp; writes the same run folder
+    as `metafed run`, then tears everything down."""
+    from metafed.config import build_config
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    with _one_line_errors():
+        try:
+            from metafed.deploy.local import deploy_local
+        except ImportError:
+            _fail('deploy-local needs the deploy extra: pip install -c constraints.txt -e ".[deploy]"')
+        cfg = build_config(config, **_parse_sets(set_))
+        if resume and overwrite:
+            _fail("--resume continues a run and --overwrite replaces one: choose one")
+        deploy_local(cfg, clients, out, insecure=insecure, overwrite=overwrite, resume=resume,
+                     round_timeout=round_timeout, timeout=timeout, echo=_echo_progress)
+        typer.echo(f"done: {out}")
+
+
+def _echo_progress(line: str) -> None:
+    """Stream the deployment's log, without the transport's per-request chatter."""
+    if line and "HTTP Request:" not in line and " DEBUG " not in line and not line.startswith("DEBUG"):
+        typer.echo(line)
+
+
 @app.command()
 def plot(run_dir: Path = typer.Argument(..., help="a run folder written by `metafed run`")) -> None:
     """(Re)draw a run folder's PNG plots."""

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -153,7 +154,7 @@ class LocalDeployment:
         (home / "config.toml").write_text(f'[superlink]\ndefault = "metafed"\n\n[superlink.metafed]\n{connection}')
         return self
 
-    def submit(self, out: Path, resume: bool, round_timeout: float, echo=print) -> int:
+    def submit(self, out: Path, resume: bool, round_timeout: float, echo=print, timeout: float = 1800.0) -> int:
         app = self.work / "app"
         app.mkdir(exist_ok=True)
         (app / "pyproject.toml").write_text(APP_PYPROJECT)
@@ -164,9 +165,14 @@ class LocalDeployment:
         proc = subprocess.Popen([_tool("flwr"), "run", str(app), "metafed", "--stream", "--run-config", run_config],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.env, text=True)
         self.procs.append(proc)
-        for line in proc.stdout:
-            echo(line.rstrip())
-        return proc.wait()
+        watchdog = threading.Timer(timeout, proc.kill)  # bounded: a stuck run is killed, then torn down
+        watchdog.start()
+        try:
+            for line in proc.stdout:
+                echo(line.rstrip())
+            return proc.wait()
+        finally:
+            watchdog.cancel()
 
     def __exit__(self, *exc) -> None:
         for proc in reversed(self.procs):
@@ -204,7 +210,7 @@ def deploy_local(cfg: RunConfig, clients: int, out: Path, insecure: bool = False
     with tempfile.TemporaryDirectory(prefix="metafed-deploy-") as tmp:
         work = Path(tmp)
         with LocalDeployment(clients, cfg, work, insecure) as deployment:
-            code = deployment.submit(out, resume, round_timeout, echo)
+            code = deployment.submit(out, resume, round_timeout, echo, timeout)
         if code != 0 or not (out / "summary.json").exists():
             logs = "\n".join((work / "logs" / f).read_text(errors="replace")[-2000:]
                              for f in sorted(os.listdir(work / "logs")))

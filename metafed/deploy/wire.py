@@ -28,10 +28,11 @@ def to_records(nested: dict):
 def from_records(record, expected: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None) -> dict:
     """ArrayRecord -> nested dict of tensors. With ``expected`` (flat key -> (shape, dtype)),
     every key, shape and dtype must match and every value must be finite."""
-    try:
-        items = dict(record.items())
-    except AttributeError:
-        raise BadReply(f"expected an ArrayRecord, got {type(record).__name__}") from None
+    from flwr.app import ArrayRecord
+
+    if not isinstance(record, ArrayRecord):
+        raise BadReply(f"expected an ArrayRecord, got {type(record).__name__}")
+    items = dict(record.items())
     if expected is not None and set(items) != set(expected):
         missing, extra = sorted(set(expected) - set(items)), sorted(set(items) - set(expected))
         raise BadReply(f"arrays do not match the broadcast: missing {missing[:5]}, unexpected {extra[:5]}")

@@ -1,0 +1,198 @@
+"""The Flower pool's reply validation, played with a rogue ClientApp: a fake Grid that
+answers every message with a random or mutated reply. The round loop must never crash, and
+must use exactly the valid replies."""
+import types
+
+import numpy as np
+import pytest
+import torch
+
+flwr = pytest.importorskip("flwr")
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict  # noqa: E402
+
+from metafed import tree  # noqa: E402
+from metafed.deploy.pool import FlowerPool  # noqa: E402
+from metafed.deploy.wire import BadReply, from_records, layout, to_records  # noqa: E402
+from metafed.run import build_federation  # noqa: E402
+from tests.conftest import small_config  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _server_identity(monkeypatch):
+    """Messages are created as by a ServerApp task (the run context Flower sets up)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+class Reply:
+    def __init__(self, src, content=None, error=None):
+        self.metadata = types.SimpleNamespace(src_node_id=src)
+        self.content, self.error = content, error
+
+    def has_error(self):
+        return self.error is not None
+
+    def has_content(self):
+        return self.content is not None
+
+
+class FakeGrid:
+    """Nodes 100+cid hold client cid; ``answer(message)`` makes each reply."""
+
+    def __init__(self, n, answer):
+        self.n, self.answer = n, answer
+
+    def get_node_ids(self):
+        return [100 + c for c in range(self.n)]
+
+    def send_and_receive(self, messages, timeout=None):
+        out = []
+        for m in messages:
+            reply = self.answer(m)
+            if reply is not None:
+                out.append(reply)
+        return out
+
+
+def _honest(sim, m):
+    """What the real ClientApp computes, from the simulation pool's own task."""
+    node = m.metadata.dst_node_id
+    cid = node - 100
+    if m.metadata.message_type == "query":
+        return Reply(node, RecordDict({"info": ConfigRecord({"client": cid, "num_train": 1, "input_shape": [64],
+                                                             "num_classes": 10})}))
+    rnd = int(m.content["config"]["round"])
+    broadcast = from_records(m.content["broadcast"])
+    program = sim.algorithm.client_program(rnd)
+    replies = sim.pool.train(rnd, np.array([cid]), program, broadcast)
+    row = tree.nested_index(replies.outputs, 0)
+    sent = {k: v for k, v in row.items() if k not in ("state", "metrics")}
+    meta = MetricRecord({"round": rnd, "client": cid, "loss": float(replies.losses[0]),
+                         "num_samples": float(replies.num_samples[0])})
+    return Reply(node, RecordDict({"upload": to_records(sent), "meta": meta}))
+
+
+MUTATIONS = [
+    "error", "no-upload", "no-meta", "wrong-round", "wrong-client", "nan", "inf", "wrong-shape", "wrong-dtype",
+    "missing-key", "extra-key", "loss-nan", "loss-string", "negative-samples", "zero-samples", "config-not-array",
+    "huge-shape", "object-bytes", "int-array", "duplicate",
+]
+
+
+def _mutate(reply: Reply, kind: str, rng) -> Reply | list:
+    if kind == "error":
+        return Reply(reply.metadata.src_node_id, error=types.SimpleNamespace(reason="boom"))
+    content = reply.content
+    upload, meta = content["upload"], dict(content["meta"])
+    arrays = dict(upload.items())
+    key = sorted(arrays)[0]
+    value = arrays[key].numpy()
+    if kind == "no-upload":
+        return Reply(reply.metadata.src_node_id, RecordDict({"meta": MetricRecord(meta)}))
+    if kind == "no-meta":
+        return Reply(reply.metadata.src_node_id, RecordDict({"upload": upload}))
+    if kind == "wrong-round":
+        meta["round"] = meta["round"] + 1
+    elif kind == "wrong-client":
+        meta["client"] = (meta["client"] + 1) % 5
+    elif kind in ("nan", "inf"):
+        bad = value.copy()
+        bad.flat[rng.integers(bad.size)] = np.nan if kind == "nan" else np.inf
+        arrays[key] = Array(bad)
+    elif kind == "wrong-shape":
+        arrays[key] = Array(value.reshape(-1)[:-1].copy())
+    elif kind == "wrong-dtype":
+        arrays[key] = Array(value.astype(np.float64))
+    elif kind == "int-array":
+        arrays[key] = Array(value.astype(np.int32))
+    elif kind == "missing-key":
+        del arrays[key]
+    elif kind == "extra-key":
+        arrays["update/evil"] = Array(np.zeros(3, dtype=np.float32))
+    elif kind == "loss-nan":
+        meta["loss"] = float("nan")
+    elif kind == "loss-string":
+        return Reply(reply.metadata.src_node_id, RecordDict({"upload": upload, "meta": ConfigRecord({**meta, "loss": "x"})}))
+    elif kind == "negative-samples":
+        meta["num_samples"] = -5.0
+    elif kind == "zero-samples":
+        meta["num_samples"] = 0.0
+    elif kind == "config-not-array":
+        return Reply(reply.metadata.src_node_id, RecordDict({"upload": ConfigRecord({"a": 1}), "meta": MetricRecord(meta)}))
+    elif kind == "huge-shape":
+        arrays[key] = Array(np.zeros((200, 200), dtype=np.float32))
+    elif kind == "object-bytes":
+        arrays[key] = Array(dtype="float32", shape=value.shape, stype="numpy.ndarray", data=bytes(rng.integers(0, 256, 64, dtype=np.uint8)))
+    elif kind == "duplicate":
+        return [reply, reply]
+    return Reply(reply.metadata.src_node_id, RecordDict({"upload": ArrayRecord(arrays), "meta": MetricRecord(meta)}))
+
+
+def test_rogue_client_app_fuzz_never_crashes_and_keeps_only_valid_replies(caplog):
+    cfg = small_config(num_clients=5, clients_per_round=5, rounds=1, local_steps=2, backend="loop")
+    sim = build_federation(cfg)
+    rng = np.random.default_rng(0)
+    plan = {}
+
+    def answer(m):
+        honest = _honest(sim, m)
+        if m.metadata.message_type == "query":
+            return honest
+        kind = plan.get(honest.metadata.src_node_id - 100)
+        return honest if kind is None else _mutate(honest, kind, rng)
+
+    grid = FakeGrid(5, answer)
+    grid.send_and_receive = _flatten(grid.send_and_receive)
+    pool = FlowerPool(grid, cfg, 5, connect_timeout=1, round_timeout=1)
+    fed = build_federation(cfg, pool)
+    bad_replies = 0
+    for trial in range(90):  # 90 rounds x 1-4 rogue nodes: over 200 bad replies
+        rogue = rng.choice(5, size=rng.integers(1, 5), replace=False)
+        plan.clear()
+        plan.update({int(c): MUTATIONS[rng.integers(len(MUTATIONS))] for c in rogue})
+        bad_replies += sum(k != "duplicate" for k in plan.values())
+        program = fed.algorithm.client_program(1)
+        broadcast = fed.algorithm.broadcast(fed.state, 1)
+        replies = pool.train(1, np.arange(5), program, broadcast)
+        honest_ids = [c for c in range(5) if c not in plan or plan[c] == "duplicate"]
+        assert replies.ids == honest_ids, plan
+        if replies.ids:
+            assert all(torch.isfinite(v).all() for v in tree.nested_leaves(replies.outputs))
+    assert bad_replies >= 200
+    row = fed.run_round(1)  # the real round loop over the rogue pool still runs
+    assert row["round"] == 1
+
+
+def _flatten(send):
+    def wrapped(messages, timeout=None):
+        out = []
+        for r in send(messages, timeout):
+            out.extend(r if isinstance(r, list) else [r])
+        return out
+    return wrapped
+
+
+def test_flower_pool_matches_the_simulation_round():
+    """With honest nodes the Flower pool's round equals the simulation's (same tasks, same order)."""
+    cfg = small_config(num_clients=5, clients_per_round=3, rounds=2, backend="loop")
+    sim = build_federation(cfg)
+    sim_clients = build_federation(cfg)
+    pool = FlowerPool(FakeGrid(5, lambda m: _honest(sim_clients, m)), cfg, 5, 1, 1)
+    deployed = build_federation(cfg, pool)
+    for rnd in (1, 2):
+        sim.run_round(rnd)
+        deployed.run_round(rnd)
+    for k in sim.state.params:
+        torch.testing.assert_close(deployed.state.params[k], sim.state.params[k], atol=1e-6, rtol=0)
+
+
+def test_wire_round_trip_and_refusals():
+    nested = {"update": {"w": torch.randn(3, 4), "b": torch.zeros(2)}}
+    back = from_records(to_records(nested), layout(nested))
+    assert torch.equal(back["update"]["w"], nested["update"]["w"])
+    with pytest.raises(BadReply, match="missing"):
+        from_records(to_records({"update": {"w": torch.zeros(3, 4)}}), layout(nested))
+    with pytest.raises(BadReply, match="expected an ArrayRecord"):
+        from_records(ConfigRecord({"a": 1}), layout(nested))
