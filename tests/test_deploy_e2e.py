@@ -45,3 +45,26 @@ def test_deploy_local_equals_the_simulation(tmp_path, algorithm):
         assert rows[-1][key] == pytest.approx(sim.rows[-1][key], abs=1e-6), key
     assert json.loads((out / "checkpoint.json").read_text())["round"] == 2
     assert not Path(out / "config.yaml").is_symlink()
+
+
+def test_unauthenticated_supernode_is_refused(tmp_path):
+    """SuperNode authentication is on with TLS: a node whose key is not on the SuperLink's
+    allow-list never joins the federation."""
+    import time
+
+    from metafed.config import RunConfig
+    from metafed.deploy.local import LocalDeployment, _tool
+
+    with LocalDeployment(1, RunConfig(dataset="digits", num_clients=1), tmp_path, insecure=False) as deployment:
+        rogue = deployment.start_node(7, register=False, partitions=1)
+        deadline = time.monotonic() + 60
+        nodes = []
+        while time.monotonic() < deadline:
+            listed = subprocess.run([_tool("flwr"), "supernode", "list", "metafed", "--format", "json"],
+                                    env=deployment.env, capture_output=True, text=True, timeout=60)
+            nodes = [n for n in json.loads(listed.stdout)["nodes"] if n["status"] == "online"]
+            if len(nodes) >= 1 and rogue.poll() is not None:
+                break
+            time.sleep(2)
+        assert len(nodes) == 1  # only the registered node
+        assert rogue.poll() not in (None, 0)  # the rogue node gave up: refused by the SuperLink

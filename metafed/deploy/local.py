@@ -109,6 +109,21 @@ def make_tls(folder: Path) -> dict[str, Path]:
     return paths
 
 
+def make_node_keys(folder: Path, name: str) -> tuple[Path, Path]:
+    """A SuperNode authentication key pair (ECDSA P-384, OpenSSH format as Flower reads it)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    folder.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    private, public = folder / f"{name}.key", folder / f"{name}.pub"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                          serialization.NoEncryption()))
+    os.chmod(private, 0o600)
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    return private, public
+
+
 def _tool(name: str) -> str:
     path = Path(sys.executable).parent / name
     if not path.exists():
@@ -136,23 +151,43 @@ class LocalDeployment:
     def __enter__(self) -> "LocalDeployment":
         self.port = free_port()
         tls = None if self.insecure else make_tls(self.work / "tls")
+        # SuperNode authentication needs TLS in Flower: on whenever TLS is
         security = ["--insecure"] if self.insecure else \
-            ["--ssl-ca-certfile", str(tls["ca"]), "--ssl-certfile", str(tls["cert"]), "--ssl-keyfile", str(tls["key"])]
+            ["--ssl-ca-certfile", str(tls["ca"]), "--ssl-certfile", str(tls["cert"]), "--ssl-keyfile", str(tls["key"]),
+             "--enable-supernode-auth"]
         link = self._spawn([_tool("flower-superlink"), *security, "--disable-runtime-dependency-installation",
                             "--host", "127.0.0.1", "--port", str(self.port)], "superlink.log")
         _wait_for_port(self.port, link, 60, "the SuperLink")
-        node_security = ["--insecure"] if self.insecure else ["--root-certificates", str(tls["ca"])]
-        for i in range(self.clients):
-            node_config = (f'dataset="{self.cfg.dataset}" partition-id={i} num-partitions={self.clients} '
-                           f"state-dir='{self.work / f'node-{i}'}'")  # TOML values
-            self._spawn([_tool("flower-supernode"), *node_security, "--superlink", f"127.0.0.1:{self.port}",
-                         "--node-config", node_config, "--port", str(free_port())], f"supernode-{i}.log")
         home = self.work / "flwr-home"
         home.mkdir(exist_ok=True)
         connection = f'address = "127.0.0.1:{self.port}"\n' + \
             ("insecure = true\n" if self.insecure else f'root-certificates = "{tls["ca"]}"\n')
         (home / "config.toml").write_text(f'[superlink]\ndefault = "metafed"\n\n[superlink.metafed]\n{connection}')
+        self.tls = tls
+        for i in range(self.clients):
+            self.start_node(i)
         return self
+
+    def node_security(self, name: str, register: bool = True) -> list[str]:
+        """TLS root and, with TLS, an authentication key registered with the SuperLink's
+        allow-list (``register=False``: a key the SuperLink has never seen)."""
+        if self.insecure:
+            return ["--insecure"]
+        private, public = make_node_keys(self.work / "node-keys", name)
+        if register:
+            done = subprocess.run([_tool("flwr"), "supernode", "register", str(public), "metafed"], env=self.env,
+                                  capture_output=True, text=True, timeout=60)
+            if done.returncode != 0:
+                raise DeployError(f"could not register SuperNode {name}: {(done.stdout + done.stderr)[-500:]}")
+        return ["--root-certificates", str(self.tls["ca"]), "--auth-supernode-private-key", str(private)]
+
+    def start_node(self, i: int, register: bool = True, partitions: int | None = None) -> subprocess.Popen:
+        parts = partitions or self.clients
+        node_config = (f'dataset="{self.cfg.dataset}" partition-id={i % parts} num-partitions={parts} '
+                       f"state-dir='{self.work / f'node-{i}'}'")  # TOML values
+        return self._spawn([_tool("flower-supernode"), *self.node_security(f"node-{i}", register),
+                            "--superlink", f"127.0.0.1:{self.port}", "--node-config", node_config,
+                            "--port", str(free_port())], f"supernode-{i}.log")
 
     def submit(self, out: Path, resume: bool, round_timeout: float, echo=print, timeout: float = 1800.0) -> int:
         app = self.work / "app"
