@@ -76,6 +76,13 @@ def _deployed_federation(cfg: RunConfig, pool) -> Federation:
 
     if cfg.attack:
         raise ConfigError("attack simulation poisons simulated clients' data: in deployment the attackers are real")
+    if cfg.secure_aggregation or cfg.dp == "local":
+        # both must run on the clients, which the deployment does not do yet: refuse rather
+        # than quietly run them at the server
+        raise ConfigError("secure aggregation and local DP do not run on the wire yet: deploy without "
+                          "--secure-aggregation and --dp local (central DP works)")
+    if cfg.dropout or cfg.stragglers or cfg.secagg_dropout:
+        raise ConfigError("dropout and stragglers are simulated failures: in deployment failures are real")
     dataset = FederatedDataset(cfg.dataset, [], pool.input_shape, pool.num_classes)
     module = build_model(cfg.model or DEFAULT_MODEL[cfg.dataset], dataset.input_shape, dataset.num_classes, cfg.seed,
                          tuple(cfg.hidden))
