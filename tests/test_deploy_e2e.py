@@ -68,3 +68,70 @@ def test_unauthenticated_supernode_is_refused(tmp_path):
             time.sleep(2)
         assert len(nodes) == 1  # only the registered node
         assert rogue.poll() not in (None, 0)  # the rogue node gave up: refused by the SuperLink
+
+
+def test_serverapp_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path):
+    """kill -9 of the ServerApp after a committed round; a resumed run on the same SuperLink
+    and SuperNodes ends with the parameters of an uninterrupted run."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from metafed.deploy.local import LocalDeployment
+
+    config = tmp_path / "run.yaml"
+    config.write_text(CONFIG.replace("rounds: 2", "rounds: 3") + "eval_every: 3\n")
+    cfg = build_config(config, num_clients=3, backend="loop", progress=False)
+    out = tmp_path / "deployed"
+    with LocalDeployment(3, cfg.model_copy(update={"out": out}), tmp_path / "work", insecure=True) as deployment:
+        codes = []
+        first = threading.Thread(target=lambda: codes.append(
+            deployment.submit(out, False, 120.0, echo=lambda line: None, timeout=300)))
+        first.start()
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not (out / "checkpoint.json").exists():
+            time.sleep(0.5)
+        assert (out / "checkpoint.json").exists(), "no round was committed"
+        killed = subprocess.run(["pkill", "-9", "-f", "flwr-serverapp"], capture_output=True)
+        assert killed.returncode == 0
+        first.join(timeout=300)
+        done_round = json.loads((out / "checkpoint.json").read_text())["round"]
+        assert done_round < 3 and not (out / "summary.json").exists()  # it really died mid-run
+        assert deployment.submit(out, True, 120.0, echo=lambda line: None, timeout=300) == 0
+    assert os.name == "posix" and signal.SIGKILL
+    sim = run(cfg)
+    deployed = load_file(str(out / "final.safetensors"))
+    for k, v in sim.params.items():
+        torch.testing.assert_close(deployed[k], v, atol=1e-5, rtol=0)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [3]
+
+
+def test_supernode_killed_mid_round_is_dropped_and_the_run_finishes(tmp_path):
+    import os
+    import signal
+    import threading
+    import time
+
+    from metafed.deploy.local import LocalDeployment
+
+    config = tmp_path / "run.yaml"
+    config.write_text(CONFIG + "eval_every: 2\n")
+    cfg = build_config(config, num_clients=3, backend="loop", progress=False)
+    out = tmp_path / "deployed"
+    with LocalDeployment(3, cfg.model_copy(update={"out": out}), tmp_path / "work", insecure=True) as deployment:
+        codes = []
+        runner = threading.Thread(target=lambda: codes.append(
+            deployment.submit(out, False, 45.0, echo=lambda line: None, timeout=300)))
+        runner.start()
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not (out / "checkpoint.json").exists():
+            time.sleep(0.2)
+        victim = deployment.procs[3]  # procs: SuperLink, then SuperNodes 0, 1, 2
+        os.killpg(victim.pid, signal.SIGKILL)  # the node and its running ClientApp, in round 2
+        runner.join(timeout=300)
+    assert codes == [0]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["round"] == 2 and rows[-1]["clients_used"] == 2
+    assert (out / "summary.json").exists()
