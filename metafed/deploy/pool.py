@@ -81,9 +81,10 @@ class FlowerPool:
     def message_template(self, rnd: int, program: LocalProgram, broadcast: dict) -> dict:
         """Zero-row outputs with the shapes a client uploads: one dry step on zero data."""
         dtype = torch.long if self.cfg.dataset == "shakespeare" else torch.float32
-        x = torch.zeros((self.cfg.batch_size, *self.input_shape), dtype=dtype)
-        y = torch.zeros(self.cfg.batch_size, dtype=torch.long)
-        sched = np.arange(self.cfg.batch_size * program.batches_per_step).reshape(1, program.batches_per_step, -1)
+        n = self.cfg.batch_size * program.batches_per_step  # one step's samples
+        x = torch.zeros((n, *self.input_shape), dtype=dtype)
+        y = torch.zeros(n, dtype=torch.long)
+        sched = np.arange(n).reshape(1, program.batches_per_step, -1)
         inputs = {"state": self.algorithm.client_init(broadcast), "num_samples": torch.tensor(1.0)}
         out, _ = LoopBackend().run(program, broadcast, [ClientTask(x, y, sched, 1, inputs)])
         return {k: tree.nested_map(lambda v: v.new_zeros((0, *v.shape[1:])), v) if isinstance(v, dict)
