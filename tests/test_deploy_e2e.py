@@ -70,14 +70,25 @@ def test_unauthenticated_supernode_is_refused(tmp_path):
         assert rogue.poll() not in (None, 0)  # the rogue node gave up: refused by the SuperLink
 
 
-def test_serverapp_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path):
-    """kill -9 of the ServerApp after a committed round; a resumed run on the same SuperLink
-    and SuperNodes ends with the parameters of an uninterrupted run."""
-    import os
-    import signal
+def _submit_until_first_commit(deployment, out, round_timeout):
+    """Submit a run in a thread; return (thread, exit codes) once round 1 is committed."""
     import threading
     import time
 
+    codes = []
+    runner = threading.Thread(target=lambda: codes.append(
+        deployment.submit(out, False, round_timeout, echo=lambda line: None, timeout=300)))
+    runner.start()
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not (out / "checkpoint.json").exists():
+        time.sleep(0.2)
+    assert (out / "checkpoint.json").exists(), "no round was committed"
+    return runner, codes
+
+
+def test_serverapp_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path):
+    """kill -9 of the ServerApp after a committed round; a resumed run on the same SuperLink
+    and SuperNodes ends with the parameters of an uninterrupted run."""
     from metafed.deploy.local import LocalDeployment
 
     config = tmp_path / "run.yaml"
@@ -85,21 +96,13 @@ def test_serverapp_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_p
     cfg = build_config(config, num_clients=3, backend="loop", progress=False)
     out = tmp_path / "deployed"
     with LocalDeployment(3, cfg.model_copy(update={"out": out}), tmp_path / "work", insecure=True) as deployment:
-        codes = []
-        first = threading.Thread(target=lambda: codes.append(
-            deployment.submit(out, False, 120.0, echo=lambda line: None, timeout=300)))
-        first.start()
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and not (out / "checkpoint.json").exists():
-            time.sleep(0.5)
-        assert (out / "checkpoint.json").exists(), "no round was committed"
+        first, _ = _submit_until_first_commit(deployment, out, 120.0)
         killed = subprocess.run(["pkill", "-9", "-f", "flwr-serverapp"], capture_output=True)
         assert killed.returncode == 0
         first.join(timeout=300)
         done_round = json.loads((out / "checkpoint.json").read_text())["round"]
         assert done_round < 3 and not (out / "summary.json").exists()  # it really died mid-run
         assert deployment.submit(out, True, 120.0, echo=lambda line: None, timeout=300) == 0
-    assert os.name == "posix" and signal.SIGKILL
     sim = run(cfg)
     deployed = load_file(str(out / "final.safetensors"))
     for k, v in sim.params.items():
@@ -111,8 +114,6 @@ def test_serverapp_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_p
 def test_supernode_killed_mid_round_is_dropped_and_the_run_finishes(tmp_path):
     import os
     import signal
-    import threading
-    import time
 
     from metafed.deploy.local import LocalDeployment
 
@@ -121,13 +122,7 @@ def test_supernode_killed_mid_round_is_dropped_and_the_run_finishes(tmp_path):
     cfg = build_config(config, num_clients=3, backend="loop", progress=False)
     out = tmp_path / "deployed"
     with LocalDeployment(3, cfg.model_copy(update={"out": out}), tmp_path / "work", insecure=True) as deployment:
-        codes = []
-        runner = threading.Thread(target=lambda: codes.append(
-            deployment.submit(out, False, 45.0, echo=lambda line: None, timeout=300)))
-        runner.start()
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and not (out / "checkpoint.json").exists():
-            time.sleep(0.2)
+        runner, codes = _submit_until_first_commit(deployment, out, 45.0)
         victim = deployment.procs[3]  # procs: SuperLink, then SuperNodes 0, 1, 2
         os.killpg(victim.pid, signal.SIGKILL)  # the node and its running ClientApp, in round 2
         runner.join(timeout=300)
