@@ -12,6 +12,7 @@ import torch
 
 from metafed import tree
 from metafed.algorithms.base import FederatedAlgorithm, ServerState
+from metafed.aggregate import RoundSkipped, cap_sample_weights
 from metafed.attacks import DEFAULT_SCALE, backdoor_accuracy, corrupt_updates
 from metafed.backends.base import Backend, ClientTask
 from metafed.client_store import ClientStore
@@ -19,11 +20,10 @@ from metafed.config import RunConfig
 from metafed.data.federated import FederatedDataset
 from metafed.data.schedule import client_schedule, poisson_sample_clients, sample_clients
 from metafed.eval import Evaluator
-from metafed.aggregate import RoundSkipped, cap_sample_weights
+from metafed.pools import ClientPool, SimulationPool
 from metafed.privacy.accountant import PrivacyAccountant, calibrate_noise
 from metafed.privacy.dp import ClientDP
 from metafed.privacy.noise import PrivacyRandom
-from metafed.pools import ClientPool, SimulationPool
 from metafed.privacy.secagg import SecAggAbort
 
 log = logging.getLogger("metafed")
@@ -55,6 +55,7 @@ class Federation:
             raise ValueError(f"--aggregator {self.cfg.aggregator} with f = {self.aggregator.f} needs at least {need} "
                              f"clients per round; raise --clients-per-round or lower --byzantine-f")
         self._run_id = os.urandom(16)  # binds secure-aggregation sessions to this run
+        self._identities: dict[int, tuple] = {}  # client -> (signing key, public key), never stored
         self._cohort: list[int] = []
 
     def _privacy(self) -> tuple[ClientDP | None, PrivacyAccountant | None]:
@@ -152,7 +153,6 @@ class Federation:
         if replies.ids:
             ids, outputs, losses = replies.ids, self._attack(replies.outputs, replies.ids, rnd), replies.losses
             sent = {k: v for k, v in outputs.items() if k not in ("state", "metrics")}  # what clients upload
-            self._template = tree.nested_map(lambda v: v.new_zeros((0, *v.shape[1:])), sent)  # shapes only
             ok = self._finite_rows(sent, ids)
             self.pool.keep_states(ids, outputs.get("state", {}), ok)
             used = torch.nonzero(ok).flatten()
@@ -191,11 +191,9 @@ class Federation:
         return metrics
 
     def _empty_message(self, program, broadcast: dict, rnd: int) -> dict:
-        """A zero-row message with the shapes clients upload (to release noise in a round
-        without replies); learned from an earlier round, else from a dry run of client 0."""
-        if getattr(self, "_template", None) is None:
-            self._template = self.pool.message_template(rnd, program, broadcast)
-        return self._template
+        """A zero-row message with the shapes clients upload, to release noise in a round
+        without replies (the pool dry-runs the program; rare, so nothing is cached)."""
+        return self.pool.message_template(rnd, program, broadcast)
 
     def _attack(self, outputs: dict, ids: list[int], rnd: int) -> dict:
         """Malicious clients replace what they send (update attacks; data attacks act earlier)."""
@@ -214,8 +212,7 @@ class Federation:
         clients' data."""
         if self.dataset.server_root is None:
             raise ValueError("fltrust needs the dataset's server-held root set")
-        self._root = self.dataset.server_root
-        x, y = self._root
+        x, y = self.dataset.server_root
         epochs, steps = self.algorithm.local_work(rnd) or (self.cfg.local_epochs, self.cfg.local_steps)
         sched = client_schedule(len(y), batch_size=self.cfg.batch_size, epochs=epochs, steps=steps,
                                 batches_per_step=program.batches_per_step,
@@ -254,8 +251,6 @@ class Federation:
         """Trusted set-up of long-term Ed25519 identities (OS randomness, never stored)."""
         from metafed.privacy.secagg import identities
 
-        if not hasattr(self, "_identities"):
-            self._identities = {}
         missing = [c for c in cohort if c not in self._identities]
         if missing:
             signing, public = identities(missing)

@@ -21,6 +21,7 @@ from metafed.backends import make_backend
 from metafed.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from metafed.config import ConfigError, RunConfig
 from metafed.data import DEFAULT_MODEL, load_dataset
+from metafed.data.federated import FederatedDataset
 from metafed.federation import Federation
 from metafed.models import FunctionalModel, build_model
 from metafed.tracking import RunTracker
@@ -46,53 +47,46 @@ class RunResult:
 
 
 def build_federation(cfg: RunConfig, pool=None) -> Federation:
-    """The federation a config describes; with ``pool`` (deployment) the clients' data stays
-    with them and only its shape, reported by the clients, is known here."""
-    if pool is not None:
-        return _deployed_federation(cfg, pool)
-    dataset = load_dataset(cfg)
-    malicious = choose_malicious(dataset.num_clients, cfg.malicious_fraction, cfg.seed) if cfg.attack else set()
-    dataset = poison_dataset(dataset, malicious, cfg.attack, cfg.backdoor_target) if cfg.attack else dataset
+    """The federation a config describes. Simulated clients by default; with ``pool``
+    (deployment) the clients' data stays with them and only its shape, which the clients
+    report, is known here."""
+    if pool is None:
+        dataset = load_dataset(cfg)
+        malicious = choose_malicious(dataset.num_clients, cfg.malicious_fraction, cfg.seed) if cfg.attack else set()
+        dataset = poison_dataset(dataset, malicious, cfg.attack, cfg.backdoor_target) if cfg.attack else dataset
+        backend, num_clients = make_backend(cfg.backend, cfg.chunk_size, cfg.compile), dataset.num_clients
+    else:
+        check_deployable(cfg)
+        dataset, malicious = FederatedDataset(cfg.dataset, [], pool.input_shape, pool.num_classes), set()
+        backend, num_clients = make_backend("loop", cfg.chunk_size, False), pool.num_clients
     model_name = cfg.model or DEFAULT_MODEL[cfg.dataset]
     module = build_model(model_name, dataset.input_shape, dataset.num_classes, cfg.seed, tuple(cfg.hidden))
     model = FunctionalModel(module)
     algorithm = make_algorithm(cfg, model)
-    backend = make_backend(cfg.backend, cfg.chunk_size, cfg.compile)
-    expected_cohort = min(cfg.clients_per_round, dataset.num_clients)
-    if cfg.clients_per_round > dataset.num_clients:
+    if pool is not None:
+        pool.algorithm = algorithm  # the Flower pool dry-runs programs to know what clients upload
+    expected_cohort = min(cfg.clients_per_round, num_clients)
+    if cfg.clients_per_round > num_clients:
         log.warning("--clients-per-round %d is larger than the federation's %d training clients: every client "
-                    "trains every round", cfg.clients_per_round, dataset.num_clients)
+                    "trains every round", cfg.clients_per_round, num_clients)
     f = cfg.byzantine_f if cfg.byzantine_f is not None else math.ceil(cfg.malicious_fraction * expected_cohort)
     if cfg.byzantine_f is None and cfg.aggregator in ("krum", "multi-krum", "trimmed-mean", "bulyan"):
         log.warning("--aggregator %s tolerates f = %d per round: the expected number of simulated attackers "
                     "(ceil(malicious_fraction x cohort)); set --byzantine-f to choose", cfg.aggregator, f)
     aggregator = make_aggregator(cfg.aggregator, cfg.attention_score, cfg.attention_temperature, f, cfg.clip_tau)
     return Federation(cfg, dataset, algorithm, backend, aggregator, algorithm.init(model.init_params()),
-                      malicious=malicious)
+                      malicious=malicious, pool=pool)
 
 
-def _deployed_federation(cfg: RunConfig, pool) -> Federation:
-    from metafed.data.federated import FederatedDataset
-
-    if cfg.attack:
-        raise ConfigError("attack simulation poisons simulated clients' data: in deployment the attackers are real")
+def check_deployable(cfg: RunConfig) -> None:
+    """Refuse what the deployment cannot do honestly yet, rather than run it at the server."""
     if cfg.secure_aggregation or cfg.dp == "local":
-        # both must run on the clients, which the deployment does not do yet: refuse rather
-        # than quietly run them at the server
-        raise ConfigError("secure aggregation and local DP do not run on the wire yet: deploy without "
+        raise ConfigError("secure aggregation and local DP do not run on the clients yet: deploy without "
                           "--secure-aggregation and --dp local (central DP works)")
-    if cfg.dropout or cfg.stragglers or cfg.secagg_dropout:
-        raise ConfigError("dropout and stragglers are simulated failures: in deployment failures are real")
-    dataset = FederatedDataset(cfg.dataset, [], pool.input_shape, pool.num_classes)
-    module = build_model(cfg.model or DEFAULT_MODEL[cfg.dataset], dataset.input_shape, dataset.num_classes, cfg.seed,
-                         tuple(cfg.hidden))
-    model = FunctionalModel(module)
-    algorithm = make_algorithm(cfg, model)
-    pool.algorithm = algorithm
-    f = cfg.byzantine_f or 0
-    aggregator = make_aggregator(cfg.aggregator, cfg.attention_score, cfg.attention_temperature, f, cfg.clip_tau)
-    return Federation(cfg, dataset, algorithm, make_backend("loop", cfg.chunk_size, False), aggregator,
-                      algorithm.init(model.init_params()), pool=pool)
+    if cfg.attack or cfg.dropout or cfg.stragglers:
+        raise ConfigError("attacks, dropout and stragglers are simulated: in deployment they are real, remove them")
+    if cfg.heldout_fraction > 0:
+        raise ConfigError("held-out clients are not federated yet: deploy with --heldout-fraction 0")
 
 
 def config_dump(cfg: RunConfig) -> dict:
@@ -245,4 +239,4 @@ def _write_outputs(run_dir: Path, tracker: RunTracker, params: Params, per_clien
         plot_run(run_dir)
 
 
-__all__ = ["run", "build_federation", "RunResult", "ConfigError", "CheckpointError", "RunFolderError"]
+__all__ = ["run", "build_federation", "check_deployable", "RunResult", "ConfigError", "CheckpointError", "RunFolderError"]

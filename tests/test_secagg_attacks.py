@@ -264,3 +264,27 @@ def test_stages_out_of_order_abort():
     clients[1].advertise()
     with pytest.raises(SecAggAbort, match="expecting 'share'"):
         clients[1].advertise()
+
+
+def test_messages_replayed_from_another_round_are_rejected():
+    """Every signature covers the session id (run, round): an advert or a masked input
+    recorded in round 1 does not verify in round 2, even with the same identities."""
+    from metafed.privacy.secagg import identities
+    from metafed.privacy.secagg.messages import session_id
+
+    _, encoded = _encoded()
+    signing, roster = identities(range(N), seeded_bytes(17))
+    old, old_server = setup(encoded, SecAggConfig(T), seeded_bytes(18), signing=signing, roster=roster,
+                            session=session_id(b"run", 1))
+    new, new_server = setup(encoded, SecAggConfig(T), seeded_bytes(19), signing=signing, roster=roster,
+                            session=session_id(b"run", 2))
+    old_adverts = old_server.collect_keys([c.advertise() for c in old.values()])
+    new_adverts = [c.advertise() for c in new.values()]
+    replayed = [a if a.client != VICTIM else old_adverts[VICTIM] for a in new_adverts]
+    accepted = new_server.collect_keys(replayed)
+    assert VICTIM not in {a.client for a in accepted}  # the round-1 advert fails round 2's session
+    old_inbox = old_server.route_shares([c.share_keys(old_adverts) for c in old.values()])
+    old_masked = old[VICTIM].masked_input(old_inbox[VICTIM])
+    new_inbox = new_server.route_shares([new[c].share_keys(accepted) for c in new if c != VICTIM])
+    lists = new_server.collect_masked([new[c].masked_input(new_inbox[c]) for c in new_inbox] + [old_masked])
+    assert VICTIM not in lists.survivors + lists.dropped

@@ -104,11 +104,11 @@ class RobustAggregator:
         if self.name == "trimmed-mean":
             return trimmed_mean(x, f)
         if self.name in ("krum", "multi-krum"):
-            _check(n, f, 2 * f + 3, self.name, "2f + 3")
+            _check(n, f, self.required_clients(), self.name, "2f + 3")
             m = 1 if self.name == "krum" else (self.multi_krum_m or n - f)
             return x[krum_scores(x, f).argsort()[:m]].mean(0)
         if self.name == "bulyan":
-            _check(n, f, 4 * f + 3, "bulyan", "4f + 3")
+            _check(n, f, self.required_clients(), "bulyan", "4f + 3")
             remaining = list(range(n))
             selected = []
             while len(selected) < n - 2 * f:

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from metafed.config import ConfigError, RunConfig
+from metafed.run import check_deployable
 from metafed.run_folder import check_target
 
 APP_PYPROJECT = """[build-system]
@@ -236,13 +237,9 @@ def deploy_local(cfg: RunConfig, clients: int, out: Path, insecure: bool = False
     if cfg.dataset not in ("digits", "mnist", "synthetic"):
         raise ConfigError(f"deploy-local partitions a built-in pooled dataset (digits, mnist, synthetic), not "
                           f"{cfg.dataset!r}")
-    if cfg.heldout_fraction > 0:
-        raise ConfigError("held-out clients are not federated yet: use --heldout-fraction 0 with deploy-local")
+    check_deployable(cfg)
     cfg = cfg.model_copy(update={"num_clients": clients, "out": out, "progress": False, "backend": "loop"})
     RunConfig(**json.loads(cfg.model_dump_json()))  # re-validate with the node count
-    if cfg.secure_aggregation or cfg.dp == "local" or cfg.attack or cfg.dropout or cfg.stragglers:
-        raise ConfigError("deploy-local does not yet run secure aggregation or local DP on the clients, and "
-                          "attacks, dropout and stragglers are simulation-only: remove them")
     if not resume:
         check_target(out, overwrite)
     with tempfile.TemporaryDirectory(prefix="metafed-deploy-") as tmp:

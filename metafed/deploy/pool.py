@@ -18,7 +18,7 @@ from metafed.client_store import ClientStore
 from metafed.config import RunConfig
 from metafed.deploy.wire import BadReply, finite_number, from_records, layout, to_records
 from metafed.eval import combine_client_evaluations
-from metafed.pools.base import RoundReplies
+from metafed.pools.base import RoundReplies, zero_rows
 
 log = logging.getLogger("metafed.deploy")
 
@@ -30,6 +30,7 @@ class FlowerPool:
         self.config_json = cfg.model_dump_json()
         self.clients = ClientStore()  # stays empty: personal states live on the nodes' disks
         self.algorithm: FederatedAlgorithm | None = None  # set by the round loop's builder
+        self._layouts: dict[LocalProgram, dict] = {}
         self._register(num_nodes, connect_timeout)
 
     # ------------------------------------------------------------------ set-up
@@ -87,14 +88,20 @@ class FlowerPool:
         sched = np.arange(n).reshape(1, program.batches_per_step, -1)
         inputs = {"state": self.algorithm.client_init(broadcast), "num_samples": torch.tensor(1.0)}
         out, _ = LoopBackend().run(program, broadcast, [ClientTask(x, y, sched, 1, inputs)])
-        return {k: tree.nested_map(lambda v: v.new_zeros((0, *v.shape[1:])), v) if isinstance(v, dict)
-                else v.new_zeros((0, *v.shape[1:])) for k, v in out.items() if k not in ("state", "metrics")}
+        return zero_rows(out)
+
+    def _expected_upload(self, rnd: int, program: LocalProgram, broadcast: dict) -> dict:
+        """flat key -> (shape, dtype) of one client's upload; one dry run per distinct program
+        (programs are frozen dataclasses: equal hyperparameters, equal program)."""
+        if program not in self._layouts:
+            template = self.message_template(rnd, program, broadcast)
+            self._layouts[program] = {k: (shape[1:], dtype) for k, (shape, dtype) in layout(template).items()}
+        return self._layouts[program]
 
     def train(self, rnd: int, cohort: np.ndarray, program: LocalProgram, broadcast: dict) -> RoundReplies:
         from flwr.app import Message, RecordDict
 
-        template = self.message_template(rnd, program, broadcast)
-        expected = {k: (shape[1:], dtype) for k, (shape, dtype) in layout(template).items()}
+        expected = self._expected_upload(rnd, program, broadcast)
         content = {"config": self._config(rnd), "broadcast": to_records(broadcast)}
         asked = [int(c) for c in cohort if int(c) in self.node_of]
         replies = self._send([Message(RecordDict(content), self.node_of[c], "train") for c in asked], self.round_timeout)
@@ -149,13 +156,13 @@ class FlowerPool:
                     raise BadReply(f"error from the node: {r.error.reason}")
                 scores = dict(r.content["scores"])
                 cid = int(scores.pop("client"))
-                if self.client_of.get(_src(r)) != cid or int(scores.pop("round")) != rnd:
-                    raise BadReply("scores from the wrong node or round")
-                rows[cid] = {k: finite_number(v, k, 0.0) for k, v in scores.items()}
-                if rows[cid]["test_count"] < 1:
+                if self.client_of.get(_src(r)) != cid or int(scores.pop("round")) != rnd or cid in rows:
+                    raise BadReply("scores from the wrong node or round, or sent twice")
+                row = {k: finite_number(v, k, 0.0) for k, v in scores.items()}
+                if row["test_count"] < 1:
                     raise BadReply("no test samples")
+                rows[cid] = row
             except (BadReply, KeyError, TypeError, ValueError) as e:
-                rows.pop(locals().get("cid"), None)
                 log.warning("evaluation round %d: rejected scores from node %s: %s", rnd, _src(r), e)
         if not rows:
             return {}

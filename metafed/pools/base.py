@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from metafed import tree
 from metafed.algorithms.base import LocalProgram
 
 
@@ -28,6 +29,13 @@ class RoundReplies:
     @classmethod
     def empty(cls) -> "RoundReplies":
         return cls([], {}, torch.zeros(0), torch.zeros(0, dtype=torch.float64))
+
+
+def zero_rows(outputs: dict) -> dict:
+    """Zero-row copies [0, ...] of what clients upload (``state`` and ``metrics`` stay home):
+    the shapes of a message without holding any client's values."""
+    uploaded = {k: v for k, v in outputs.items() if k not in ("state", "metrics")}
+    return tree.nested_map(lambda v: v.new_zeros((0, *v.shape[1:])), uploaded)
 
 
 class ClientPool(Protocol):

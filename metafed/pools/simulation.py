@@ -16,7 +16,7 @@ from metafed.client_store import ClientStore
 from metafed.config import RunConfig
 from metafed.data.federated import FederatedDataset
 from metafed.data.schedule import client_schedule, straggler_steps
-from metafed.pools.base import RoundReplies
+from metafed.pools.base import RoundReplies, zero_rows
 
 
 @dataclass
@@ -76,5 +76,4 @@ class SimulationPool:
 
     def message_template(self, rnd: int, program: LocalProgram, broadcast: dict) -> dict:
         out, _ = self.backend.run(program, broadcast, [self.task(0, rnd, program.batches_per_step, broadcast)])
-        return {k: tree.nested_map(lambda v: v.new_zeros((0, *v.shape[1:])), v) if isinstance(v, dict)
-                else v.new_zeros((0, *v.shape[1:])) for k, v in out.items() if k not in ("state", "metrics")}
+        return zero_rows(out)

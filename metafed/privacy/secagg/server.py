@@ -34,6 +34,19 @@ class SecAggServer:
     def _reject(self, client, stage: str, why: str) -> None:
         log.warning("secure aggregation: rejected the %s message claiming client %r: %s", stage, client, why)
 
+    def _signed_messages(self, messages: list, kind: type, allowed, stage: str) -> dict:
+        """client -> its message: only messages of ``kind`` from an ``allowed`` client, one
+        each, signed by that client's roster identity over this session."""
+        accepted: dict = {}
+        for m in messages:
+            c = getattr(m, "client", None)
+            if not isinstance(m, kind) or c not in allowed or c in accepted or \
+                    not self._signed_by(c, m.signature, m.body(self.session)):
+                self._reject(c, stage, "unsigned, unknown or repeated sender")
+                continue
+            accepted[c] = m
+        return accepted
+
     def collect_keys(self, adverts: list[AdvertiseKeys]) -> list[AdvertiseKeys]:
         """Keep the adverts signed by roster identities; relay them to every client."""
         valid: dict[int, AdvertiseKeys] = {}
@@ -55,14 +68,7 @@ class SecAggServer:
 
     def route_shares(self, messages: list[ShareKeys]) -> dict[int, SharesForYou]:
         self.commitments: dict[tuple[int, int], tuple[bytes, bytes]] = {}  # (owner, holder) -> (key, seed)
-        senders: dict[int, ShareKeys] = {}
-        for m in messages:
-            c = getattr(m, "client", None)
-            if not isinstance(m, ShareKeys) or c not in self.adverts or c in senders or \
-                    not self._signed_by(c, m.signature, m.body(self.session)):
-                self._reject(c, "share", "unsigned, unknown or repeated sender")
-                continue
-            senders[c] = m
+        senders: dict[int, ShareKeys] = self._signed_messages(messages, ShareKeys, self.adverts, "share")
         inbox: dict[int, list] = {c: [] for c in senders}
         for c, m in senders.items():
             self.commitments[(c, c)] = (m.own_key_commitment, m.own_seed_commitment)
@@ -115,14 +121,7 @@ class SecAggServer:
 
     def finish(self, lists: SurvivorList, responses: list[UnmaskResponse]) -> np.ndarray:
         """The uint64 sum of the survivors' encoded inputs (mod 2^64)."""
-        good: dict[int, UnmaskResponse] = {}
-        for r in responses:
-            c = getattr(r, "client", None)
-            if not isinstance(r, UnmaskResponse) or c not in lists.survivors or c in good or \
-                    not self._signed_by(c, r.signature, r.body(self.session)):
-                self._reject(c, "unmask", "not a signed response from a survivor")
-                continue
-            good[c] = r
+        good: dict[int, UnmaskResponse] = self._signed_messages(responses, UnmaskResponse, lists.survivors, "unmask")
         self._require(len(good), "unmasking")
         total = np.zeros(self.length, dtype=np.uint64)
         for v in lists.survivors:
