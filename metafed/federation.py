@@ -20,15 +20,28 @@ from metafed.config import RunConfig
 from metafed.data.federated import FederatedDataset
 from metafed.data.schedule import client_schedule, poisson_sample_clients, sample_clients
 from metafed.eval import Evaluator
-from metafed.pools import ClientPool, SimulationPool
+from metafed.pools import ClientPool, RoundReplies, SimulationPool
 from metafed.privacy.accountant import PrivacyAccountant, calibrate_noise
 from metafed.privacy.dp import ClientDP
 from metafed.privacy.noise import PrivacyRandom
+from metafed.privacy.upload import UploadTransform
 from metafed.privacy.secagg import SecAggAbort
 
 log = logging.getLogger("metafed")
 
 HELDOUT_ADAPT_STEPS = (0, 1, 5, 10)
+
+
+@dataclass
+class Received:
+    """The accepted replies of one round: client ids, their uploads stacked [C, ...] (None
+    where the uploads stay on the clients until secure aggregation masks them), capped
+    sample weights [C] and the losses loss-scored aggregators use [C]."""
+
+    ids: list[int] = field(default_factory=list)
+    kept: dict | None = None
+    weights: torch.Tensor | None = None
+    client_loss: torch.Tensor | None = None
 
 
 @dataclass
@@ -55,7 +68,6 @@ class Federation:
             raise ValueError(f"--aggregator {self.cfg.aggregator} with f = {self.aggregator.f} needs at least {need} "
                              f"clients per round; raise --clients-per-round or lower --byzantine-f")
         self._run_id = os.urandom(16)  # binds secure-aggregation sessions to this run
-        self._identities: dict[int, tuple] = {}  # client -> (signing key, public key), never stored
         self._cohort: list[int] = []
 
     def _privacy(self) -> tuple[ClientDP | None, PrivacyAccountant | None]:
@@ -140,46 +152,21 @@ class Federation:
         return sample(n, cfg.clients_per_round, rnd, cfg.seed)
 
     def run_round(self, rnd: int) -> dict:
-        """Train one round: sample -> pool -> validate -> aggregation pipeline -> server update."""
+        """Train one round: sample -> pool (clients run the program and their per-client
+        upload stage) -> validate -> aggregation pipeline -> server update."""
         alg = self.algorithm
         broadcast = alg.broadcast(self.state, rnd)
         program = alg.client_program(rnd)
         cohort = self._sample(rnd)
         self._cohort = cohort.tolist()
-        replies = self.pool.train(rnd, cohort, program, broadcast)
+        replies = self.pool.train(rnd, cohort, program, broadcast, self._local_dp_transform())
         metrics = {"round": rnd, "clients_sampled": len(cohort), "bytes_down": tree.nested_bytes(broadcast) * len(cohort),
                    "clients_used": 0, "bytes_up": 0, "train_loss": float("nan")}
-        kept, weights, client_loss, used_ids = None, None, None, []
+        received = Received()
         if replies.ids:
-            ids, outputs, losses = replies.ids, self._attack(replies.outputs, replies.ids, rnd), replies.losses
-            sent = {k: v for k, v in outputs.items() if k not in ("state", "metrics")}  # what clients upload
-            ok = self._finite_rows(sent, ids)
-            self.pool.keep_states(ids, outputs.get("state", {}), ok)
-            used = torch.nonzero(ok).flatten()
-            used_ids = [ids[i] for i in used.tolist()]
-            if used_ids:
-                kept = tree.nested_index(sent, used)
-                weights = cap_sample_weights(replies.num_samples[used], self.cfg.sample_weight_cap,
-                                             self.cfg.max_sample_weight)
-                # clients' loss for loss-scored aggregators: a reported validation loss, else the training loss
-                client_loss = outputs.get("metrics", {}).get("val_loss", losses)[used]
-                metrics.update(clients_used=len(used_ids), bytes_up=tree.nested_bytes(kept),
-                               train_loss=float((losses[used].double() * weights).sum() / weights.sum()))
+            received = self._validate(replies, rnd, metrics)
         try:
-            if self.dp is not None and self.dp.mode == "central":
-                # every round releases noise, even one without replies (Poisson sampling may be empty)
-                kept = kept if kept is not None else self._empty_message(program, broadcast, rnd)
-                aggregate = self._private_aggregate(kept, weights, client_loss, rnd, metrics, used_ids)
-            elif not used_ids:
-                raise RoundSkipped("no client returned a usable update")
-            elif self.dp is not None:
-                aggregate = self._private_aggregate(kept, weights, client_loss, rnd, metrics, used_ids)
-            elif self.cfg.secure_aggregation:
-                aggregate = self._secure_mean(kept, weights, used_ids, rnd, metrics)
-            elif getattr(self.aggregator, "needs_reference", False):
-                aggregate = self.aggregator(kept, weights, client_loss, reference=self._root_update(program, broadcast, rnd))
-            else:
-                aggregate = self.aggregator(kept, weights, client_loss)
+            aggregate = self._aggregate(received, program, broadcast, rnd, metrics)
         except (RoundSkipped, SecAggAbort) as e:
             log.warning("round %d skipped, the model is unchanged: %s", rnd, e)
             metrics["round_skipped"] = 1
@@ -189,6 +176,47 @@ class Federation:
         if self.dp is not None:
             self._charge_round(metrics)  # a sampled cohort was charged whatever happened next
         return metrics
+
+    def _validate(self, replies: RoundReplies, rnd: int, metrics: dict) -> "Received":
+        """[simulated attacks] -> finite check -> keep accepted states -> capped weights.
+        Under secure aggregation in deployment the uploads stay on the clients until the
+        protocol masks them (``replies.outputs`` has no upload): nothing to check here, the
+        fixed-point range bounds what each can contribute."""
+        ids, outputs, losses = replies.ids, self._attack(replies.outputs, replies.ids, rnd), replies.losses
+        sent = {k: v for k, v in outputs.items() if k not in ("state", "metrics")}  # what clients upload
+        ok = self._finite_rows(sent, ids) if sent else torch.ones(len(ids), dtype=torch.bool)
+        self.pool.keep_states(ids, outputs.get("state", {}), ok)
+        used = torch.nonzero(ok).flatten()
+        if not len(used):
+            return Received()
+        used_ids = [ids[i] for i in used.tolist()]
+        weights = cap_sample_weights(replies.num_samples[used], self.cfg.sample_weight_cap, self.cfg.max_sample_weight)
+        # clients' loss for loss-scored aggregators: a reported validation loss, else the training loss
+        client_loss = outputs.get("metrics", {}).get("val_loss", losses)[used]
+        kept = tree.nested_index(sent, used) if sent else None
+        metrics.update(clients_used=len(used_ids), bytes_up=tree.nested_bytes(kept) if kept is not None else 0,
+                       train_loss=float((losses[used].double() * weights).sum() / weights.sum()))
+        return Received(used_ids, kept, weights, client_loss)
+
+    def _aggregate(self, got: "Received", program, broadcast: dict, rnd: int, metrics: dict) -> dict:
+        """The aggregation chain after validation: [DP clip + secure sum | secure mean |
+        FLTrust reference | aggregator] -> [central DP noise]. Per-client steps (local DP,
+        clipping and weighting under secure aggregation) run where the client runs."""
+        secure = self.cfg.secure_aggregation
+        if self.dp is not None and self.dp.mode == "central":
+            return self._central_dp(got, program, broadcast, rnd, metrics)
+        if not got.ids:
+            raise RoundSkipped("no client returned a usable update")
+        if self.dp is not None:  # local DP: clients already clipped and noised; no weights, no losses
+            metrics["dp_clip"] = self.cfg.dp_clip
+            uniform = torch.ones(len(got.ids), dtype=torch.float64)
+            return self._secure_mean(got, "uniform", rnd, metrics) if secure else self.aggregator(got.kept, uniform, None)
+        if secure:
+            return self._secure_mean(got, "samples", rnd, metrics)
+        if getattr(self.aggregator, "needs_reference", False):
+            return self.aggregator(got.kept, got.weights, got.client_loss,
+                                   reference=self._root_update(program, broadcast, rnd))
+        return self.aggregator(got.kept, got.weights, got.client_loss)
 
     def _empty_message(self, program, broadcast: dict, rnd: int) -> dict:
         """A zero-row message with the shapes clients upload, to release noise in a round
@@ -221,66 +249,42 @@ class Federation:
         out, _ = self.backend.run(program, broadcast, [ClientTask(x, y, sched, len(sched), inputs)])
         return {k: tree.nested_index(v, 0) for k, v in out.items() if k not in ("state", "metrics")}
 
-    def _secure_sum(self, stacked: dict, client_ids: list[int], rnd: int, metrics: dict) -> dict:
-        """Sum stacked messages [C, ...] through the secure-aggregation protocol (in memory).
+    def _secure_sum(self, got: "Received", transform: UploadTransform, weighting: str | None, rnd: int,
+                    metrics: dict) -> dict:
+        """Sum the clients' finished uploads (``transform``, and each client's own weight under
+        ``weighting``) through the secure-aggregation protocol. The round's cohort is every
+        sampled client; the threshold t > n/2 of it is fixed before any reply arrives."""
+        total, survivors = self.pool.secure_sum(rnd, self._run_id, sorted(self._cohort), got.ids, got.kept,
+                                                transform, weighting)
+        metrics["clients_used"] = len(survivors)
+        return total
 
-        The round's cohort is every sampled client; the threshold t > n/2 of it is fixed
-        before any reply arrives. Clients that did not reply never advertise keys,
-        ``secagg_dropout`` of the repliers vanish after key sharing, and a client whose
-        input lies outside the fixed-point range is dropped with a log line. Identity keys
-        come from the trusted set-up (:meth:`_secagg_roster`). Returns the survivors' sum."""
-        from metafed.aggregate.robust import flatten_messages, unflatten_message
-        from metafed.privacy.secagg import FixedPoint, SecAggConfig, secure_sum
-        from metafed.privacy.secagg.messages import session_id
-
-        cfg = self.cfg
-        x, layout = flatten_messages(stacked)  # [C, D] float64
-        cohort = sorted(self._cohort)
-        n_gone = int(round(cfg.secagg_dropout * len(client_ids)))
-        gone = set(np.random.default_rng([cfg.seed, 13, rnd]).choice(client_ids, n_gone, replace=False).tolist())
-        config = SecAggConfig(cfg.secagg_threshold or len(cohort) // 2 + 1, cfg.secagg_neighbours)
-        signing, roster = self._secagg_roster(cohort)
-        result = secure_sum({cid: x[i].numpy() for i, cid in enumerate(client_ids)}, config,
-                            FixedPoint(cfg.secagg_range, cfg.secagg_bits), {"upload": gone}, cohort=cohort,
-                            signing=signing, roster=roster, session=session_id(self._run_id, rnd))
-        metrics["clients_used"] = len(result.survivors)
-        dtype = tree.nested_leaves(stacked)[0].dtype
-        return unflatten_message(torch.from_numpy(result.total), layout, dtype)
-
-    def _secagg_roster(self, cohort: list[int]) -> tuple[dict, dict[int, bytes]]:
-        """Trusted set-up of long-term Ed25519 identities (OS randomness, never stored)."""
-        from metafed.privacy.secagg import identities
-
-        missing = [c for c in cohort if c not in self._identities]
-        if missing:
-            signing, public = identities(missing)
-            self._identities.update({c: (signing[c], public[c]) for c in missing})
-        return {c: self._identities[c][0] for c in cohort}, {c: self._identities[c][1] for c in cohort}
-
-    def _secure_mean(self, kept: dict, weights, client_ids: list[int], rnd: int, metrics: dict) -> dict:
-        """Sample-weighted mean under secure aggregation: clients send n_i * message and n_i."""
-        w = weights.double()
-        scaled = tree.nested_map(lambda v: v.double() * w.view(-1, *([1] * (v.dim() - 1))), kept)
-        total = self._secure_sum({"message": scaled, "weight": w}, client_ids, rnd, metrics)
+    def _secure_mean(self, got: "Received", weighting: str, rnd: int, metrics: dict) -> dict:
+        """Weighted mean under secure aggregation: clients send w_i * message and w_i, with
+        w_i chosen by each client (:func:`~metafed.privacy.upload.own_weight`)."""
+        total = self._secure_sum(got, UploadTransform(), weighting, rnd, metrics)
         return tree.nested_map(lambda v: (v / total["weight"]).to(torch.float32), total["message"])
 
-    def _private_aggregate(self, kept: dict, weights, client_loss, rnd: int, metrics: dict,
-                           client_ids: list[int]) -> dict:
-        """Central DP: clip, (securely) sum, add noise, divide by the fixed m. Local DP: each
-        client clips and noises with its own randomness; the aggregator then sees neither raw
-        losses nor sample counts (uniform weights). The clip norm lives in server state."""
+    def _local_dp_transform(self) -> UploadTransform | None:
+        """Local DP: every client clips to C and adds N(0, (z C)^2) with its own randomness."""
+        if self.dp is None or self.dp.mode != "local":
+            return None
+        return UploadTransform(clip=self.cfg.dp_clip, noise_std=self.dp.noise_multiplier * self.cfg.dp_clip)
+
+    def _central_dp(self, got: "Received", program, broadcast: dict, rnd: int, metrics: dict) -> dict:
+        """Central DP: clip (on the clients under secure aggregation), sum, add noise, divide
+        by the fixed m, adapt the clip. Every round releases noise, even one without replies
+        (Poisson sampling may be empty). The clip norm lives in server state."""
         clip = float(self.state.extra.get("dp.clip", torch.tensor(self.cfg.dp_clip)))
-        if self.dp.mode == "central":
-            summer = (lambda m: self._secure_sum(m, client_ids, rnd, metrics)) if self.cfg.secure_aggregation else None
-            aggregate, next_clip, dp_metrics = self.dp.aggregate(kept, clip, self._privacy_random(rnd, 7), summer)
+        rand = self._privacy_random(rnd, 7)
+        if self.cfg.secure_aggregation and got.ids:
+            transform = UploadTransform(clip=clip, count_bit=self.dp.adaptive)
+            total = self._secure_sum(got, transform, None, rnd, metrics)
+            message, count = (total["message"], float(total["count"])) if self.dp.adaptive else (total, 0.0)
+            aggregate, next_clip, dp_metrics = self.dp.release(message, count, clip, rand)
         else:
-            private = self.dp.privatize(kept, clip, [self._privacy_random(rnd, 7, cid) for cid in client_ids])
-            uniform = torch.ones(len(client_ids), dtype=torch.float64)
-            if self.cfg.secure_aggregation:
-                aggregate = self._secure_mean(private, uniform, client_ids, rnd, metrics)
-            else:
-                aggregate = self.aggregator(private, uniform, None)
-            next_clip, dp_metrics = clip, {"dp_clip": clip}
+            kept = got.kept if got.ids else self._empty_message(program, broadcast, rnd)
+            aggregate, next_clip, dp_metrics = self.dp.aggregate(kept, clip, rand)
         self.state = replace(self.state, extra={**self.state.extra, "dp.clip": torch.tensor(next_clip, dtype=torch.float64)})
         metrics.update(dp_metrics)
         return aggregate

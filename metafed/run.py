@@ -80,9 +80,8 @@ def build_federation(cfg: RunConfig, pool=None) -> Federation:
 
 def check_deployable(cfg: RunConfig) -> None:
     """Refuse what the deployment cannot do honestly yet, rather than run it at the server."""
-    if cfg.secure_aggregation or cfg.dp == "local":
-        raise ConfigError("secure aggregation and local DP do not run on the clients yet: deploy without "
-                          "--secure-aggregation and --dp local (central DP works)")
+    if cfg.secagg_dropout:
+        raise ConfigError("--secagg-dropout is simulated: in deployment dropouts are real, remove it")
     if cfg.attack or cfg.dropout or cfg.stragglers:
         raise ConfigError("attacks, dropout and stragglers are simulated: in deployment they are real, remove them")
     if cfg.heldout_fraction > 0:

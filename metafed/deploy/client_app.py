@@ -5,6 +5,9 @@ Messages (``message_type`` / content):
 - ``train`` {"config", "broadcast"}: rebuild the run's algorithm, run this round's
   ``LocalProgram`` with the loop backend exactly as the simulation would (same seeded
   schedule), keep the personal state on the node's disk, reply the uploaded arrays.
+  With ``upload`` (local DP) the client clips and noises before replying; with ``hold``
+  (secure aggregation) it keeps the upload in node memory and replies only its metadata.
+- ``query.secagg`` {"config", "secagg"}: one stage of secure aggregation (``secagg_wire``).
 - ``evaluate`` {"config", "broadcast"}: score the global and personalized model on the
   node's test split; reply counts only.
 
@@ -12,16 +15,21 @@ The config record carries the run config as JSON plus the round. Tensors travel 
 ArrayRecords (numpy, never pickle). Errors are replied as Flower errors, never crashes."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from metafed import tree
-from metafed.deploy.node import load_node, parse_node_config
+from metafed.deploy.identity import load_identity, load_roster
+from metafed.deploy.node import NodeConfigError, load_node, parse_node_config
+from metafed.deploy.secagg_node import StageRefused, handle_stage, hold_upload
 from metafed.deploy.wire import from_records, to_records
 from metafed.eval import evaluate_one_client
+from metafed.privacy.secagg import SecAggAbort
+from metafed.privacy.upload import UploadTransform, client_privacy_random, finish_upload
 
 app = ClientApp()
 log = logging.getLogger("metafed.deploy")
@@ -55,10 +63,43 @@ def train(msg: Message, context: Context) -> Message:
     row = tree.nested_index(outputs, 0)
     node.save_state(row.get("state", {}))
     sent = {k: v for k, v in row.items() if k not in ("state", "metrics")}
+    if "upload" in msg.content:  # local DP: clip and noise here, with this client's own randomness
+        transform = UploadTransform.from_config(dict(msg.content["upload"]))
+        seed = node.cfg.seed if node.cfg.insecure_reproducible_privacy else None
+        sent = finish_upload(sent, transform, client_privacy_random(seed, rnd, node.client_id))
     metrics = {"round": rnd, "client": node.client_id, "loss": float(losses[0]),
                "num_samples": float(node.data.num_train)}
     metrics.update({f"metric/{k}": float(v) for k, v in row.get("metrics", {}).items()})
+    if bool(msg.content["config"].get("hold", False)):  # secure aggregation: masked later, sent only masked
+        hold_upload(context.state, rnd, sent)
+        return Message(RecordDict({"meta": MetricRecord(metrics)}), reply_to=msg)
     return Message(RecordDict({"upload": to_records(sent), "meta": MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.query("secagg")
+def secagg(msg: Message, context: Context) -> Message:
+    """One stage of metafed's secure aggregation (``secagg_wire`` lists them)."""
+    node, _ = _node(msg, context)
+    identity, roster = node_identity(str(context.node_config.get("secagg-key", "")),
+                                     str(context.node_config.get("secagg-roster", "")))
+    try:
+        content = handle_stage(msg.content, context.state, node, identity, roster)
+    except (StageRefused, SecAggAbort) as e:
+        log.warning("secure aggregation: client %d: %s", node.client_id, e)
+        return Message(Error(code=REFUSED, reason=str(e)), reply_to=msg)
+    return Message(RecordDict(content), reply_to=msg)
+
+
+REFUSED = 4100  # metafed: a secure-aggregation stage refused by the client (reason in the error)
+
+
+@functools.lru_cache(maxsize=2)
+def node_identity(key_path: str, roster_path: str):
+    """This node's identity signing key and the federation's roster (node config
+    ``secagg-key`` and ``secagg-roster``, made by ``metafed secagg-keys``)."""
+    if not key_path or not roster_path:
+        raise NodeConfigError("secure aggregation needs the node config keys secagg-key and secagg-roster")
+    return load_identity(key_path), load_roster(roster_path)
 
 
 @app.evaluate()

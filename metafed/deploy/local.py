@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from metafed.config import ConfigError, RunConfig
+from metafed.deploy.identity import make_identities
 from metafed.run import check_deployable
 from metafed.run_folder import check_target
 
@@ -52,6 +53,7 @@ num-nodes = 1
 resume = false
 round-timeout = 300.0
 connect-timeout = 60.0
+secagg-roster = ""
 """
 
 
@@ -165,6 +167,9 @@ class LocalDeployment:
             ("insecure = true\n" if self.insecure else f'root-certificates = "{tls["ca"]}"\n')
         (home / "config.toml").write_text(f'[superlink]\ndefault = "metafed"\n\n[superlink.metafed]\n{connection}')
         self.tls = tls
+        self.roster = None
+        if self.cfg.secure_aggregation:  # trusted set-up: one identity per client, made here, not by the server
+            self.roster, self.identity_keys = make_identities(self.work / "secagg", self.clients)
         for i in range(self.clients):
             self.start_node(i)
         return self
@@ -186,6 +191,8 @@ class LocalDeployment:
         parts = partitions or self.clients
         node_config = (f'dataset="{self.cfg.dataset}" partition-id={i % parts} num-partitions={parts} '
                        f"state-dir='{self.work / f'node-{i}'}'")  # TOML values
+        if self.roster is not None:
+            node_config += f" secagg-key='{self.identity_keys[i % parts]}' secagg-roster='{self.roster}'"
         return self._spawn([_tool("flower-supernode"), *self.node_security(f"node-{i}", register),
                             "--superlink", f"127.0.0.1:{self.port}", "--node-config", node_config,
                             "--port", str(free_port())], f"supernode-{i}.log")
@@ -198,6 +205,8 @@ class LocalDeployment:
         config_file.write_text(self.cfg.model_dump_json())
         run_config = (f"config-file='{config_file}' out='{out.resolve()}' num-nodes={self.clients} "
                       f"resume={'true' if resume else 'false'} round-timeout={round_timeout}")
+        if self.roster is not None:
+            run_config += f" secagg-roster='{self.roster}'"
         proc = subprocess.Popen([_tool("flwr"), "run", str(app), "metafed", "--stream", "--run-config", run_config],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.env, text=True)
         self.procs.append(proc)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -16,17 +17,27 @@ from metafed.backends.base import ClientTask
 from metafed.backends.loop import LoopBackend
 from metafed.client_store import ClientStore
 from metafed.config import RunConfig
+from metafed.deploy.secagg_wire import bound_session, decode_total, read_reply, round_setup, stage_request, sum_layout
 from metafed.deploy.wire import BadReply, finite_number, from_records, layout, to_records
 from metafed.eval import combine_client_evaluations
 from metafed.pools.base import RoundReplies, zero_rows
+from metafed.pools.simulation import secagg_config
+from metafed.privacy.secagg.codec import MalformedMessage
+from metafed.privacy.upload import UploadTransform, finish_upload
 
 log = logging.getLogger("metafed.deploy")
 
 
 class FlowerPool:
     def __init__(self, grid, cfg: RunConfig, num_nodes: int, connect_timeout: float = 60.0,
-                 round_timeout: float = 300.0):
+                 round_timeout: float = 300.0, roster: dict[int, bytes] | None = None):
         self.grid, self.cfg, self.round_timeout = grid, cfg, round_timeout
+        if cfg.secure_aggregation:
+            missing = sorted(set(range(cfg.num_clients)) - set(roster or {}))
+            if missing:
+                raise ValueError(f"secure aggregation needs every client's identity on the roster; clients "
+                                 f"{missing[:10]} have none (make the roster with metafed secagg-keys)")
+        self.roster = dict(roster or {})
         self.config_json = cfg.model_dump_json()
         self.clients = ClientStore()  # stays empty: personal states live on the nodes' disks
         self.algorithm: FederatedAlgorithm | None = None  # set by the round loop's builder
@@ -98,26 +109,35 @@ class FlowerPool:
             self._layouts[program] = {k: (shape[1:], dtype) for k, (shape, dtype) in layout(template).items()}
         return self._layouts[program]
 
-    def train(self, rnd: int, cohort: np.ndarray, program: LocalProgram, broadcast: dict) -> RoundReplies:
-        from flwr.app import Message, RecordDict
+    def train(self, rnd: int, cohort: np.ndarray, program: LocalProgram, broadcast: dict,
+              upload: UploadTransform | None = None) -> RoundReplies:
+        """Ask the cohort to train. With ``upload`` (local DP) each client clips and noises
+        before replying. Under secure aggregation each client keeps its upload until
+        :meth:`secure_sum` masks it: the replies carry metadata only."""
+        from flwr.app import ConfigRecord, Message, RecordDict
 
         expected = self._expected_upload(rnd, program, broadcast)
-        content = {"config": self._config(rnd), "broadcast": to_records(broadcast)}
+        self._round_upload = expected
+        hold = self.cfg.secure_aggregation
+        content = {"config": ConfigRecord({"config": self.config_json, "round": rnd, "hold": hold}),
+                   "broadcast": to_records(broadcast)}
+        if upload is not None:
+            content["upload"] = ConfigRecord(upload.to_config())
         asked = [int(c) for c in cohort if int(c) in self.node_of]
         replies = self._send([Message(RecordDict(content), self.node_of[c], "train") for c in asked], self.round_timeout)
         got: dict[int, tuple[dict, float, float, dict]] = {}
         for r in replies:
             try:
-                cid, upload, loss, n, metrics = self._check_train_reply(r, rnd, expected)
+                cid, sent, loss, n, metrics = self._check_train_reply(r, rnd, None if hold else expected)
                 if cid not in asked or cid in got:
                     raise BadReply(f"client {cid} was not asked this round, or replied twice")
-                got[cid] = (upload, loss, n, metrics)
+                got[cid] = (sent, loss, n, metrics)
             except (BadReply, KeyError, TypeError, ValueError) as e:
                 log.warning("round %d: rejected a reply from node %s: %s", rnd, _src(r), e)
         ids = [c for c in asked if c in got]  # cohort order, as the simulation
         if not ids:
             return RoundReplies.empty()
-        outputs = tree.nested_stack([got[c][0] for c in ids])
+        outputs = {} if hold else tree.nested_stack([got[c][0] for c in ids])
         metric_keys = set.intersection(*(set(got[c][3]) for c in ids))
         if metric_keys:
             outputs["metrics"] = {k: torch.tensor([got[c][3][k] for c in ids]) for k in sorted(metric_keys)}
@@ -135,9 +155,58 @@ class FlowerPool:
             raise BadReply(f"node {_src(r)} answers for client {cid}, which it did not register as")
         loss = finite_number(meta["loss"], "loss")
         n = finite_number(meta["num_samples"], "num_samples", 1.0)
-        upload = from_records(r.content["upload"], expected)
+        upload = from_records(r.content["upload"], expected) if expected is not None else {}
         metrics = {k.removeprefix("metric/"): finite_number(v, k) for k, v in meta.items() if k.startswith("metric/")}
         return cid, upload, loss, n, metrics
+
+    # ------------------------------------------------------------------ secure aggregation
+    def secure_sum(self, rnd: int, run_id: bytes, cohort: list[int], ids: list[int], rows, transform: UploadTransform,
+                   weighting: str | None) -> tuple[dict, list[int]]:
+        """metafed's SecAgg(+) between the ClientApps, relayed here: the clients finish,
+        encode and mask the uploads they hold; this server sees masked vectors and the sum.
+        A node that stops answering at any stage is a dropout; a reply that does not decode
+        or comes from the wrong node is dropped with its reason. Returns (sum, survivors)."""
+        from flwr.app import Message, RecordDict
+
+        from metafed.privacy.secagg import FixedPoint, SecAggServer
+        from metafed.privacy.secagg.simulate import run_protocol
+
+        cfg = self.cfg
+        config = secagg_config(cfg, len(cohort))
+        fixed = FixedPoint(cfg.secagg_range, cfg.secagg_bits)
+        fixed.check_capacity(len(cohort))
+        template = {k: torch.zeros(shape, dtype=dtype) for k, (shape, dtype) in self._round_upload.items()}
+        template = finish_upload(tree.nested_unflatten(template), replace(transform, weight=1.0)
+                                 if weighting else transform)
+        layout, reference, length = sum_layout(template)
+        setup = round_setup(cohort, config.threshold, config.neighbours, fixed.value_range, fixed.bits,
+                            transform.to_config(), weighting)
+        server = SecAggServer(config, length, {c: self.roster[c] for c in cohort},
+                              bound_session(run_id, rnd, self.config_json, setup))
+
+        def ask(stage: str, requests: dict) -> dict:
+            targets = [c for c in sorted(requests) if c in self.node_of]
+            messages = [Message(RecordDict(stage_request(stage, rnd, run_id, self.config_json,
+                                                         setup if stage == "advertise" else requests[c])),
+                                self.node_of[c], "query.secagg") for c in targets]
+            out = {}
+            for r in self._send(messages, self.round_timeout):
+                try:
+                    if r.has_error():
+                        raise BadReply(f"refused: {r.error.reason}")
+                    cid = self.client_of.get(_src(r))
+                    message = read_reply(r, stage, length)
+                    if cid not in requests or getattr(message, "client", None) != cid or cid in out:
+                        raise BadReply("a reply from a node that was not asked, for another client, or twice")
+                    out[cid] = message
+                except (BadReply, MalformedMessage, KeyError, TypeError, ValueError) as e:
+                    log.warning("round %d secure aggregation %s: dropped node %s: %s", rnd, stage, _src(r), e)
+            log.info("round %d secure aggregation %s: %d of %d clients answered", rnd, stage, len(out), len(targets))
+            return out
+
+        lists, total = run_protocol(server, ask, list(ids))
+        decoded = fixed.decode_sum(total, len(lists.survivors))
+        return decode_total(decoded, layout, reference), list(lists.survivors)
 
     def keep_states(self, ids: list[int], states: dict, accepted) -> None:
         """Nodes keep their own personal state."""

@@ -5,7 +5,7 @@ SuperNodes of the run, through :class:`~metafed.deploy.pool.FlowerPool`.
 Run config keys (``flwr run --run-config``): ``config-file`` (the metafed RunConfig as
 JSON, on the SuperLink's host), ``out`` (the run folder), ``num-nodes`` (SuperNodes to wait
 for), ``resume`` (continue the run in ``out``), ``round-timeout`` and ``connect-timeout``
-(seconds)."""
+(seconds), ``secagg-roster`` (the identity roster, for secure aggregation)."""
 from __future__ import annotations
 
 import json
@@ -16,6 +16,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from metafed.config import RunConfig
+from metafed.deploy.identity import load_roster
 from metafed.deploy.pool import FlowerPool
 from metafed.run import run
 
@@ -32,8 +33,10 @@ def main(grid: Grid, context: Context) -> None:
     out = Path(str(rc["out"]))
     resume = bool(rc.get("resume", False))
     cfg = cfg.model_copy(update={"out": out, "progress": False, "backend": "loop"})
+    roster_path = str(rc.get("secagg-roster", ""))
+    roster = load_roster(roster_path) if roster_path else None
     pool = FlowerPool(grid, cfg, int(rc["num-nodes"]), float(rc.get("connect-timeout", 60.0)),
-                      float(rc.get("round-timeout", 300.0)))
+                      float(rc.get("round-timeout", 300.0)), roster)
     result = run(RunConfig(rounds=cfg.rounds, progress=False) if resume else cfg, resume=out if resume else None,
                  pool=pool)
     final = result.rows[-1] if result.rows else {}

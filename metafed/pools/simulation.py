@@ -17,6 +17,14 @@ from metafed.config import RunConfig
 from metafed.data.federated import FederatedDataset
 from metafed.data.schedule import client_schedule, straggler_steps
 from metafed.pools.base import RoundReplies, zero_rows
+from metafed.privacy.upload import UploadTransform, client_privacy_random, finish_upload, own_weight
+
+
+def secagg_config(cfg: RunConfig, cohort_size: int):
+    """SecAgg(+) parameters of a round: threshold t (default: a majority of the cohort) and k."""
+    from metafed.privacy.secagg import SecAggConfig
+
+    return SecAggConfig(cfg.secagg_threshold or cohort_size // 2 + 1, cfg.secagg_neighbours)
 
 
 @dataclass
@@ -26,12 +34,14 @@ class SimulationPool:
     algorithm: FederatedAlgorithm
     backend: Backend
     clients: ClientStore = field(default_factory=ClientStore)
+    _identities: dict = field(default_factory=dict, repr=False)  # client -> (signing key, public key)
 
     @property
     def num_clients(self) -> int:
         return self.dataset.num_clients
 
-    def train(self, rnd: int, cohort: np.ndarray, program: LocalProgram, broadcast: dict) -> RoundReplies:
+    def train(self, rnd: int, cohort: np.ndarray, program: LocalProgram, broadcast: dict,
+              upload: UploadTransform | None = None) -> RoundReplies:
         cfg = self.cfg
         n_gone = int(round(cfg.dropout * len(cohort)))
         gone = set(np.random.default_rng([cfg.seed, 8, rnd]).choice(cohort, n_gone, replace=False).tolist())
@@ -52,8 +62,18 @@ class SimulationPool:
         if not tasks:
             return RoundReplies.empty()
         outputs, losses = self.backend.run(program, broadcast, tasks)
+        if upload is not None:
+            outputs = self._finish_uploads(outputs, ids, upload, rnd)
         reported = torch.tensor([float(t.inputs["num_samples"]) for t in tasks], dtype=torch.float64)
         return RoundReplies(ids, outputs, losses, reported)
+
+    def _finish_uploads(self, outputs: dict, ids: list[int], upload: UploadTransform, rnd: int) -> dict:
+        """Each client's upload stage (local DP), on the client's behalf with its own randomness."""
+        sent = {k: v for k, v in outputs.items() if k not in ("state", "metrics")}
+        seed = self.cfg.seed if self.cfg.insecure_reproducible_privacy else None
+        rows = [finish_upload(tree.nested_index(sent, i), upload, client_privacy_random(seed, rnd, cid))
+                for i, cid in enumerate(ids)]
+        return {**outputs, **tree.nested_stack(rows)}
 
     def task(self, cid: int, rnd: int, batches_per_step: int, broadcast: dict) -> ClientTask:
         """Client ``cid``'s local work in round ``rnd``: its data, its seeded batch schedule
@@ -73,6 +93,48 @@ class SimulationPool:
         for i, cid in enumerate(ids):
             if accepted[i]:
                 self.clients.put(cid, tree.nested_index(states, i))
+
+    # ------------------------------------------------------------------ secure aggregation
+    def secagg_roster(self, cohort: list[int]) -> tuple[dict, dict[int, bytes]]:
+        """Trusted set-up of long-term Ed25519 identities (OS randomness, kept in memory for
+        the run, never stored): (client -> signing key, roster client -> public key)."""
+        from metafed.privacy.secagg import identities
+
+        missing = [c for c in cohort if c not in self._identities]
+        if missing:
+            signing, public = identities(missing)
+            self._identities.update({c: (signing[c], public[c]) for c in missing})
+        return {c: self._identities[c][0] for c in cohort}, {c: self._identities[c][1] for c in cohort}
+
+    def secure_sum(self, rnd: int, run_id: bytes, cohort: list[int], ids: list[int], rows: dict,
+                   transform: UploadTransform, weighting: str | None) -> tuple[dict, list[int]]:
+        """The in-memory protocol: each client finishes its upload (``transform``, with its own
+        weight under ``weighting``, see :func:`own_weight`), encodes
+        it in fixed point and runs SecAgg(+) with the others. ``secagg_dropout`` of the clients
+        vanish after key sharing; a client whose input lies outside the fixed-point range is
+        dropped with a log line. Returns (the survivors' sum, the survivors)."""
+        from metafed.aggregate.robust import flatten_messages, unflatten_message
+        from metafed.privacy.secagg import FixedPoint, secure_sum
+        from metafed.privacy.secagg.messages import session_id
+
+        cfg = self.cfg
+        finished = [finish_upload(tree.nested_index(rows, i), self._with_own_weight(transform, weighting, c))
+                    for i, c in enumerate(ids)]
+        x, layout = flatten_messages(tree.nested_stack(finished))  # [C, D] float64
+        n_gone = int(round(cfg.secagg_dropout * len(ids)))
+        gone = set(np.random.default_rng([cfg.seed, 13, rnd]).choice(ids, n_gone, replace=False).tolist())
+        signing, roster = self.secagg_roster(cohort)
+        result = secure_sum({cid: x[i].numpy() for i, cid in enumerate(ids)}, secagg_config(cfg, len(cohort)),
+                            FixedPoint(cfg.secagg_range, cfg.secagg_bits), {"upload": gone}, cohort=cohort,
+                            signing=signing, roster=roster, session=session_id(run_id, rnd))
+        total = unflatten_message(torch.from_numpy(result.total), layout, torch.float64)
+        return tree.nested_map(lambda v, ref: v.to(ref.dtype), total, finished[0]), list(result.survivors)
+
+    def _with_own_weight(self, transform: UploadTransform, weighting: str | None, cid: int) -> UploadTransform:
+        if weighting is None:
+            return transform
+        n = float(self.dataset.clients[cid].num_train)
+        return replace(transform, weight=own_weight(n, weighting, self.cfg.max_sample_weight))
 
     def message_template(self, rnd: int, program: LocalProgram, broadcast: dict) -> dict:
         out, _ = self.backend.run(program, broadcast, [self.task(0, rnd, program.batches_per_step, broadcast)])

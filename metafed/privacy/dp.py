@@ -112,18 +112,27 @@ class ClientDP:
                 for i, r in enumerate(client_rand)]
         return tree.nested_stack(rows)
 
-    def aggregate(self, stacked: dict, clip: float, rand: PrivacyRandom, summer=None) -> tuple[dict, float, dict]:
-        """Central DP: clip, sum (``summer``, e.g. secure aggregation), add noise, divide by the
-        expected cohort m, adapt the clip. Returns (noisy mean message, next clip norm, metrics).
+    def aggregate(self, stacked: dict, clip: float, rand: PrivacyRandom) -> tuple[dict, float, dict]:
+        """Central DP at a trusted server: clip each row, sum, then :meth:`release`.
         A round with no replies passes zero-row messages: it still releases the noise."""
-        clipped, norms = clip_each(stacked, clip) if _rows(stacked) else (stacked, torch.zeros(0, dtype=torch.float64))
-        total = summer(clipped) if summer and _rows(stacked) else tree.nested_map(lambda v: v.sum(0), clipped)
+        if _rows(stacked):
+            clipped, norms = clip_each(stacked, clip)
+        else:
+            clipped, norms = stacked, torch.zeros(0, dtype=torch.float64)
+        total = tree.nested_map(lambda v: v.sum(0), clipped)
+        return self.release(total, centred_count(norms, clip), clip, rand)
+
+    def release(self, total: dict, count: float, clip: float, rand: PrivacyRandom) -> tuple[dict, float, dict]:
+        """From the sum of clipped messages (and, for adaptive clipping, the sum of centred
+        bits, see :func:`centred_count`), however they were summed (in the clear, or by
+        secure aggregation of messages clipped on the clients): add noise, divide by the
+        expected cohort m, adapt the clip. Returns (noisy mean message, next clip, metrics)."""
         total = add_noise(total, self.update_z * clip, rand)
         mean = tree.nested_map(lambda v: v / self.expected_clients, total)
         next_clip = clip
         metrics = {"dp_clip": clip}
         if self.adaptive:
-            noisy = centred_count(norms, clip) + float(rand.normal(1)[0]) * self.sigma_b
+            noisy = count + float(rand.normal(1)[0]) * self.sigma_b
             fraction = noisy / self.expected_clients + 0.5  # noisy fraction of clients at or below the clip
             next_clip = clip * math.exp(-self.clip_lr * (fraction - self.target_quantile))
             metrics["dp_unclipped_fraction_noisy"] = fraction

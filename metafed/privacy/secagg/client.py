@@ -50,6 +50,47 @@ class SecAggClient:
         self._stage, self._aborted = 0, False
         self._revealed: dict[int, str] = {}  # owner -> "seed" | "key": never both for one owner
 
+    # ------------------------------------------------------------------ state between processes
+    _NOT_SAVED = ("_identity", "_roster", "_random", "encoded")
+
+    def snapshot(self) -> str:
+        """This client's round state as JSON, its secrets included. A deployed node keeps it
+        in its own memory between protocol messages (Flower runs each message in a fresh
+        ClientApp process); it is never sent. The identity key, roster and input are
+        re-supplied by :meth:`restore`."""
+        import json
+
+        from metafed.privacy.secagg import codec
+
+        return json.dumps(codec.to_plain({k: v for k, v in self.__dict__.items() if k not in self._NOT_SAVED}))
+
+    @classmethod
+    def restore(cls, snapshot: str, encoded: np.ndarray, identity: Ed25519PrivateKey, roster: dict[int, bytes],
+                random_bytes: Callable[[int], bytes] = os.urandom) -> "SecAggClient":
+        import json
+
+        from metafed.privacy.secagg import codec
+
+        client = cls.__new__(cls)
+        client.__dict__.update(codec.from_plain(json.loads(snapshot)))
+        client.encoded = np.asarray(encoded, dtype=np.uint64)
+        client._identity, client._roster, client._random = identity, dict(roster), random_bytes
+        client._neighbours = list(getattr(client, "_neighbours", []))
+        client._cohort = sorted(client._cohort)
+        return client
+
+    def abort(self, why: str) -> None:
+        """Leave the round (the transport saw a malformed request): nothing more is answered."""
+        try:
+            self._abort(why)
+        except SecAggAbort:
+            pass
+
+    @property
+    def next_stage(self) -> str:
+        return "aborted" if self._aborted else (STAGE_ORDER[self._stage] if self._stage < len(STAGE_ORDER)
+                                                else "finished")
+
     # ------------------------------------------------------------------ state machine
     def _enter(self, stage: str) -> None:
         if self._aborted:

@@ -54,6 +54,31 @@ def setup(encoded: dict[int, np.ndarray], config: SecAggConfig, random_bytes: Ca
     return clients, SecAggServer(config, length, roster, session)
 
 
+_STAGE_CALL = {
+    "advertise": lambda client, _: client.advertise(),
+    "share": lambda client, adverts: client.share_keys(adverts),
+    "upload": lambda client, mine: client.masked_input(mine),
+    "sign": lambda client, lists: client.sign_survivors(lists),
+    "unmask": lambda client, request: client.unmask(request),
+}
+
+
+def run_protocol(server: SecAggServer, ask: Callable[[str, dict], dict], participants: list[int],
+                 tamper: Callable[[int, SurvivorList], SurvivorList] | None = None) -> tuple[SurvivorList, np.ndarray]:
+    """The server's side of one round over any transport.
+
+    ``ask(stage, {client: request})`` delivers each request and returns ``{client: reply}``
+    for the clients that answered (a dropped or aborted client is simply absent). Returns
+    the survivor list and the uint64 sum of the survivors' inputs."""
+    adverts = server.collect_keys(list(ask("advertise", {c: None for c in participants}).values()))
+    inbox = server.route_shares(list(ask("share", {a.client: adverts for a in adverts}).values()))
+    lists = server.collect_masked(list(ask("upload", inbox).values()))
+    signatures = ask("sign", {c: tamper(c, lists) if tamper else lists for c in lists.survivors})
+    request = server.unmask_request(lists, list(signatures.values()))
+    responses = ask("unmask", {c: request for c in signatures})
+    return lists, server.finish(lists, list(responses.values()))
+
+
 def secure_sum_encoded(encoded: dict[int, np.ndarray], config: SecAggConfig, dropouts: dict[str, set[int]] | None = None,
                        random_bytes: Callable[[int], bytes] = os.urandom,
                        tamper: Callable[[int, SurvivorList], SurvivorList] | None = None, **setup_args) -> SecAggResult:
@@ -70,27 +95,20 @@ def secure_sum_encoded(encoded: dict[int, np.ndarray], config: SecAggConfig, dro
     alive = set(clients)
     aborted: dict[int, str] = {}
 
-    def each(name: str, ids, call) -> dict:
+    def ask(stage: str, requests: dict) -> dict:
         """Ask every still-present client; a client that aborts leaves the round."""
-        alive.difference_update(dropouts.get(name, set()))
+        alive.difference_update(dropouts.get(stage, set()))
         out = {}
-        for c in sorted(set(ids) & alive):
+        for c in sorted(set(requests) & alive):
             try:
-                out[c] = call(c)
+                out[c] = _STAGE_CALL[stage](clients[c], requests[c])
             except SecAggAbort as e:
                 aborted[c] = str(e)
                 alive.discard(c)
                 log.warning("secure aggregation: %s", e)
         return out
 
-    adverts = server.collect_keys(list(each("advertise", clients, lambda c: clients[c].advertise()).values()))
-    inbox = server.route_shares(list(each("share", clients, lambda c: clients[c].share_keys(adverts)).values()))
-    lists = server.collect_masked(list(each("upload", inbox, lambda c: clients[c].masked_input(inbox[c])).values()))
-    signatures = each("sign", lists.survivors,
-                      lambda c: clients[c].sign_survivors(tamper(c, lists) if tamper else lists))
-    request = server.unmask_request(lists, list(signatures.values()))
-    responses = each("unmask", signatures, lambda c: clients[c].unmask(request))
-    total = server.finish(lists, list(responses.values()))
+    lists, total = run_protocol(server, ask, sorted(clients), tamper)
     return SecAggResult(np.zeros(0), total, lists.survivors, dict(server.masked), aborted)
 
 
