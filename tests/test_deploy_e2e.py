@@ -130,3 +130,45 @@ def test_supernode_killed_mid_round_is_dropped_and_the_run_finishes(tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["round"] == 2 and rows[-1]["clients_used"] == 2
     assert (out / "summary.json").exists()
+
+
+def test_secure_aggregation_between_real_processes_with_a_node_killed_mid_protocol(tmp_path, monkeypatch):
+    """metafed's SecAgg between 4 real SuperNodes over TLS with SuperNode auth. One node is
+    killed (kill -9, with its ClientApp) right after it shared its key shares: it never
+    uploads, the others reveal its mask-key shares, and the sum over the 3 survivors is exact:
+    the model equals the same round through the real ClientApp code with that node dead."""
+    import os
+    import signal
+    import threading
+
+    from metafed.deploy.local import LocalDeployment
+    from tests.test_deploy_secagg import Nodes
+
+    config = tmp_path / "run.yaml"
+    config.write_text(CONFIG.replace("rounds: 2", "rounds: 1").replace("clients_per_round: 3", "clients_per_round: 4")
+                      + "secure_aggregation: true\nsecagg_range: 1000.0\nsecagg_threshold: 3\n")
+    cfg = build_config(config, num_clients=4, backend="loop", progress=False)
+    out = tmp_path / "deployed"
+    lines, killed = [], threading.Event()
+    with LocalDeployment(4, cfg.model_copy(update={"out": out}), tmp_path / "work", insecure=False) as deployment:
+        def watch(line: str) -> None:
+            lines.append(line)
+            if "secure aggregation share:" in line and not killed.is_set():
+                os.killpg(deployment.procs[3].pid, signal.SIGKILL)  # SuperNode of client 2
+                killed.set()
+
+        code = deployment.submit(out, False, 40.0, echo=watch, timeout=400)
+    assert code == 0 and killed.is_set(), "\n".join(lines[-40:])
+    assert any("secure aggregation upload: 3 of 4" in line for line in lines), "\n".join(lines[-40:])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["clients_used"] == 3 and "round_skipped" not in rows[-1]
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):  # in-process reference messages
+        monkeypatch.setattr(TaskIdentity, name, value)
+    reference = Nodes(4, tmp_path / "reference")
+    reference.dead_from[102] = "upload"
+    expected = run(cfg, pool=reference.pool(cfg))
+    deployed = load_file(str(out / "final.safetensors"))
+    for k, v in expected.params.items():
+        torch.testing.assert_close(deployed[k], v, atol=1e-5, rtol=0)
