@@ -102,6 +102,7 @@ def run(
     secagg_threshold: Optional[int] = typer.Option(None),
     secagg_neighbours: Optional[int] = typer.Option(None, help="SecAgg+ neighbourhood size"),
     secagg_dropout: Optional[float] = typer.Option(None, help="fraction dropping after key sharing"),
+    min_clients: Optional[int] = typer.Option(None, help="skip a round (model unchanged) with fewer valid replies"),
     attention_score: Optional[str] = typer.Option(None, help="loss | cosine"),
     server_optimizer: Optional[str] = typer.Option(None, help="sgd | adam | yogi"),
     server_lr: Optional[float] = typer.Option(None),
@@ -139,7 +140,8 @@ def run(
                  aggregator=aggregator, attention_score=attention_score, byzantine_f=byzantine_f, attack=attack,
                  malicious_fraction=malicious_fraction, dp=dp, dp_clip=dp_clip, dp_noise_multiplier=dp_noise_multiplier,
                  target_epsilon=target_epsilon, dp_delta=dp_delta, dp_adaptive_clip=dp_adaptive_clip,
-                 client_sampling=client_sampling, dropout=dropout, secure_aggregation=secure_aggregation,
+                 client_sampling=client_sampling, dropout=dropout, min_clients=min_clients,
+                 secure_aggregation=secure_aggregation,
                  secagg_threshold=secagg_threshold, secagg_neighbours=secagg_neighbours, secagg_dropout=secagg_dropout,
                  server_lr=server_lr, server_momentum=server_momentum, partition=partition,
                  dirichlet_alpha=dirichlet_alpha, synthetic_alpha=synthetic_alpha, synthetic_beta=synthetic_beta,
@@ -190,6 +192,25 @@ def deploy_local_cmd(
         deploy_local(cfg, clients, out, insecure=insecure, overwrite=overwrite, resume=resume,
                      round_timeout=round_timeout, timeout=timeout, echo=_echo_progress)
         typer.echo(f"done: {out}")
+
+
+@app.command("secagg-keys")
+def secagg_keys(
+    clients: int = typer.Option(..., "--clients", help="number of clients (ids 0..N-1)"),
+    out: Path = typer.Option(..., "--out", help="folder for roster.json and client-<i>.key"),
+) -> None:
+    """Trusted set-up for secure aggregation in a deployment: one Ed25519 identity key per
+    client (give client i's key only to the party that runs it) and the roster of public
+    keys (give it to every party and to the ServerApp)."""
+    from metafed.deploy.identity import make_identities
+
+    with _one_line_errors():
+        if clients < 1:
+            _fail("--clients must be at least 1")
+        if out.exists() and any(out.iterdir()):
+            _fail(f"{out} exists and is not empty: keys are never overwritten")
+        roster, keys = make_identities(out, clients)
+        typer.echo(f"roster: {roster}\nkeys:   {keys[0].parent}/client-<i>.key (mode 0600)")
 
 
 def _echo_progress(line: str) -> None:

@@ -122,6 +122,8 @@ class RunConfig(BaseModel):
     # participation
     client_sampling: Literal["fixed", "poisson"] = "fixed"
     dropout: float = Field(0.0, ge=0, lt=1, description="fraction of sampled clients that never reply")
+    min_clients: int = Field(1, ge=1, description="a round commits only with at least this many valid replies; "
+                                                  "otherwise it is skipped and the model is unchanged")
 
     # differential privacy
     dp: Optional[Literal["central", "local"]] = None
@@ -192,6 +194,9 @@ class RunConfig(BaseModel):
                 not self.clients_per_round / 2 < self.secagg_threshold <= self.clients_per_round:
             raise ValueError(f"--secagg-threshold {self.secagg_threshold} must satisfy m/2 < t <= m for "
                              f"--clients-per-round m = {self.clients_per_round}")
+        if self.client_sampling == "fixed" and self.min_clients > min(self.clients_per_round, self.num_clients):
+            raise ValueError(f"--min-clients {self.min_clients} exceeds the clients sampled per round "
+                             f"({min(self.clients_per_round, self.num_clients)}): no round could commit")
         if self.dataset == "shakespeare" and self.model not in (None, "lstm"):
             raise ValueError("dataset 'shakespeare' is text: use model 'lstm'")
         return self

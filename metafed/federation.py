@@ -203,6 +203,8 @@ class Federation:
         FLTrust reference | aggregator] -> [central DP noise]. Per-client steps (local DP,
         clipping and weighting under secure aggregation) run where the client runs."""
         secure = self.cfg.secure_aggregation
+        if len(got.ids) < self.cfg.min_clients and (got.ids or self.dp is None or self.dp.mode != "central"):
+            raise RoundSkipped(f"{len(got.ids)} valid replies, fewer than --min-clients {self.cfg.min_clients}")
         if self.dp is not None and self.dp.mode == "central":
             return self._central_dp(got, program, broadcast, rnd, metrics)
         if not got.ids:

@@ -243,3 +243,22 @@ def test_roster_files_are_checked(tmp_path):
     with pytest.raises(ValueError, match="roster"):
         FlowerPool(FakeGrid(3, lambda m: None), cfg, 3, 1, 1, {0: b"x" * 32})
     np.testing.assert_equal(len(keys), 3)
+
+
+def test_min_clients_rule_skips_a_round_with_too_few_replies(tmp_path):
+    """A node that never answers: with --min-clients 5 the round is skipped (model unchanged,
+    logged), with 4 it commits over the others."""
+    from metafed.run import build_federation
+
+    for need, skipped in ((5, True), (4, False)):
+        cfg = small_config(num_clients=5, clients_per_round=5, rounds=1, backend="loop", local_steps=2,
+                           min_clients=need)
+        nodes = Nodes(5, tmp_path / str(need), secagg=False)
+        nodes.dead_from[103] = "train"
+        result = run(cfg, pool=nodes.pool(cfg))
+        assert (result.rows[-1].get("round_skipped") == 1) is skipped
+        initial = build_federation(cfg).algorithm.global_params(build_federation(cfg).state)
+        changed = any(not torch.equal(initial[k], v) for k, v in result.params.items())
+        assert changed is not skipped
+    with pytest.raises(ValueError, match="min-clients"):
+        small_config(clients_per_round=3, min_clients=4)
