@@ -27,6 +27,7 @@ from metafed.models import FunctionalModel
 from metafed.types import Params
 
 EVAL_SAMPLES_PER_CHUNK = 4096
+HELDOUT_ADAPT_STEPS = (0, 1, 5, 10)  # new-client accuracy after k adaptation steps
 
 
 @dataclass(frozen=True)
@@ -99,9 +100,10 @@ class Evaluator:
     group_size: int = 64
 
     def personalized(self, broadcast: dict, clients: list[ClientData], states: list[dict], steps: int,
-                     rnd: int, stream: int) -> ClientScores:
+                     rnd: int, stream: int, first_index: int = 0) -> ClientScores:
         """Adapt each client with ``personalize`` for ``steps`` steps on its train split, then
-        score it on its test split. Clients go through the backend in groups to bound memory."""
+        score it on its test split. Clients go through the backend in groups to bound memory.
+        Client c's schedule is seeded by [seed, stream, round, first_index + c]."""
         program = self.algorithm.personalize_program(steps, self.personalize_lr)
         parts = []
         for g in range(0, len(clients), self.group_size):
@@ -109,7 +111,7 @@ class Evaluator:
             tasks = []
             for c in group:
                 cd = clients[c]
-                rng = np.random.default_rng([self.seed, stream, rnd, c])
+                rng = np.random.default_rng([self.seed, stream, rnd, first_index + c])
                 sched = client_schedule(cd.num_train, batch_size=self.batch_size, epochs=1, steps=steps,
                                         batches_per_step=program.batches_per_step, rng=rng)
                 inputs = {"state": states[c], "num_samples": torch.tensor(float(cd.num_train))}
@@ -173,6 +175,35 @@ def evaluate_one_client(evaluator: Evaluator, params: Params, broadcast: dict, r
     else:
         out.update(personalized_correct=out["global_correct"], personalized_loss_sum=out["global_loss_sum"])
     return out
+
+
+def evaluate_new_client(evaluator: Evaluator, params: Params, broadcast: dict, rnd: int, index: int,
+                        client: ClientData, steps: tuple[int, ...]) -> dict[str, float]:
+    """Federated new-client evaluation on one held-out client (it never trained): correct
+    and total test counts after k adaptation steps from a fresh client state, for each k in
+    ``steps``. Same seeds as the simulation ([seed, 6, round, held-out index])."""
+    out = {"test_count": float(client.num_test)}
+    for k in steps:
+        if k == 0:
+            scores = score_global(evaluator.algorithm.model, params, [client.test_x], [client.test_y])
+        else:
+            fresh = [evaluator.algorithm.client_init(broadcast)]
+            scores = evaluator.personalized(broadcast, [client], fresh, k, rnd, stream=6, first_index=index)
+        out[f"new_k{k}_correct"] = float(scores.correct[0])
+    return out
+
+
+def combine_new_client_evaluations(rows: list[dict[str, float]], steps: tuple[int, ...]) -> dict[str, float]:
+    """Server side: held-out clients' counts -> new_client_accuracy_k{k} (pooled) and
+    new_client_accuracy_mean_k{k} (per-client mean), the simulation's keys."""
+    count = torch.tensor([r["test_count"] for r in rows], dtype=torch.float64)
+    metrics = {}
+    for k in steps:
+        correct = torch.tensor([r[f"new_k{k}_correct"] for r in rows], dtype=torch.float64)
+        summary = ClientScores(correct, torch.zeros_like(correct), count).summary("x")
+        metrics[f"new_client_accuracy_k{k}"] = summary["x_accuracy"]
+        metrics[f"new_client_accuracy_mean_k{k}"] = summary["x_accuracy_mean"]
+    return metrics
 
 
 def combine_client_evaluations(rows: list[dict[str, float]]) -> dict[str, float]:

@@ -19,7 +19,7 @@ from metafed.client_store import ClientStore
 from metafed.config import RunConfig
 from metafed.data.federated import FederatedDataset
 from metafed.data.schedule import client_schedule, poisson_sample_clients, sample_clients
-from metafed.eval import Evaluator
+from metafed.eval import HELDOUT_ADAPT_STEPS, Evaluator
 from metafed.pools import ClientPool, RoundReplies, SimulationPool
 from metafed.privacy.accountant import PrivacyAccountant, calibrate_noise
 from metafed.privacy.dp import ClientDP
@@ -29,7 +29,6 @@ from metafed.privacy.secagg import SecAggAbort
 
 log = logging.getLogger("metafed")
 
-HELDOUT_ADAPT_STEPS = (0, 1, 5, 10)
 
 
 @dataclass

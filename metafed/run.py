@@ -84,8 +84,9 @@ def check_deployable(cfg: RunConfig) -> None:
         raise ConfigError("--secagg-dropout is simulated: in deployment dropouts are real, remove it")
     if cfg.attack or cfg.dropout or cfg.stragglers:
         raise ConfigError("attacks, dropout and stragglers are simulated: in deployment they are real, remove them")
-    if cfg.heldout_fraction > 0:
-        raise ConfigError("held-out clients are not federated yet: deploy with --heldout-fraction 0")
+    if cfg.aggregator == "fltrust":
+        raise ConfigError("fltrust needs a root dataset held by the server; in deployment the server holds no "
+                          "data: choose another robust aggregator")
 
 
 def config_dump(cfg: RunConfig) -> dict:

@@ -262,3 +262,31 @@ def test_min_clients_rule_skips_a_round_with_too_few_replies(tmp_path):
         assert changed is not skipped
     with pytest.raises(ValueError, match="min-clients"):
         small_config(clients_per_round=3, min_clients=4)
+
+
+def test_held_out_supernodes_report_new_client_accuracy_as_the_simulation(tmp_path):
+    """--heldout-fraction in deployment: the partitions the simulation holds out are SuperNodes
+    that never train (a train request is refused) and score new-client accuracy at k = 0, 1,
+    5, 10 on their own data; every metric equals the simulation's."""
+    cfg = small_config(algorithm="per-fedavg-fo", num_clients=5, clients_per_round=3, rounds=2, backend="loop",
+                       local_steps=2, heldout_fraction=0.4)
+    from flwr.app import Message
+
+    from metafed.deploy.wire import to_records
+
+    nodes = Nodes(5, tmp_path, secagg=False)
+    pool = nodes.pool(cfg)
+    deployed = run(cfg, pool=pool)
+    sim = run(cfg)
+    _close(deployed.params, sim.params)
+    heldout = set(pool.heldout_node_of.values())
+    assert len(heldout) == 2 and pool.num_clients == 3
+    assert not heldout & {node for node, stage in nodes.seen if stage == "train"}
+    content = RecordDict({"config": ConfigRecord({"config": cfg.model_dump_json(), "round": 3}),
+                          "broadcast": to_records(deployed.params)})
+    refused = nodes.answer(Message(content, min(heldout), "train"))
+    assert refused.has_error() and "never trains" in refused.error.reason
+    keys = [k for k in sim.rows[-1] if k.startswith("new_client_accuracy")]
+    assert len(keys) == 8
+    for key in keys + ["global_accuracy", "personalized_accuracy", "personalized_accuracy_p10"]:
+        assert deployed.rows[-1][key] == pytest.approx(sim.rows[-1][key], abs=1e-6), key

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from metafed.data.federated import ClientData, FederatedDataset, hold_out, split_client
+from metafed.data.federated import ClientData, FederatedDataset, hold_out_partitions, split_client
 from metafed.data.loaders import DataNotFound, load_digits, load_leaf, load_mnist
 from metafed.data.partition import PARTITIONS, partition
 from metafed.data.synthetic import synthetic_clients
@@ -91,11 +91,13 @@ def load_dataset(cfg: "RunConfig") -> FederatedDataset:
     else:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     heldout: list[ClientData] = []
+    kept, out = tuple(range(len(clients))), ()
     if cfg.heldout_fraction > 0:
-        clients, heldout = hold_out(clients, cfg.heldout_fraction, rng)
+        kept, out = hold_out_partitions(len(clients), cfg.heldout_fraction, rng)
+        clients, heldout = [clients[i] for i in kept], [clients[i] for i in out]
     if cfg.aggregator == "fltrust" and root is None:
         root = _heldout_root(heldout, cfg.fltrust_root_size, cfg.seed)
-    return FederatedDataset(name, clients, shape, classes, heldout, root)
+    return FederatedDataset(name, clients, shape, classes, heldout, root, kept, out)
 
 
 __all__ = ["ClientData", "FederatedDataset", "DataNotFound", "DATASETS", "DEFAULT_MODEL", "PARTITIONS",

@@ -38,6 +38,18 @@ class FederatedDataset:
     heldout: list[ClientData] = field(default_factory=list)
     # samples only the server holds (FLTrust's root set): never any client's data
     server_root: tuple[Tensor, Tensor] | None = None
+    # the data partition each training / held-out client came from (a SuperNode's partition-id)
+    partitions: tuple[int, ...] | None = None
+    heldout_partitions: tuple[int, ...] | None = None
+
+    def role_of_partition(self, partition: int) -> tuple[str, int]:
+        """("train", client id) or ("heldout", held-out index) of a data partition."""
+        partitions = self.partitions if self.partitions is not None else tuple(range(len(self.clients)))
+        if partition in partitions:
+            return "train", partitions.index(partition)
+        if self.heldout_partitions is not None and partition in self.heldout_partitions:
+            return "heldout", self.heldout_partitions.index(partition)
+        raise ValueError(f"partition {partition} is not part of this dataset")
 
     @property
     def num_clients(self) -> int:
@@ -66,9 +78,14 @@ def split_client(x: Tensor, y: Tensor, test_fraction: float, rng: np.random.Gene
 
 def hold_out(clients: list[ClientData], fraction: float, rng: np.random.Generator) -> tuple[list[ClientData], list[ClientData]]:
     """Set aside round(fraction * n) random clients that will never train."""
-    n_out = int(round(len(clients) * fraction))
-    if n_out >= len(clients):
-        raise ValueError(f"heldout_fraction {fraction} leaves no training clients out of {len(clients)}")
-    order = rng.permutation(len(clients))
-    out = set(order[:n_out].tolist())
-    return [c for i, c in enumerate(clients) if i not in out], [c for i, c in enumerate(clients) if i in out]
+    kept, out = hold_out_partitions(len(clients), fraction, rng)
+    return [clients[i] for i in kept], [clients[i] for i in out]
+
+
+def hold_out_partitions(n: int, fraction: float, rng: np.random.Generator) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(training partitions, held-out partitions), each in increasing order."""
+    n_out = int(round(n * fraction))
+    if n_out >= n:
+        raise ValueError(f"heldout_fraction {fraction} leaves no training clients out of {n}")
+    out = set(rng.permutation(n)[:n_out].tolist())
+    return tuple(i for i in range(n) if i not in out), tuple(i for i in range(n) if i in out)

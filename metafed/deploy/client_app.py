@@ -27,12 +27,13 @@ from metafed.deploy.identity import load_identity, load_roster
 from metafed.deploy.node import NodeConfigError, load_node, parse_node_config
 from metafed.deploy.secagg_node import StageRefused, handle_stage, hold_upload
 from metafed.deploy.wire import from_records, to_records
-from metafed.eval import evaluate_one_client
+from metafed.eval import evaluate_new_client, evaluate_one_client
 from metafed.privacy.secagg import SecAggAbort
 from metafed.privacy.upload import UploadTransform, client_privacy_random, finish_upload
 
 app = ClientApp()
 log = logging.getLogger("metafed.deploy")
+REFUSED = 4100  # metafed's error code: the client refuses the request (the reason says why)
 
 
 def _node(msg: Message, context: Context):
@@ -45,7 +46,7 @@ def _node(msg: Message, context: Context):
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     node, _ = _node(msg, context)
-    info = ConfigRecord({"client": node.client_id, "num_train": node.data.num_train,
+    info = ConfigRecord({"client": node.client_id, "role": node.role, "num_train": node.data.num_train,
                          "input_shape": list(node.input_shape), "num_classes": node.num_classes})
     return Message(RecordDict({"info": info}), reply_to=msg)
 
@@ -53,6 +54,8 @@ def query(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     node, rnd = _node(msg, context)
+    if node.role != "train":
+        return Message(Error(code=REFUSED, reason="a held-out client never trains"), reply_to=msg)
     broadcast = from_records(msg.content["broadcast"])
     program = node.algorithm.client_program(rnd)
     pool = node.pool()
@@ -90,7 +93,7 @@ def secagg(msg: Message, context: Context) -> Message:
     return Message(RecordDict(content), reply_to=msg)
 
 
-REFUSED = 4100  # metafed: a secure-aggregation stage refused by the client (reason in the error)
+
 
 
 @functools.lru_cache(maxsize=2)
@@ -107,6 +110,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     node, rnd = _node(msg, context)
     params = from_records(msg.content["params"])
     broadcast = from_records(msg.content["broadcast"])
+    if node.role == "heldout":
+        steps = tuple(int(k) for k in msg.content["config"]["heldout-steps"])
+        scores = evaluate_new_client(node.evaluator, params, broadcast, rnd, node.client_id, node.data, steps)
+        return Message(RecordDict({"scores": MetricRecord({"round": rnd, "client": node.client_id, **scores})}),
+                       reply_to=msg)
     steps = int(json.loads(str(msg.content["config"]["config"]))["personalize_steps"])
     scores = evaluate_one_client(node.evaluator, params, broadcast, rnd, node.client_id, node.data,
                                  node.load_state(broadcast), steps)

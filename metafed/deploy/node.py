@@ -31,11 +31,12 @@ class NodeConfigError(ValueError):
 @dataclass
 class Node:
     cfg: RunConfig
-    client_id: int
+    client_id: int  # training client id, or the index among held-out clients (role "heldout")
     data: ClientData
     input_shape: tuple[int, ...]
     num_classes: int
     state_dir: Path
+    role: str = "train"  # "heldout": never trains, only scores new-client accuracy
 
     @functools.cached_property
     def algorithm(self):
@@ -90,15 +91,16 @@ def parse_node_config(node_config: dict) -> tuple[str, int, int]:
 @functools.lru_cache(maxsize=4)
 def load_node(config_json: str, dataset: str, pid: int, parts: int, state_dir: str) -> Node:
     """The node's partition of a built-in dataset: the run's config (seed, partitioner) with
-    the node's dataset and partition count, so it is exactly the simulation's client ``pid``."""
+    the node's dataset and partition count, so it is exactly the simulation's client from
+    partition ``pid`` (a training client, or a held-out one)."""
     cfg = RunConfig(**json.loads(config_json))
     if cfg.dataset != dataset or cfg.num_clients != parts:
         raise NodeConfigError(f"this node holds {dataset} partition {pid} of {parts}, but the run asks for "
                               f"{cfg.dataset} over {cfg.num_clients} clients")
-    if cfg.heldout_fraction > 0:
-        raise NodeConfigError("held-out clients are not federated yet: deploy with heldout_fraction 0")
     fed = load_dataset(cfg)
-    return Node(cfg, pid, fed.clients[pid], fed.input_shape, fed.num_classes, Path(state_dir))
+    role, index = fed.role_of_partition(pid)  # held-out partitions (--heldout-fraction) never train
+    data = fed.clients[index] if role == "train" else fed.heldout[index]
+    return Node(cfg, index, data, fed.input_shape, fed.num_classes, Path(state_dir), role)
 
 
 def seed_everything(cfg: RunConfig) -> None:

@@ -19,7 +19,7 @@ from metafed.client_store import ClientStore
 from metafed.config import RunConfig
 from metafed.deploy.secagg_wire import bound_session, decode_total, read_reply, round_setup, stage_request, sum_layout
 from metafed.deploy.wire import BadReply, finite_number, from_records, layout, to_records
-from metafed.eval import combine_client_evaluations
+from metafed.eval import HELDOUT_ADAPT_STEPS, combine_client_evaluations, combine_new_client_evaluations
 from metafed.pools.base import RoundReplies, zero_rows
 from metafed.pools.simulation import secagg_config
 from metafed.privacy.secagg.codec import MalformedMessage
@@ -63,31 +63,40 @@ class FlowerPool:
             time.sleep(0.5)
             nodes = list(self.grid.get_node_ids())
         replies = self._send([Message(RecordDict({"config": self._config(0)}), n, "query") for n in nodes], timeout)
-        self.node_of: dict[int, int] = {}
+        self.node_of: dict[int, int] = {}  # training client -> node
+        self.heldout_node_of: dict[int, int] = {}  # held-out client index -> node
+        n_heldout = int(round(self.cfg.num_clients * self.cfg.heldout_fraction))
+        self._num_clients = self.cfg.num_clients - n_heldout
         shapes = set()
         for r in replies:
             try:
                 if r.has_error():
                     raise BadReply(f"error from the node: {r.error.reason}")
                 info = r.content["info"]
-                cid = int(info["client"])
-                if not 0 <= cid < self.cfg.num_clients or cid in self.node_of:
-                    raise BadReply(f"client id {cid} is out of range or claimed twice")
-                self.node_of[cid] = r.metadata.src_node_id
+                cid, role = int(info["client"]), str(info.get("role", "train"))
+                table, size = (self.node_of, self._num_clients) if role == "train" else \
+                    (self.heldout_node_of, n_heldout) if role == "heldout" else (None, 0)
+                if table is None or not 0 <= cid < size or cid in table:
+                    raise BadReply(f"{role} client id {cid} is out of range or claimed twice")
+                table[cid] = r.metadata.src_node_id
                 shapes.add((tuple(int(d) for d in info["input_shape"]), int(info["num_classes"])))
             except (BadReply, KeyError, TypeError, ValueError) as e:
                 log.warning("registration: ignoring node %s: %s", r.metadata.src_node_id, e)
         if not self.node_of or len(shapes) != 1:
             raise RuntimeError(f"no usable SuperNodes registered ({len(nodes)} connected, data shapes {shapes})")
         self.client_of = {n: c for c, n in self.node_of.items()}
+        self.heldout_of = {n: c for c, n in self.heldout_node_of.items()}
         (self.input_shape, self.num_classes), = shapes
-        missing = sorted(set(range(self.cfg.num_clients)) - set(self.node_of))
+        missing = sorted(set(range(self._num_clients)) - set(self.node_of))
         if missing:
             log.warning("clients %s have no SuperNode: they never reply", missing[:10])
+        if len(self.heldout_node_of) < n_heldout:
+            log.warning("%d of %d held-out clients have a SuperNode", len(self.heldout_node_of), n_heldout)
 
     @property
     def num_clients(self) -> int:
-        return self.cfg.num_clients
+        """Training clients (held-out ones never train)."""
+        return self._num_clients
 
     # ------------------------------------------------------------------ rounds
     def message_template(self, rnd: int, program: LocalProgram, broadcast: dict) -> dict:
@@ -213,29 +222,44 @@ class FlowerPool:
 
     # ------------------------------------------------------------------ federated evaluation
     def evaluate(self, rnd: int, params: dict, broadcast: dict) -> dict:
-        from flwr.app import Message, RecordDict
+        """Federated evaluation: training clients score the global and their personalized
+        model on their own test data; held-out clients score new-client accuracy after k
+        adaptation steps. All reply counts; the server combines them."""
+        from flwr.app import ConfigRecord, Message, RecordDict
 
-        content = {"config": self._config(rnd), "params": to_records(params), "broadcast": to_records(broadcast)}
-        replies = self._send([Message(RecordDict(content), n, "evaluate") for n in self.node_of.values()],
-                             self.round_timeout)
-        rows = {}
+        config = ConfigRecord({"config": self.config_json, "round": rnd, "heldout-steps": list(HELDOUT_ADAPT_STEPS)})
+        content = RecordDict({"config": config, "params": to_records(params), "broadcast": to_records(broadcast)})
+        nodes = list(self.node_of.values()) + list(self.heldout_node_of.values())
+        replies = self._send([Message(content, n, "evaluate") for n in nodes], self.round_timeout)
+        rows, new = {}, {}
         for r in replies:
             try:
                 if r.has_error():
                     raise BadReply(f"error from the node: {r.error.reason}")
                 scores = dict(r.content["scores"])
-                cid = int(scores.pop("client"))
-                if self.client_of.get(_src(r)) != cid or int(scores.pop("round")) != rnd or cid in rows:
+                cid, heldout = int(scores.pop("client")), _src(r) in self.heldout_of
+                table, known = (new, self.heldout_of) if heldout else (rows, self.client_of)
+                if known.get(_src(r)) != cid or int(scores.pop("round")) != rnd or cid in table:
                     raise BadReply("scores from the wrong node or round, or sent twice")
                 row = {k: finite_number(v, k, 0.0) for k, v in scores.items()}
-                if row["test_count"] < 1:
-                    raise BadReply("no test samples")
-                rows[cid] = row
+                expected = _NEW_KEYS if heldout else _KEYS
+                if set(row) != expected or row["test_count"] < 1 or \
+                        any(row[k] > row["test_count"] for k in row if k.endswith("_correct")):
+                    raise BadReply("scores with missing or extra keys, no test samples, or more correct than total")
+                table[cid] = row
             except (BadReply, KeyError, TypeError, ValueError) as e:
                 log.warning("evaluation round %d: rejected scores from node %s: %s", rnd, _src(r), e)
         if not rows:
             return {}
-        return {**combine_client_evaluations([rows[c] for c in sorted(rows)]), "clients_evaluated": len(rows)}
+        metrics = {**combine_client_evaluations([rows[c] for c in sorted(rows)]), "clients_evaluated": len(rows)}
+        if new:
+            metrics.update(combine_new_client_evaluations([new[c] for c in sorted(new)], HELDOUT_ADAPT_STEPS))
+        return metrics
+
+
+_KEYS = {"global_correct", "global_loss_sum", "test_count", "train_loss_sum", "train_count", "personalized_correct",
+         "personalized_loss_sum"}
+_NEW_KEYS = {"test_count", *(f"new_k{k}_correct" for k in HELDOUT_ADAPT_STEPS)}
 
 
 def _src(message) -> int | None:
