@@ -25,11 +25,14 @@ personalize_steps: 2
 """
 
 
-@pytest.mark.parametrize("algorithm", ["fedavg", "ditto"])
-def test_deploy_local_equals_the_simulation(tmp_path, algorithm):
-    """fedavg, and ditto (personal state kept on each SuperNode's own disk)."""
+@pytest.mark.parametrize("algorithm,extra", [("fedavg", ""), ("ditto", ""), ("fedprox", "mu: 0.5\nrounds: 1\n"),
+                                             ("maml", "local_steps: 3\nrounds: 1\n")])
+def test_deploy_local_equals_the_simulation(tmp_path, algorithm, extra):
+    """fedavg; ditto (personal state kept on each SuperNode's own disk); fedprox; maml
+    (second order, two batches per step)."""
     config = tmp_path / "run.yaml"
-    config.write_text(CONFIG + f"algorithm: {algorithm}\n")
+    base = CONFIG.replace("rounds: 2\n", "") if "rounds" in extra else CONFIG
+    config.write_text(base + f"algorithm: {algorithm}\n" + extra)
     out = tmp_path / "deployed"
     done = subprocess.run([sys.executable, "-m", "metafed.cli", "deploy-local", "--clients", "3", "--config",
                            str(config), "--out", str(out), "--timeout", "360", "--round-timeout", "120"],
@@ -43,7 +46,7 @@ def test_deploy_local_equals_the_simulation(tmp_path, algorithm):
     for key in ("train_loss", "global_accuracy", "global_train_loss", "personalized_accuracy",
                 "personalized_accuracy_p10", "clients_used"):
         assert rows[-1][key] == pytest.approx(sim.rows[-1][key], abs=1e-6), key
-    assert json.loads((out / "checkpoint.json").read_text())["round"] == 2
+    assert json.loads((out / "checkpoint.json").read_text())["round"] == sim.rows[-1]["round"]
     assert not Path(out / "config.yaml").is_symlink()
 
 
