@@ -73,45 +73,64 @@ def test_unauthenticated_supernode_is_refused(tmp_path):
         assert rogue.poll() not in (None, 0)  # the rogue node gave up: refused by the SuperLink
 
 
-def _submit_until_first_commit(deployment, out, round_timeout):
-    """Submit a run in a thread; return (thread, exit codes) once round 1 is committed."""
+def _committed_round(out) -> int:
+    try:
+        return json.loads((out / "checkpoint.json").read_text())["round"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def _submit_until_commit(deployment, out, round_timeout, resume=False, rounds_done=1):
+    """Submit a run in a thread; return (thread, exit codes) once ``rounds_done`` rounds are committed."""
     import threading
     import time
 
     codes = []
     runner = threading.Thread(target=lambda: codes.append(
-        deployment.submit(out, False, round_timeout, echo=lambda line: None, timeout=300)))
+        deployment.submit(out, resume, round_timeout, echo=lambda line: None, timeout=300)))
     runner.start()
     deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and not (out / "checkpoint.json").exists():
+    while time.monotonic() < deadline and _committed_round(out) < rounds_done:
         time.sleep(0.2)
-    assert (out / "checkpoint.json").exists(), "no round was committed"
+    assert _committed_round(out) >= rounds_done, "no round was committed"
     return runner, codes
 
 
-def test_serverapp_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path):
-    """kill -9 of the ServerApp after a committed round; a resumed run on the same SuperLink
-    and SuperNodes ends with the parameters of an uninterrupted run."""
+def test_serverapp_then_superlink_killed_with_sigkill_resume_to_the_uninterrupted_result(tmp_path):
+    """kill -9 of the ServerApp after a committed round, resume; then kill -9 of the SuperLink
+    (and with it the ServerApp) after the next commit: the SuperLink restarts on the same port
+    and state database, the SuperNodes reconnect by themselves (the same processes), and the
+    resumed run ends with the parameters of an uninterrupted run."""
+    import os
+    import signal
+
     from metafed.deploy.local import LocalDeployment
 
     config = tmp_path / "run.yaml"
-    config.write_text(CONFIG.replace("rounds: 2", "rounds: 3") + "eval_every: 3\n")
+    config.write_text(CONFIG.replace("rounds: 2", "rounds: 4") + "eval_every: 4\n")
     cfg = build_config(config, num_clients=3, backend="loop", progress=False)
     out = tmp_path / "deployed"
-    with LocalDeployment(3, cfg.model_copy(update={"out": out}), tmp_path / "work", insecure=True) as deployment:
-        first, _ = _submit_until_first_commit(deployment, out, 120.0)
+    with LocalDeployment(3, cfg.model_copy(update={"out": out}), tmp_path / "work", insecure=False) as deployment:
+        nodes = deployment.procs[1:4]
+        first, _ = _submit_until_commit(deployment, out, 120.0)
         killed = subprocess.run(["pkill", "-9", "-f", "flwr-serverapp"], capture_output=True)
         assert killed.returncode == 0
         first.join(timeout=300)
-        done_round = json.loads((out / "checkpoint.json").read_text())["round"]
-        assert done_round < 3 and not (out / "summary.json").exists()  # it really died mid-run
+        done = _committed_round(out)
+        assert done < 4 and not (out / "summary.json").exists()  # it really died mid-run
+        second, _ = _submit_until_commit(deployment, out, 120.0, resume=True, rounds_done=done + 1)
+        os.killpg(deployment.superlink.pid, signal.SIGKILL)
+        second.join(timeout=120)
+        assert _committed_round(out) < 4 and not (out / "summary.json").exists()
+        deployment.start_superlink()
+        assert all(node.poll() is None for node in nodes)  # the SuperNodes kept running, retrying
         assert deployment.submit(out, True, 120.0, echo=lambda line: None, timeout=300) == 0
     sim = run(cfg)
     deployed = load_file(str(out / "final.safetensors"))
     for k, v in sim.params.items():
         torch.testing.assert_close(deployed[k], v, atol=1e-5, rtol=0)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [3]
+    assert [r["round"] for r in rows] == [4]
 
 
 def test_supernode_killed_mid_round_is_dropped_and_the_run_finishes(tmp_path):
@@ -125,7 +144,7 @@ def test_supernode_killed_mid_round_is_dropped_and_the_run_finishes(tmp_path):
     cfg = build_config(config, num_clients=3, backend="loop", progress=False)
     out = tmp_path / "deployed"
     with LocalDeployment(3, cfg.model_copy(update={"out": out}), tmp_path / "work", insecure=True) as deployment:
-        runner, codes = _submit_until_first_commit(deployment, out, 45.0)
+        runner, codes = _submit_until_commit(deployment, out, 45.0)
         victim = deployment.procs[3]  # procs: SuperLink, then SuperNodes 0, 1, 2
         os.killpg(victim.pid, signal.SIGKILL)  # the node and its running ClientApp, in round 2
         runner.join(timeout=300)

@@ -146,33 +146,40 @@ class LocalDeployment:
         self.logs.mkdir(parents=True, exist_ok=True)
 
     def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen:
-        log = open(self.logs / log_name, "wb")
+        log = open(self.logs / log_name, "ab")
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
         self.procs.append(proc)
         return proc
 
     def __enter__(self) -> "LocalDeployment":
         self.port = free_port()
-        tls = None if self.insecure else make_tls(self.work / "tls")
-        # SuperNode authentication needs TLS in Flower: on whenever TLS is
-        security = ["--insecure"] if self.insecure else \
-            ["--ssl-ca-certfile", str(tls["ca"]), "--ssl-certfile", str(tls["cert"]), "--ssl-keyfile", str(tls["key"]),
-             "--enable-supernode-auth"]
-        link = self._spawn([_tool("flower-superlink"), *security, "--disable-runtime-dependency-installation",
-                            "--host", "127.0.0.1", "--port", str(self.port)], "superlink.log")
-        _wait_for_port(self.port, link, 60, "the SuperLink")
+        self.tls = None if self.insecure else make_tls(self.work / "tls")
+        self.start_superlink()
         home = self.work / "flwr-home"
         home.mkdir(exist_ok=True)
         connection = f'address = "127.0.0.1:{self.port}"\n' + \
-            ("insecure = true\n" if self.insecure else f'root-certificates = "{tls["ca"]}"\n')
+            ("insecure = true\n" if self.insecure else f'root-certificates = "{self.tls["ca"]}"\n')
         (home / "config.toml").write_text(f'[superlink]\ndefault = "metafed"\n\n[superlink.metafed]\n{connection}')
-        self.tls = tls
         self.roster = None
         if self.cfg.secure_aggregation:  # trusted set-up: one identity per client, made here, not by the server
             self.roster, self.identity_keys = make_identities(self.work / "secagg", self.clients)
         for i in range(self.clients):
             self.start_node(i)
         return self
+
+    def start_superlink(self) -> subprocess.Popen:
+        """The SuperLink, its state in a database file so that a restarted SuperLink keeps the
+        registered SuperNode keys and runs. SuperNode authentication needs TLS in Flower: on
+        whenever TLS is."""
+        tls = self.tls
+        security = ["--insecure"] if self.insecure else \
+            ["--ssl-ca-certfile", str(tls["ca"]), "--ssl-certfile", str(tls["cert"]), "--ssl-keyfile", str(tls["key"]),
+             "--enable-supernode-auth"]
+        self.superlink = self._spawn([_tool("flower-superlink"), *security, "--disable-runtime-dependency-installation",
+                                      "--database", str(self.work / "superlink.db"), "--host", "127.0.0.1",
+                                      "--port", str(self.port)], "superlink.log")
+        _wait_for_port(self.port, self.superlink, 60, "the SuperLink")
+        return self.superlink
 
     def node_security(self, name: str, register: bool = True) -> list[str]:
         """TLS root and, with TLS, an authentication key registered with the SuperLink's
