@@ -46,12 +46,14 @@ class RunResult:
     federation: Federation
 
 
-def build_federation(cfg: RunConfig, pool=None) -> Federation:
+def build_federation(cfg: RunConfig, pool=None, model=None, data: FederatedDataset | None = None) -> Federation:
     """The federation a config describes. Simulated clients by default; with ``pool``
     (deployment) the clients' data stays with them and only its shape, which the clients
-    report, is known here."""
+    report, is known here. ``model``: a callable returning your own ``nn.Module`` (called
+    after seeding torch with the run's seed), instead of the config's reference model.
+    ``data``: your own :class:`FederatedDataset`, instead of the config's dataset."""
     if pool is None:
-        dataset = load_dataset(cfg)
+        dataset = data if data is not None else load_dataset(cfg)
         malicious = choose_malicious(dataset.num_clients, cfg.malicious_fraction, cfg.seed) if cfg.attack else set()
         dataset = poison_dataset(dataset, malicious, cfg.attack, cfg.backdoor_target) if cfg.attack else dataset
         backend, num_clients = make_backend(cfg.backend, cfg.chunk_size, cfg.compile), dataset.num_clients
@@ -59,9 +61,7 @@ def build_federation(cfg: RunConfig, pool=None) -> Federation:
         check_deployable(cfg)
         dataset, malicious = FederatedDataset(cfg.dataset, [], pool.input_shape, pool.num_classes), set()
         backend, num_clients = make_backend("loop", cfg.chunk_size, False), pool.num_clients
-    model_name = cfg.model or DEFAULT_MODEL[cfg.dataset]
-    module = build_model(model_name, dataset.input_shape, dataset.num_classes, cfg.seed, tuple(cfg.hidden))
-    model = FunctionalModel(module)
+    model = FunctionalModel(make_module(cfg, dataset.input_shape, dataset.num_classes, model))
     algorithm = make_algorithm(cfg, model)
     if pool is not None:
         pool.algorithm = algorithm  # the Flower pool dry-runs programs to know what clients upload
@@ -76,6 +76,19 @@ def build_federation(cfg: RunConfig, pool=None) -> Federation:
     aggregator = make_aggregator(cfg.aggregator, cfg.attention_score, cfg.attention_temperature, f, cfg.clip_tau)
     return Federation(cfg, dataset, algorithm, backend, aggregator, algorithm.init(model.init_params()),
                       malicious=malicious, pool=pool)
+
+
+def make_module(cfg: RunConfig, input_shape, num_classes: int, model=None):
+    """The run's nn.Module: ``model()`` (yours) or the config's reference model, with
+    deterministic initial weights for the run's seed."""
+    if model is None:
+        return build_model(cfg.model or DEFAULT_MODEL[cfg.dataset], input_shape, num_classes, cfg.seed,
+                           tuple(cfg.hidden))
+    torch.manual_seed(cfg.seed)
+    module = model()
+    if not isinstance(module, torch.nn.Module):
+        raise ConfigError(f"model() must return a torch.nn.Module, got {type(module).__name__}")
+    return module
 
 
 def check_deployable(cfg: RunConfig) -> None:
@@ -109,18 +122,19 @@ def _describe(row: dict) -> str:
     return "  ".join(f"{short} {row[k]:.3f}" for k, short in keys if k in row and row[k] == row[k])
 
 
-def run(cfg: RunConfig, resume: Path | None = None, overwrite: bool = False, pool=None) -> RunResult:
+def run(cfg: RunConfig, resume: Path | None = None, overwrite: bool = False, pool=None, model=None,
+        data: FederatedDataset | None = None) -> RunResult:
     """Run (or resume) a federated job. With ``cfg.out`` set, writes the run folder.
 
     A fresh run refuses an ``out`` folder that already holds files unless ``overwrite``;
     nothing on disk changes until the whole job (config, data, model) has been validated."""
     run_dir = Path(resume) if resume else (Path(cfg.out) if cfg.out else None)
     if resume is not None:
-        fed, start = _restore(cfg, run_dir, pool)
+        fed, start = _restore(cfg, run_dir, pool, model, data)
     else:
         if run_dir:
             check_target(run_dir, overwrite)
-        fed, start = build_federation(cfg, pool), 0
+        fed, start = build_federation(cfg, pool, model, data), 0
         if run_dir:
             create(run_dir, overwrite)
             write_text_atomic(run_dir / CONFIG_FILE, yaml.safe_dump(config_dump(cfg), sort_keys=False))
@@ -184,7 +198,7 @@ def privacy_summary(cfg: RunConfig, final: dict) -> dict | None:
             "outside_dp_guarantee": final.get("outside_dp_guarantee", []) + ["per_client_accuracy"]}
 
 
-def _restore(cfg: RunConfig, run_dir: Path, pool=None) -> tuple[Federation, int]:
+def _restore(cfg: RunConfig, run_dir: Path, pool=None, model=None, data=None) -> tuple[Federation, int]:
     """Rebuild the federation a run folder describes and load its last committed round.
     Settings that cannot change on resume are compared, and any difference is refused."""
     config_path = run_dir / CONFIG_FILE
@@ -211,7 +225,7 @@ def _restore(cfg: RunConfig, run_dir: Path, pool=None) -> tuple[Federation, int]
     if resumed_cfg.rounds < ckpt.round:
         raise CheckpointError(f"--rounds {resumed_cfg.rounds} is below the {ckpt.round} rounds {run_dir} has already "
                               "done: a resume can only continue")
-    fed = build_federation(resumed_cfg, pool)
+    fed = build_federation(resumed_cfg, pool, model, data)
     try:
         fed.algorithm.model.check_params(ckpt.state.params)
     except (ValueError, KeyError) as e:

@@ -11,89 +11,129 @@ Messages (``message_type`` / content):
 - ``evaluate`` {"config", "broadcast"}: score the global and personalized model on the
   node's test split; reply counts only.
 
-The config record carries the run config as JSON plus the round. Tensors travel as
+Node data: :func:`builtin_node` (node config), or your own loader through
+:func:`metafed.deploy.flower_apps`. The config record carries the run config as JSON plus
+the round. Tensors travel as
 ArrayRecords (numpy, never pickle). Errors are replied as Flower errors, never crashes."""
 from __future__ import annotations
 
 import functools
 import json
 import logging
+from typing import Callable
 
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from metafed import tree
 from metafed.deploy.identity import load_identity, load_roster
-from metafed.deploy.node import NodeConfigError, load_node, parse_node_config
+from metafed.deploy.node import Node, NodeConfigError, file_node, load_node, parse_node_config
 from metafed.deploy.secagg_node import StageRefused, handle_stage, hold_upload
 from metafed.deploy.wire import from_records, to_records
 from metafed.eval import evaluate_new_client, evaluate_one_client
 from metafed.privacy.secagg import SecAggAbort
 from metafed.privacy.upload import UploadTransform, client_privacy_random, finish_upload
 
-app = ClientApp()
 log = logging.getLogger("metafed.deploy")
 REFUSED = 4100  # metafed's error code: the client refuses the request (the reason says why)
 
 
-def _node(msg: Message, context: Context):
-    config = msg.content["config"]
-    dataset, pid, parts = parse_node_config(dict(context.node_config))
-    state_dir = str(context.node_config.get("state-dir", f"/tmp/metafed-node-{pid}"))
-    return load_node(str(config["config"]), dataset, pid, parts, state_dir), int(config["round"])
+def builtin_node(config_json: str, context: Context, model_fn=None) -> Node:
+    """The node's data from its ``--node-config``: a partition of a built-in dataset
+    (``dataset=NAME partition-id=K num-partitions=N``) or the party's own file
+    (``data-file=PATH client-id=K num-classes=C``, see :func:`load_node_file`)."""
+    node_config = dict(context.node_config)
+    if "data-file" in node_config:
+        return _cached_file_node(config_json, tuple(sorted((k, str(v)) for k, v in node_config.items())), model_fn)
+    dataset, pid, parts = parse_node_config(node_config)
+    state_dir = str(node_config.get("state-dir", f"/tmp/metafed-node-{pid}"))
+    return load_node(config_json, dataset, pid, parts, state_dir, model_fn)
 
 
-@app.query()
-def query(msg: Message, context: Context) -> Message:
-    node, _ = _node(msg, context)
-    info = ConfigRecord({"client": node.client_id, "role": node.role, "num_train": node.data.num_train,
-                         "input_shape": list(node.input_shape), "num_classes": node.num_classes})
-    return Message(RecordDict({"info": info}), reply_to=msg)
+@functools.lru_cache(maxsize=4)
+def _cached_file_node(config_json: str, node_config: tuple, model_fn) -> Node:
+    return file_node(config_json, dict(node_config), model_fn)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    node, rnd = _node(msg, context)
-    if node.role != "train":
-        return Message(Error(code=REFUSED, reason="a held-out client never trains"), reply_to=msg)
-    broadcast = from_records(msg.content["broadcast"])
-    program = node.algorithm.client_program(rnd)
-    pool = node.pool()
-    state = node.load_state(broadcast)
-    task = pool.task(node.client_id, rnd, program.batches_per_step, broadcast)
-    task.inputs["state"] = state
-    outputs, losses = pool.backend.run(program, broadcast, [task])
-    row = tree.nested_index(outputs, 0)
-    node.save_state(row.get("state", {}))
-    sent = {k: v for k, v in row.items() if k not in ("state", "metrics")}
-    if "upload" in msg.content:  # local DP: clip and noise here, with this client's own randomness
-        transform = UploadTransform.from_config(dict(msg.content["upload"]))
-        seed = node.cfg.seed if node.cfg.insecure_reproducible_privacy else None
-        sent = finish_upload(sent, transform, client_privacy_random(seed, rnd, node.client_id))
-    metrics = {"round": rnd, "client": node.client_id, "loss": float(losses[0]),
-               "num_samples": float(node.data.num_train)}
-    metrics.update({f"metric/{k}": float(v) for k, v in row.get("metrics", {}).items()})
-    if bool(msg.content["config"].get("hold", False)):  # secure aggregation: masked later, sent only masked
-        hold_upload(context.state, rnd, sent)
-        return Message(RecordDict({"meta": MetricRecord(metrics)}), reply_to=msg)
-    return Message(RecordDict({"upload": to_records(sent), "meta": MetricRecord(metrics)}), reply_to=msg)
+class MetafedClient:
+    """The ClientApp's handlers over a node loader ``(run config JSON, Context) -> Node``."""
+
+    def __init__(self, load: Callable[[str, Context], Node]):
+        self.load = load
+
+    def _node(self, msg: Message, context: Context) -> tuple[Node, int]:
+        config = msg.content["config"]
+        return self.load(str(config["config"]), context), int(config["round"])
+
+    def query(self, msg: Message, context: Context) -> Message:
+        node, _ = self._node(msg, context)
+        info = ConfigRecord({"client": node.client_id, "role": node.role, "num_train": node.data.num_train,
+                             "input_shape": list(node.input_shape), "num_classes": node.num_classes,
+                             "input_dtype": str(node.data.train_x.dtype).removeprefix("torch.")})
+        return Message(RecordDict({"info": info}), reply_to=msg)
+
+    def train(self, msg: Message, context: Context) -> Message:
+        node, rnd = self._node(msg, context)
+        if node.role != "train":
+            return Message(Error(code=REFUSED, reason="a held-out client never trains"), reply_to=msg)
+        broadcast = from_records(msg.content["broadcast"])
+        program = node.algorithm.client_program(rnd)
+        pool = node.pool()
+        state = node.load_state(broadcast)
+        task = pool.task(node.client_id, rnd, program.batches_per_step, broadcast)
+        task.inputs["state"] = state
+        outputs, losses = pool.backend.run(program, broadcast, [task])
+        row = tree.nested_index(outputs, 0)
+        node.save_state(row.get("state", {}))
+        sent = {k: v for k, v in row.items() if k not in ("state", "metrics")}
+        if "upload" in msg.content:  # local DP: clip and noise here, with this client's own randomness
+            transform = UploadTransform.from_config(dict(msg.content["upload"]))
+            seed = node.cfg.seed if node.cfg.insecure_reproducible_privacy else None
+            sent = finish_upload(sent, transform, client_privacy_random(seed, rnd, node.client_id))
+        metrics = {"round": rnd, "client": node.client_id, "loss": float(losses[0]),
+                   "num_samples": float(node.data.num_train)}
+        metrics.update({f"metric/{k}": float(v) for k, v in row.get("metrics", {}).items()})
+        if bool(msg.content["config"].get("hold", False)):  # secure aggregation: masked later, sent only masked
+            hold_upload(context.state, rnd, sent)
+            return Message(RecordDict({"meta": MetricRecord(metrics)}), reply_to=msg)
+        return Message(RecordDict({"upload": to_records(sent), "meta": MetricRecord(metrics)}), reply_to=msg)
+
+    def secagg(self, msg: Message, context: Context) -> Message:
+        """One stage of metafed's secure aggregation (``secagg_wire`` lists them)."""
+        node, _ = self._node(msg, context)
+        identity, roster = node_identity(str(context.node_config.get("secagg-key", "")),
+                                         str(context.node_config.get("secagg-roster", "")))
+        try:
+            content = handle_stage(msg.content, context.state, node, identity, roster)
+        except (StageRefused, SecAggAbort) as e:
+            log.warning("secure aggregation: client %d: %s", node.client_id, e)
+            return Message(Error(code=REFUSED, reason=str(e)), reply_to=msg)
+        return Message(RecordDict(content), reply_to=msg)
+
+    def evaluate(self, msg: Message, context: Context) -> Message:
+        node, rnd = self._node(msg, context)
+        params = from_records(msg.content["params"])
+        broadcast = from_records(msg.content["broadcast"])
+        if node.role == "heldout":
+            steps = tuple(int(k) for k in msg.content["config"]["heldout-steps"])
+            scores = evaluate_new_client(node.evaluator, params, broadcast, rnd, node.client_id, node.data, steps)
+        else:
+            steps = int(json.loads(str(msg.content["config"]["config"]))["personalize_steps"])
+            scores = evaluate_one_client(node.evaluator, params, broadcast, rnd, node.client_id, node.data,
+                                         node.load_state(broadcast), steps)
+        return Message(RecordDict({"scores": MetricRecord({"round": rnd, "client": node.client_id, **scores})}),
+                       reply_to=msg)
 
 
-@app.query("secagg")
-def secagg(msg: Message, context: Context) -> Message:
-    """One stage of metafed's secure aggregation (``secagg_wire`` lists them)."""
-    node, _ = _node(msg, context)
-    identity, roster = node_identity(str(context.node_config.get("secagg-key", "")),
-                                     str(context.node_config.get("secagg-roster", "")))
-    try:
-        content = handle_stage(msg.content, context.state, node, identity, roster)
-    except (StageRefused, SecAggAbort) as e:
-        log.warning("secure aggregation: client %d: %s", node.client_id, e)
-        return Message(Error(code=REFUSED, reason=str(e)), reply_to=msg)
-    return Message(RecordDict(content), reply_to=msg)
-
-
-
+def make_client_app(load: Callable[[str, Context], Node] = builtin_node) -> ClientApp:
+    """A Flower ClientApp running metafed's client side on the nodes ``load`` describes."""
+    client = MetafedClient(load)
+    app = ClientApp()
+    app.query()(client.query)
+    app.train()(client.train)
+    app.evaluate()(client.evaluate)
+    app.query("secagg")(client.secagg)
+    return app
 
 
 @functools.lru_cache(maxsize=2)
@@ -105,18 +145,6 @@ def node_identity(key_path: str, roster_path: str):
     return load_identity(key_path), load_roster(roster_path)
 
 
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    node, rnd = _node(msg, context)
-    params = from_records(msg.content["params"])
-    broadcast = from_records(msg.content["broadcast"])
-    if node.role == "heldout":
-        steps = tuple(int(k) for k in msg.content["config"]["heldout-steps"])
-        scores = evaluate_new_client(node.evaluator, params, broadcast, rnd, node.client_id, node.data, steps)
-        return Message(RecordDict({"scores": MetricRecord({"round": rnd, "client": node.client_id, **scores})}),
-                       reply_to=msg)
-    steps = int(json.loads(str(msg.content["config"]["config"]))["personalize_steps"])
-    scores = evaluate_one_client(node.evaluator, params, broadcast, rnd, node.client_id, node.data,
-                                 node.load_state(broadcast), steps)
-    return Message(RecordDict({"scores": MetricRecord({"round": rnd, "client": node.client_id, **scores})}),
-                   reply_to=msg)
+app = make_client_app()
+_builtin = MetafedClient(builtin_node)
+query, train, evaluate, secagg = _builtin.query, _builtin.train, _builtin.evaluate, _builtin.secagg

@@ -19,7 +19,7 @@ from metafed.config import RunConfig
 from metafed.data import load_dataset
 from metafed.data.federated import ClientData
 from metafed.eval import Evaluator
-from metafed.models import FunctionalModel, build_model
+from metafed.models import FunctionalModel
 from metafed.pools.simulation import SimulationPool
 from metafed.run_folder import write_text_atomic
 
@@ -37,13 +37,13 @@ class Node:
     num_classes: int
     state_dir: Path
     role: str = "train"  # "heldout": never trains, only scores new-client accuracy
+    model_fn: object = None  # your own nn.Module factory (flower_apps), else the config's model
 
     @functools.cached_property
     def algorithm(self):
-        from metafed.data import DEFAULT_MODEL
+        from metafed.run import make_module
 
-        module = build_model(self.cfg.model or DEFAULT_MODEL[self.cfg.dataset], self.input_shape, self.num_classes,
-                             self.cfg.seed, tuple(self.cfg.hidden))
+        module = make_module(self.cfg, self.input_shape, self.num_classes, self.model_fn)
         return make_algorithm(self.cfg, FunctionalModel(module))
 
     @functools.cached_property
@@ -76,6 +76,76 @@ class Node:
             write_text_atomic(self._state_path(), save_bytes(flat))
 
 
+NODE_FILE_TENSORS = ("train_x", "train_y", "test_x", "test_y")
+
+
+def load_node_file(path, max_bytes: int = 2 ** 31) -> ClientData:
+    """A party's own data in metafed's node format: one safetensors file holding
+    ``train_x`` [n, ...] (float32, or int64 token ids), ``train_y`` [n] int64 labels,
+    ``test_x`` and ``test_y`` likewise. No pickle; every tensor is checked."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise NodeConfigError(f"{path}: {size} bytes, more than the {max_bytes} accepted")
+        tensors = dict(load_bytes(path.read_bytes()))
+    except NodeConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - unreadable or not safetensors: one clear error
+        raise NodeConfigError(f"cannot read node data {path}: {type(e).__name__}: {e}") from None
+    if set(tensors) != set(NODE_FILE_TENSORS):
+        raise NodeConfigError(f"{path} must hold exactly {', '.join(NODE_FILE_TENSORS)}, has {sorted(tensors)}")
+    return client_data_from_tensors(*(tensors[k] for k in NODE_FILE_TENSORS), name=str(path))
+
+
+def client_data_from_tensors(train_x, train_y, test_x, test_y, name: str = "") -> ClientData:
+    """Checked ClientData: matching lengths, int64 labels >= 0, finite float inputs, a
+    non-empty train and test split, one input shape."""
+    for split, x, y in (("train", train_x, train_y), ("test", test_x, test_y)):
+        if y.dtype != torch.int64 or y.dim() != 1 or (y < 0).any():
+            raise NodeConfigError(f"{name}: {split}_y must be a 1-d int64 tensor of labels >= 0")
+        if x.shape[:1] != y.shape or len(y) == 0:
+            raise NodeConfigError(f"{name}: {split}_x has {x.shape[:1]} rows and {split}_y {tuple(y.shape)}: "
+                                  "they must match and be non-empty")
+        if x.dtype not in (torch.float32, torch.int64) or (x.is_floating_point() and not torch.isfinite(x).all()):
+            raise NodeConfigError(f"{name}: {split}_x must be finite float32 (or int64 tokens)")
+    if train_x.shape[1:] != test_x.shape[1:] or train_x.dtype != test_x.dtype:
+        raise NodeConfigError(f"{name}: train_x and test_x differ in shape or dtype")
+    return ClientData(train_x.contiguous(), train_y.contiguous(), test_x.contiguous(), test_y.contiguous(), name)
+
+
+def client_data_from_datasets(train, test, name: str = "") -> ClientData:
+    """ClientData from two torch ``Dataset``s of (x, y) pairs (y an int label)."""
+    def stack(ds, split):
+        items = [ds[i] for i in range(len(ds))]
+        if not items:
+            raise NodeConfigError(f"{name}: the {split} dataset is empty")
+        try:
+            x = torch.stack([torch.as_tensor(item[0]) for item in items])
+            y = torch.tensor([int(item[1]) for item in items], dtype=torch.int64)
+        except (TypeError, ValueError, RuntimeError, IndexError) as e:
+            raise NodeConfigError(f"{name}: the {split} dataset must yield (x, label) pairs of one shape: {e}") from None
+        return (x.float() if x.is_floating_point() else x.long()), y
+
+    return client_data_from_tensors(*stack(train, "train"), *stack(test, "test"), name=name)
+
+
+def file_node(config_json: str, node_config: dict, model_fn=None) -> Node:
+    """A node on the party's own file (node config ``data-file``, ``client-id``, ``num-classes``)."""
+    cfg = RunConfig(**json.loads(config_json))
+    try:
+        cid, classes = int(node_config["client-id"]), int(node_config["num-classes"])
+    except (KeyError, TypeError, ValueError):
+        raise NodeConfigError("--node-config with data-file needs client-id=K and num-classes=C") from None
+    if not 0 <= cid < cfg.num_clients:
+        raise NodeConfigError(f"client-id {cid} must be in [0, num_clients={cfg.num_clients})")
+    data = load_node_file(node_config["data-file"])
+    if int(max(data.train_y.max(), data.test_y.max())) >= classes:
+        raise NodeConfigError(f"{node_config['data-file']}: labels reach beyond num-classes={classes}")
+    state_dir = Path(str(node_config.get("state-dir", f"/tmp/metafed-node-{cid}")))
+    return Node(cfg, cid, data, tuple(data.train_x.shape[1:]), classes, state_dir, "train", model_fn)
+
+
 def parse_node_config(node_config: dict) -> tuple[str, int, int]:
     """(dataset, partition id, number of partitions) from a SuperNode's --node-config."""
     try:
@@ -89,7 +159,7 @@ def parse_node_config(node_config: dict) -> tuple[str, int, int]:
 
 
 @functools.lru_cache(maxsize=4)
-def load_node(config_json: str, dataset: str, pid: int, parts: int, state_dir: str) -> Node:
+def load_node(config_json: str, dataset: str, pid: int, parts: int, state_dir: str, model_fn=None) -> Node:
     """The node's partition of a built-in dataset: the run's config (seed, partitioner) with
     the node's dataset and partition count, so it is exactly the simulation's client from
     partition ``pid`` (a training client, or a held-out one)."""
@@ -100,9 +170,4 @@ def load_node(config_json: str, dataset: str, pid: int, parts: int, state_dir: s
     fed = load_dataset(cfg)
     role, index = fed.role_of_partition(pid)  # held-out partitions (--heldout-fraction) never train
     data = fed.clients[index] if role == "train" else fed.heldout[index]
-    return Node(cfg, index, data, fed.input_shape, fed.num_classes, Path(state_dir), role)
-
-
-def seed_everything(cfg: RunConfig) -> None:
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed % 2 ** 32)
+    return Node(cfg, index, data, fed.input_shape, fed.num_classes, Path(state_dir), role, model_fn)

@@ -79,14 +79,17 @@ class FlowerPool:
                 if table is None or not 0 <= cid < size or cid in table:
                     raise BadReply(f"{role} client id {cid} is out of range or claimed twice")
                 table[cid] = r.metadata.src_node_id
-                shapes.add((tuple(int(d) for d in info["input_shape"]), int(info["num_classes"])))
+                dtype = str(info.get("input_dtype", "float32"))
+                if dtype not in ("float32", "int64"):
+                    raise BadReply(f"input dtype {dtype!r}")
+                shapes.add((tuple(int(d) for d in info["input_shape"]), int(info["num_classes"]), dtype))
             except (BadReply, KeyError, TypeError, ValueError) as e:
                 log.warning("registration: ignoring node %s: %s", r.metadata.src_node_id, e)
         if not self.node_of or len(shapes) != 1:
             raise RuntimeError(f"no usable SuperNodes registered ({len(nodes)} connected, data shapes {shapes})")
         self.client_of = {n: c for c, n in self.node_of.items()}
         self.heldout_of = {n: c for c, n in self.heldout_node_of.items()}
-        (self.input_shape, self.num_classes), = shapes
+        (self.input_shape, self.num_classes, self.input_dtype), = shapes
         missing = sorted(set(range(self._num_clients)) - set(self.node_of))
         if missing:
             log.warning("clients %s have no SuperNode: they never reply", missing[:10])
@@ -101,7 +104,7 @@ class FlowerPool:
     # ------------------------------------------------------------------ rounds
     def message_template(self, rnd: int, program: LocalProgram, broadcast: dict) -> dict:
         """Zero-row outputs with the shapes a client uploads: one dry step on zero data."""
-        dtype = torch.long if self.cfg.dataset == "shakespeare" else torch.float32
+        dtype = torch.long if self.input_dtype == "int64" else torch.float32
         n = self.cfg.batch_size * program.batches_per_step  # one step's samples
         x = torch.zeros((n, *self.input_shape), dtype=dtype)
         y = torch.zeros(n, dtype=torch.long)

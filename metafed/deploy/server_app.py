@@ -20,11 +20,19 @@ from metafed.deploy.identity import load_roster
 from metafed.deploy.pool import FlowerPool
 from metafed.run import run
 
-app = ServerApp()
+def make_server_app(model=None) -> ServerApp:
+    """A Flower ServerApp driving metafed's round loop; ``model``: your own nn.Module factory
+    (the same one your ClientApp uses), else the run config's reference model."""
+    app = ServerApp()
+
+    @app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        main(grid, context, model)
+
+    return app
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
+def main(grid: Grid, context: Context, model=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpcore", "flwr"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -38,7 +46,10 @@ def main(grid: Grid, context: Context) -> None:
     pool = FlowerPool(grid, cfg, int(rc["num-nodes"]), float(rc.get("connect-timeout", 60.0)),
                       float(rc.get("round-timeout", 300.0)), roster)
     result = run(RunConfig(rounds=cfg.rounds, progress=False) if resume else cfg, resume=out if resume else None,
-                 pool=pool)
+                 pool=pool, model=model)
     final = result.rows[-1] if result.rows else {}
     logging.getLogger("metafed.deploy").info("run finished: %s global_accuracy=%s", out,
                                              final.get("global_accuracy"))
+
+
+app = make_server_app()
