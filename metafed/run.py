@@ -153,6 +153,7 @@ def run(cfg: RunConfig, resume: Path | None = None, overwrite: bool = False, poo
         for rnd in range(start + 1, cfg.rounds + 1):
             t0 = time.perf_counter()
             row = fed.run_round(rnd)
+            log.info("round %d trained in %.3f s (%d clients)", rnd, time.perf_counter() - t0, row["clients_used"])
             bytes_up += row["bytes_up"]
             bytes_down += row["bytes_down"]
             if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:

@@ -205,6 +205,7 @@ class LocalDeployment:
                             "--port", str(free_port())], f"supernode-{i}.log")
 
     def submit(self, out: Path, resume: bool, round_timeout: float, echo=print, timeout: float = 1800.0) -> int:
+        """Submit metafed's app for ``self.cfg``; returns ``flwr run``'s exit code."""
         app = self.work / "app"
         app.mkdir(exist_ok=True)
         (app / "pyproject.toml").write_text(APP_PYPROJECT)
@@ -214,6 +215,11 @@ class LocalDeployment:
                       f"resume={'true' if resume else 'false'} round-timeout={round_timeout}")
         if self.roster is not None:
             run_config += f" secagg-roster='{self.roster}'"
+        return self.submit_app(app, run_config, echo, timeout)
+
+    def submit_app(self, app: Path, run_config: str, echo=print, timeout: float = 1800.0) -> int:
+        """``flwr run APP --stream`` on this deployment (any Flower app folder); streams its
+        log to ``echo``; killed after ``timeout`` seconds."""
         proc = subprocess.Popen([_tool("flwr"), "run", str(app), "metafed", "--stream", "--run-config", run_config],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.env, text=True)
         self.procs.append(proc)

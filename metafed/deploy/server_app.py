@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 from pathlib import Path
 
 from flwr.app import Context
@@ -48,8 +49,9 @@ def main(grid: Grid, context: Context, model=None) -> None:
     result = run(RunConfig(rounds=cfg.rounds, progress=False) if resume else cfg, resume=out if resume else None,
                  pool=pool, model=model)
     final = result.rows[-1] if result.rows else {}
-    logging.getLogger("metafed.deploy").info("run finished: %s global_accuracy=%s", out,
-                                             final.get("global_accuracy"))
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    logging.getLogger("metafed.deploy").info("run finished: %s global_accuracy=%s server_peak_rss_mib=%.1f", out,
+                                             final.get("global_accuracy"), peak_mib)
 
 
 app = make_server_app()
