@@ -23,7 +23,7 @@ from metafed.config import ConfigError, RunConfig
 from metafed.data import DEFAULT_MODEL, load_dataset
 from metafed.data.federated import FederatedDataset
 from metafed.federation import Federation
-from metafed.models import FunctionalModel, build_model
+from metafed.models import FunctionalModel, build_or_call
 from metafed.tracking import RunTracker
 from metafed.run_folder import RunFolderError, check_target, create, write_text_atomic
 from metafed.types import Params
@@ -81,14 +81,10 @@ def build_federation(cfg: RunConfig, pool=None, model=None, data: FederatedDatas
 def make_module(cfg: RunConfig, input_shape, num_classes: int, model=None):
     """The run's nn.Module: ``model()`` (yours) or the config's reference model, with
     deterministic initial weights for the run's seed."""
-    if model is None:
-        return build_model(cfg.model or DEFAULT_MODEL[cfg.dataset], input_shape, num_classes, cfg.seed,
-                           tuple(cfg.hidden))
-    torch.manual_seed(cfg.seed)
-    module = model()
-    if not isinstance(module, torch.nn.Module):
-        raise ConfigError(f"model() must return a torch.nn.Module, got {type(module).__name__}")
-    return module
+    from metafed.data import DEFAULT_MODEL
+
+    return build_or_call(model, cfg.model or DEFAULT_MODEL[cfg.dataset], input_shape, num_classes, cfg.seed,
+                         tuple(cfg.hidden))
 
 
 def check_deployable(cfg: RunConfig) -> None:

@@ -20,7 +20,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from metafed.config import RunConfig
 from metafed.deploy.node import load_node, parse_node_config
-from metafed.run import make_module
+from metafed.models import build_model
 
 client_app = ClientApp()
 server_app = ServerApp()
@@ -36,7 +36,7 @@ def train(msg: Message, context: Context) -> Message:
     cfg = _cfg(str(msg.content["config"]["config-file"]))
     dataset, pid, parts = parse_node_config(dict(context.node_config))
     node = load_node(cfg.model_dump_json(), dataset, pid, parts, "/tmp/unused")
-    model = make_module(cfg, node.input_shape, node.num_classes)
+    model = build_model(cfg.model, node.input_shape, node.num_classes, cfg.seed, tuple(cfg.hidden))
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
     rng = np.random.default_rng([cfg.seed, 3, int(msg.content["config"]["server-round"]), pid])
@@ -73,7 +73,7 @@ def main(grid: Grid, context: Context) -> None:
     deadline = time.monotonic() + 120
     while len(list(grid.get_node_ids())) < n and time.monotonic() < deadline:
         time.sleep(0.5)
-    module = make_module(cfg, _input_shape(cfg), _num_classes(cfg))
+    module = build_model(cfg.model, _input_shape(cfg), _num_classes(cfg), cfg.seed, tuple(cfg.hidden))
     from flwr.app import ConfigRecord
 
     strategy = TimedFedAvg(fraction_train=min(1.0, cfg.clients_per_round / n), fraction_evaluate=0.0,

@@ -19,7 +19,7 @@ from metafed.config import RunConfig
 from metafed.data import load_dataset
 from metafed.data.federated import ClientData
 from metafed.eval import Evaluator
-from metafed.models import FunctionalModel
+from metafed.models import FunctionalModel, build_or_call
 from metafed.pools.simulation import SimulationPool
 from metafed.run_folder import write_text_atomic
 
@@ -41,9 +41,10 @@ class Node:
 
     @functools.cached_property
     def algorithm(self):
-        from metafed.run import make_module
+        from metafed.data import DEFAULT_MODEL
 
-        module = make_module(self.cfg, self.input_shape, self.num_classes, self.model_fn)
+        module = build_or_call(self.model_fn, self.cfg.model or DEFAULT_MODEL[self.cfg.dataset], self.input_shape,
+                               self.num_classes, self.cfg.seed, tuple(self.cfg.hidden))
         return make_algorithm(self.cfg, FunctionalModel(module))
 
     @functools.cached_property
@@ -167,7 +168,44 @@ def load_node(config_json: str, dataset: str, pid: int, parts: int, state_dir: s
     if cfg.dataset != dataset or cfg.num_clients != parts:
         raise NodeConfigError(f"this node holds {dataset} partition {pid} of {parts}, but the run asks for "
                               f"{cfg.dataset} over {cfg.num_clients} clients")
+    cached = _partition_cache(cfg, pid, Path(state_dir))
+    if cached.exists():  # Flower starts a process per message: do not re-partition the dataset each time
+        try:
+            return _read_partition(cfg, cached, Path(state_dir), model_fn)
+        except (NodeConfigError, KeyError, ValueError):
+            cached.unlink(missing_ok=True)  # torn or stale: rebuild it below
     fed = load_dataset(cfg)
     role, index = fed.role_of_partition(pid)  # held-out partitions (--heldout-fraction) never train
     data = fed.clients[index] if role == "train" else fed.heldout[index]
-    return Node(cfg, index, data, fed.input_shape, fed.num_classes, Path(state_dir), role, model_fn)
+    node = Node(cfg, index, data, fed.input_shape, fed.num_classes, Path(state_dir), role, model_fn)
+    _write_partition(node, cached)
+    return node
+
+
+def _partition_cache(cfg: RunConfig, pid: int, state_dir: Path) -> Path:
+    """Where this node keeps its partition of a built-in dataset for one run config (the
+    whole config is hashed: no data-affecting key can be missed)."""
+    import hashlib
+
+    digest = hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:24]
+    return state_dir / f"partition-{pid}-{digest}.safetensors"
+
+
+def _write_partition(node: Node, path: Path) -> None:
+    meta = {"role": node.role, "index": str(node.client_id), "input_shape": json.dumps(list(node.input_shape)),
+            "num_classes": str(node.num_classes)}
+    tensors = {"train_x": node.data.train_x, "train_y": node.data.train_y, "test_x": node.data.test_x,
+               "test_y": node.data.test_y}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, save_bytes({k: v.contiguous() for k, v in tensors.items()}, metadata=meta))
+
+
+def _read_partition(cfg: RunConfig, path: Path, state_dir: Path, model_fn) -> Node:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in NODE_FILE_TENSORS}
+    data = client_data_from_tensors(*(tensors[k] for k in NODE_FILE_TENSORS), name=path.name)
+    return Node(cfg, int(meta["index"]), data, tuple(json.loads(meta["input_shape"])), int(meta["num_classes"]),
+                state_dir, meta["role"], model_fn)

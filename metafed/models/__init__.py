@@ -31,4 +31,17 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, seed:
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
 
 
-__all__ = ["FunctionalModel", "CharLSTM", "FemnistCNN", "LogisticRegression", "MLP", "MODEL_NAMES", "build_model"]
+def build_or_call(factory, name: str, input_shape: tuple[int, ...], num_classes: int, seed: int,
+                  hidden: tuple[int, ...] = (200,)) -> nn.Module:
+    """``factory()`` (a user's model, called after seeding torch with ``seed``) or the
+    reference model ``name``."""
+    if factory is None:
+        return build_model(name, input_shape, num_classes, seed, hidden)
+    torch.manual_seed(seed)
+    module = factory()
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"model() must return a torch.nn.Module, got {type(module).__name__}")
+    return module
+
+
+__all__ = ["build_or_call", "FunctionalModel", "CharLSTM", "FemnistCNN", "LogisticRegression", "MLP", "MODEL_NAMES", "build_model"]
