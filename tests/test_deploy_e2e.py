@@ -110,7 +110,8 @@ def test_serverapp_then_superlink_killed_with_sigkill_resume_to_the_uninterrupte
     config.write_text(CONFIG.replace("rounds: 2", "rounds: 4") + "eval_every: 4\n")
     cfg = build_config(config, num_clients=3, backend="loop", progress=False)
     out = tmp_path / "deployed"
-    with LocalDeployment(3, cfg.model_copy(update={"out": out}), tmp_path / "work", insecure=False) as deployment:
+    with LocalDeployment(3, cfg.model_copy(update={"out": out}), tmp_path / "work", insecure=False,
+                         persistent=True) as deployment:
         nodes = deployment.procs[1:4]
         first, _ = _submit_until_commit(deployment, out, 120.0)
         killed = subprocess.run(["pkill", "-9", "-f", "flwr-serverapp"], capture_output=True)

@@ -138,8 +138,9 @@ def _tool(name: str) -> str:
 class LocalDeployment:
     """The processes of one local deployment; a context manager that always tears them down."""
 
-    def __init__(self, clients: int, cfg: RunConfig, work: Path, insecure: bool):
+    def __init__(self, clients: int, cfg: RunConfig, work: Path, insecure: bool, persistent: bool = False):
         self.clients, self.cfg, self.work, self.insecure = clients, cfg, work, insecure
+        self.persistent = persistent  # SuperLink state in a database file (survives a SuperLink restart)
         self.procs: list[subprocess.Popen] = []
         self.env = {**os.environ, "FLWR_HOME": str(work / "flwr-home"), "PYTHONUNBUFFERED": "1"}
         self.logs = work / "logs"
@@ -168,16 +169,18 @@ class LocalDeployment:
         return self
 
     def start_superlink(self) -> subprocess.Popen:
-        """The SuperLink, its state in a database file so that a restarted SuperLink keeps the
-        registered SuperNode keys and runs. SuperNode authentication needs TLS in Flower: on
-        whenever TLS is."""
+        """The SuperLink. With ``persistent``, its state lives in a database file, so that a
+        restarted SuperLink keeps the registered SuperNode keys and runs (Flower 1.42 keeps it
+        in SQLite, whose single writer lock fails under heavy concurrent pushes: 10 nodes
+        sending 26 MB each hit "database is locked" here, so the default is in memory).
+        SuperNode authentication needs TLS in Flower: on whenever TLS is."""
         tls = self.tls
         security = ["--insecure"] if self.insecure else \
             ["--ssl-ca-certfile", str(tls["ca"]), "--ssl-certfile", str(tls["cert"]), "--ssl-keyfile", str(tls["key"]),
              "--enable-supernode-auth"]
         self.superlink = self._spawn([_tool("flower-superlink"), *security, "--disable-runtime-dependency-installation",
-                                      "--database", str(self.work / "superlink.db"), "--host", "127.0.0.1",
-                                      "--port", str(self.port)], "superlink.log")
+                                      *(["--database", str(self.work / "superlink.db")] if self.persistent else []),
+                                      "--host", "127.0.0.1", "--port", str(self.port)], "superlink.log")
         _wait_for_port(self.port, self.superlink, 60, "the SuperLink")
         return self.superlink
 
