@@ -6,7 +6,7 @@ import json
 import logging
 import math
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from metafed.data.federated import FederatedDataset
 from metafed.federation import Federation
 from metafed.models import FunctionalModel, build_or_call
 from metafed.tracking import RunTracker
-from metafed.run_folder import RunFolderError, check_target, create, write_text_atomic
+from metafed.run_folder import RunFolderError, check_target, create, exclusive, write_text_atomic
 from metafed.types import Params
 
 log = logging.getLogger("metafed")
@@ -123,9 +123,17 @@ def run(cfg: RunConfig, resume: Path | None = None, overwrite: bool = False, poo
     """Run (or resume) a federated job. With ``cfg.out`` set, writes the run folder.
 
     A fresh run refuses an ``out`` folder that already holds files unless ``overwrite``;
-    nothing on disk changes until the whole job (config, data, model) has been validated."""
+    nothing on disk changes until the whole job (config, data, model) has been validated.
+    The run folder is held by this process for the whole run (see ``run_folder.exclusive``)."""
+    with ExitStack() as held:
+        return _run(cfg, resume, overwrite, pool, model, data, held)
+
+
+def _run(cfg: RunConfig, resume, overwrite: bool, pool, model, data, held: ExitStack) -> RunResult:
     run_dir = Path(resume) if resume else (Path(cfg.out) if cfg.out else None)
     if resume is not None:
+        if run_dir.is_dir() and not run_dir.is_symlink():
+            held.enter_context(exclusive(run_dir))
         fed, start = _restore(cfg, run_dir, pool, model, data)
     else:
         if run_dir:
@@ -133,6 +141,7 @@ def run(cfg: RunConfig, resume: Path | None = None, overwrite: bool = False, poo
         fed, start = build_federation(cfg, pool, model, data), 0
         if run_dir:
             create(run_dir, overwrite)
+            held.enter_context(exclusive(run_dir))
             write_text_atomic(run_dir / CONFIG_FILE, yaml.safe_dump(config_dump(cfg), sort_keys=False))
     cfg = fed.cfg
     tracker = RunTracker(run_dir)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 MARKERS = ("config.yaml", "checkpoint.json", "metrics.jsonl")
@@ -72,3 +73,24 @@ def inside(run_dir: Path, name: str) -> Path:
             os.path.basename(name) != name:
         raise RunFolderError(f"refusing the path {name!r} read from {run_dir}: not a plain file name inside it")
     return run_dir / name
+
+
+@contextmanager
+def exclusive(path: Path):
+    """Hold the run folder for this process (an advisory ``flock`` on ``path/.lock``,
+    released when the process exits, however it exits). A second writer, for example a
+    resume started while an orphaned ServerApp still runs, is refused instead of
+    interleaving rows and checkpoints with the first."""
+    import fcntl
+
+    fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RunFolderError(f"{path} is in use by another metafed process (a run or resume still writing it): "
+                             "stop that process first") from None
+    try:
+        yield
+    finally:
+        os.close(fd)

@@ -120,7 +120,8 @@ def test_serverapp_then_superlink_killed_with_sigkill_resume_to_the_uninterrupte
         done = _committed_round(out)
         assert done < 4 and not (out / "summary.json").exists()  # it really died mid-run
         second, _ = _submit_until_commit(deployment, out, 120.0, resume=True, rounds_done=done + 1)
-        os.killpg(deployment.superlink.pid, signal.SIGKILL)
+        os.killpg(deployment.superlink.pid, signal.SIGKILL)  # the coordinator dies: SuperLink and ServerApp
+        subprocess.run(["pkill", "-9", "-f", "flwr-serverapp"], capture_output=True)
         second.join(timeout=120)
         assert _committed_round(out) < 4 and not (out / "summary.json").exists()
         deployment.start_superlink()

@@ -123,3 +123,25 @@ def test_cli_every_algorithm_writes_personalized_and_new_client_metrics(tmp_path
     row = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[-1])
     for key in ("personalized_accuracy", "new_client_accuracy_k0", "new_client_accuracy_k10"):
         assert 0.0 <= row[key] <= 1.0, key
+
+
+def test_a_run_folder_in_use_refuses_a_second_writer(tmp_path):
+    """An orphaned process still writing a run folder (e.g. a ServerApp that outlived its
+    SuperLink): a resume of the same folder is refused with a clear error, nothing written."""
+    from metafed.run import run
+    from metafed.run_folder import exclusive
+    from tests.conftest import small_config
+
+    out = tmp_path / "r"
+    run(small_config(rounds=1, out=out))
+    before = (out / "metrics.jsonl").read_text()
+    with exclusive(out):  # the other writer
+        import subprocess
+        import sys
+
+        code = ("import sys; from metafed.run import run; from metafed.config import RunConfig\n"
+                f"run(RunConfig(rounds=2, progress=False), resume={str(out)!r})")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert done.returncode != 0 and "in use by another metafed process" in done.stderr
+    assert (out / "metrics.jsonl").read_text() == before
+    run(small_config(rounds=2), resume=out)  # free again: the resume goes ahead
