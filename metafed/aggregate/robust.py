@@ -46,6 +46,12 @@ def unflatten_message(matrix: Tensor, layout, dtype=torch.float32) -> dict:
     return tree.nested_unflatten(out)
 
 
+def unflatten_like(vector: Tensor, layout, reference: dict) -> dict:
+    """[D] -> one message with ``reference``'s per-leaf dtypes (decoded in float64 first)."""
+    out = unflatten_message(vector.double(), layout, torch.float64)
+    return tree.nested_map(lambda v, ref: v.to(ref.dtype), out, reference)
+
+
 def coordinate_median(x: Tensor) -> Tensor:
     """Exact per-coordinate median of [C, D] (mean of the two middle values for even C)."""
     s = x.sort(dim=0).values

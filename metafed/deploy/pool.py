@@ -17,7 +17,8 @@ from metafed.backends.base import ClientTask
 from metafed.backends.loop import LoopBackend
 from metafed.client_store import ClientStore
 from metafed.config import RunConfig
-from metafed.deploy.secagg_wire import bound_session, decode_total, read_reply, round_setup, stage_request, sum_layout
+from metafed.aggregate.robust import unflatten_like
+from metafed.deploy.secagg_wire import bound_session, read_reply, round_setup, stage_request, sum_layout
 from metafed.deploy.wire import BadReply, finite_number, from_records, layout, to_records
 from metafed.eval import HELDOUT_ADAPT_STEPS, combine_client_evaluations, combine_new_client_evaluations
 from metafed.pools.base import RoundReplies, zero_rows
@@ -190,7 +191,7 @@ class FlowerPool:
         template = {k: torch.zeros(shape, dtype=dtype) for k, (shape, dtype) in self._round_upload.items()}
         template = finish_upload(tree.nested_unflatten(template), replace(transform, weight=1.0)
                                  if weighting else transform)
-        layout, reference, length = sum_layout(template)
+        layout, length = sum_layout(template)
         setup = round_setup(cohort, config.threshold, config.neighbours, fixed.value_range, fixed.bits,
                             transform.to_config(), weighting)
         server = SecAggServer(config, length, {c: self.roster[c] for c in cohort},
@@ -218,7 +219,7 @@ class FlowerPool:
 
         lists, total = run_protocol(server, ask, list(ids))
         decoded = fixed.decode_sum(total, len(lists.survivors))
-        return decode_total(decoded, layout, reference), list(lists.survivors)
+        return unflatten_like(torch.from_numpy(decoded), layout, template), list(lists.survivors)
 
     def keep_states(self, ids: list[int], states: dict, accepted) -> None:
         """Nodes keep their own personal state."""

@@ -13,6 +13,7 @@ from dataclasses import replace
 import numpy as np
 
 from metafed import tree
+from metafed.aggregate.robust import flatten_messages
 from metafed.deploy.secagg_wire import REQUEST_TYPE, bound_session, masked_vector_reply
 from metafed.privacy.secagg import FixedPoint, QuantizationRangeError, SecAggAbort, SecAggClient, SecAggConfig, codec
 from metafed.privacy.upload import UploadTransform, finish_upload, own_weight
@@ -98,7 +99,7 @@ def handle_stage(content, state, node, identity, roster_all: dict[int, bytes]) -
             raise StageRefused(f"no secure-aggregation round in progress here (asked for {stage!r})")
         saved = state[PROTOCOL]
         client = SecAggClient.restore(str(saved["snapshot"]), state[ENCODED]["encoded"].numpy(), identity,
-                                      {c: roster_all[c] for c in _cohort_of(saved)})
+                                      roster_all)
         if bytes(saved["run"]) != run_id or int(saved["round"]) != rnd:
             client.abort("stage request for another run or round")
             _clear(state)
@@ -122,11 +123,6 @@ def handle_stage(content, state, node, identity, roster_all: dict[int, bytes]) -
 
 _CALL = {"share": SecAggClient.share_keys, "upload": SecAggClient.masked_input, "sign": SecAggClient.sign_survivors,
          "unmask": SecAggClient.unmask}
-
-
-def _cohort_of(saved) -> list[int]:
-    plain = codec.from_plain(json.loads(str(saved["snapshot"])))
-    return list(plain["_cohort"])
 
 
 def _start(state, node, identity, roster_all, rnd: int, run_id: bytes, config_json: str, body) -> SecAggClient:
@@ -157,8 +153,7 @@ def _start(state, node, identity, roster_all, rnd: int, run_id: bytes, config_js
         transform = replace(transform, weight=own_weight(float(node.data.num_train), weighting,
                                                          cfg.get("max_sample_weight")))
     finished = finish_upload(row, transform)
-    flat = tree.nested_flatten(finished)
-    x = np.concatenate([flat[key].reshape(-1).double().numpy() for key in sorted(flat)])  # flatten_messages order
+    x = flatten_messages(tree.nested_map(lambda v: v.unsqueeze(0), finished))[0][0].numpy()  # the server's layout
     try:
         fixed.check_capacity(len(cohort))
         encoded = fixed.encode(x)

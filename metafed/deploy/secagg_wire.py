@@ -26,7 +26,6 @@ import json
 import logging
 
 import numpy as np
-import torch
 
 from metafed import tree
 from metafed.privacy.secagg import codec
@@ -58,8 +57,7 @@ def stage_request(stage: str, rnd: int, run_id: bytes, config_json: str, payload
     """Content of one stage message (Flower records)."""
     from flwr.app import ConfigRecord
 
-    body = json.dumps(payload) if stage == "advertise" else \
-        json.dumps([codec.to_plain(a) for a in payload]) if stage == "share" else codec.encode(payload)
+    body = json.dumps(payload) if stage == "advertise" else codec.encode(payload)
     return {"config": ConfigRecord({"config": config_json, "round": rnd}),
             "secagg": ConfigRecord({"stage": stage, "run": bytes(run_id), "body": body})}
 
@@ -91,16 +89,9 @@ def read_reply(reply, stage: str, length: int):
     return message
 
 
-def sum_layout(template_row: dict) -> tuple[list, dict, int]:
-    """(flat layout, per-leaf dtypes, vector length) of one client's finished upload."""
+def sum_layout(template_row: dict) -> tuple[list, int]:
+    """(flat layout, vector length) of one client's finished upload."""
     from metafed.aggregate.robust import flatten_messages
 
     x, layout = flatten_messages(tree.nested_map(lambda v: v.unsqueeze(0), template_row))
-    return layout, template_row, int(x.shape[1])
-
-
-def decode_total(total: np.ndarray, layout, template_row: dict) -> dict:
-    from metafed.aggregate.robust import unflatten_message
-
-    out = unflatten_message(torch.from_numpy(total), layout, torch.float64)
-    return tree.nested_map(lambda v, ref: v.to(ref.dtype), out, template_row)
+    return layout, int(x.shape[1])

@@ -113,7 +113,7 @@ class SimulationPool:
         it in fixed point and runs SecAgg(+) with the others. ``secagg_dropout`` of the clients
         vanish after key sharing; a client whose input lies outside the fixed-point range is
         dropped with a log line. Returns (the survivors' sum, the survivors)."""
-        from metafed.aggregate.robust import flatten_messages, unflatten_message
+        from metafed.aggregate.robust import flatten_messages, unflatten_like
         from metafed.privacy.secagg import FixedPoint, secure_sum
         from metafed.privacy.secagg.messages import session_id
 
@@ -127,8 +127,7 @@ class SimulationPool:
         result = secure_sum({cid: x[i].numpy() for i, cid in enumerate(ids)}, secagg_config(cfg, len(cohort)),
                             FixedPoint(cfg.secagg_range, cfg.secagg_bits), {"upload": gone}, cohort=cohort,
                             signing=signing, roster=roster, session=session_id(run_id, rnd))
-        total = unflatten_message(torch.from_numpy(result.total), layout, torch.float64)
-        return tree.nested_map(lambda v, ref: v.to(ref.dtype), total, finished[0]), list(result.survivors)
+        return unflatten_like(torch.from_numpy(result.total), layout, finished[0]), list(result.survivors)
 
     def _with_own_weight(self, transform: UploadTransform, weighting: str | None, cid: int) -> UploadTransform:
         if weighting is None:

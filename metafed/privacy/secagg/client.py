@@ -73,10 +73,12 @@ class SecAggClient:
 
         client = cls.__new__(cls)
         client.__dict__.update(codec.from_plain(json.loads(snapshot)))
-        client.encoded = np.asarray(encoded, dtype=np.uint64)
-        client._identity, client._roster, client._random = identity, dict(roster), random_bytes
-        client._neighbours = list(getattr(client, "_neighbours", []))
         client._cohort = sorted(client._cohort)
+        client.encoded = np.asarray(encoded, dtype=np.uint64)
+        # the roster of the round's cohort only (a node passes its whole federation's roster)
+        client._identity, client._random = identity, random_bytes
+        client._roster = {c: roster[c] for c in client._cohort}
+        client._neighbours = list(getattr(client, "_neighbours", []))
         return client
 
     def abort(self, why: str) -> None:

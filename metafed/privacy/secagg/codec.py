@@ -128,8 +128,8 @@ def encode(message) -> str:
     return json.dumps(to_plain(message), separators=(",", ":"))
 
 
-def decode(text, expected: type):
-    """JSON text from an untrusted party -> a well-typed ``expected`` message, or MalformedMessage."""
+def _untrusted(text):
+    """JSON text from an untrusted party -> messages, or MalformedMessage (never a crash)."""
     if not isinstance(text, str) or len(text) > MAX_MESSAGE_CHARS:
         raise MalformedMessage("not a message of acceptable size")
     try:
@@ -137,9 +137,14 @@ def decode(text, expected: type):
     except (ValueError, RecursionError):
         raise MalformedMessage("not JSON") from None
     try:
-        message = from_plain(plain)
+        return from_plain(plain)
     except (RecursionError, TypeError):  # too deep, or an unhashable mapping key
         raise MalformedMessage("malformed nesting") from None
+
+
+def decode(text, expected: type):
+    """JSON text from an untrusted party -> a well-typed ``expected`` message, or MalformedMessage."""
+    message = _untrusted(text)
     if type(message) is not expected:
         raise MalformedMessage(f"expected {expected.__name__}, got {type(message).__name__}")
     return message
@@ -147,18 +152,9 @@ def decode(text, expected: type):
 
 def decode_list(text, expected: type) -> list:
     """A JSON list of ``expected`` messages (e.g. the relayed key adverts)."""
-    if not isinstance(text, str) or len(text) > MAX_MESSAGE_CHARS:
-        raise MalformedMessage("not a message of acceptable size")
-    try:
-        plain = json.loads(text)
-    except (ValueError, RecursionError):
-        raise MalformedMessage("not JSON") from None
-    if not isinstance(plain, list):
+    out = _untrusted(text)
+    if not isinstance(out, tuple):
         raise MalformedMessage("expected a list of messages")
-    try:
-        out = [from_plain(p) for p in plain]
-    except (RecursionError, TypeError):
-        raise MalformedMessage("malformed nesting") from None
     if not all(type(m) is expected for m in out):
         raise MalformedMessage(f"expected a list of {expected.__name__}")
     return out
