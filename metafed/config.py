@@ -35,6 +35,10 @@ NEEDS = {
 
 
 
+# algorithms whose clients keep a personal model (client state "personal") that evaluation can score
+STORED_PERSONAL_MODELS = ("pfedme", "ditto", "meta-updater")
+
+
 class RunConfig(BaseModel):
     # allow_inf_nan=False: "inf" or "nan" is refused wherever a number is meant
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
@@ -71,8 +75,9 @@ class RunConfig(BaseModel):
 
     # algorithm hyperparameters
     mu: float = Field(0.0, ge=0, description="FedProx proximal weight")
-    server_optimizer: Literal["sgd", "adam", "yogi"] = "sgd"
-    server_lr: float = Field(1.0, gt=0)
+    server_optimizer: Literal["sgd", "adam", "yogi", "adagrad"] = "sgd"
+    server_lr: Optional[float] = Field(None, gt=0, description="server step (default per optimizer: sgd 1.0, "
+                                       "adam 0.01, yogi 0.01, adagrad 0.1)")
     server_momentum: float = Field(0.0, ge=0, lt=1)
     server_beta1: float = Field(0.9, ge=0, lt=1)
     server_beta2: float = Field(0.99, ge=0, lt=1)
@@ -85,8 +90,14 @@ class RunConfig(BaseModel):
     pfedme_lambda: float = Field(15.0, gt=0)
     pfedme_steps: int = Field(5, ge=1, description="K: inner steps of the Moreau-envelope solve")
     ditto_lambda: float = Field(0.1, ge=0)
+    reptile_anneal: bool = Field(False, description="Reptile: anneal the server step eps linearly to 0 over the "
+                                 "rounds (Nichol et al. 2018)")
     stage1_rounds: Optional[int] = Field(None, ge=0, description="Personalized FedAvg: FedAvg rounds (default rounds/2)")
     stage1_epochs: Optional[int] = Field(None, ge=1, description="Personalized FedAvg: local epochs in stage 1")
+    stage2_server_optimizer: Optional[Literal["sgd", "adam", "yogi", "adagrad"]] = Field(
+        None, description="Personalized FedAvg: the Reptile stage's server optimizer (default: --server-optimizer)")
+    stage2_server_lr: Optional[float] = Field(None, gt=0, description="Personalized FedAvg: its learning rate "
+                                              "(default: that optimizer's default)")
     meta_alpha: float = Field(1.0, gt=0, description="meta-updater: step size alpha in theta - alpha*u")
     meta_lr: Optional[float] = Field(None, gt=0, description="meta-updater: learning rate of u (default lr)")
     meta_mix: float = Field(0.5, ge=0, le=1, description="meta-updater: pull of theta_i, u_i towards w, u_g")
@@ -94,6 +105,8 @@ class RunConfig(BaseModel):
     meta_order: Literal["first", "second"] = "first"
 
     # aggregation
+    weighting: Literal["samples", "uniform"] = Field("samples", description="average client updates by their "
+                                                     "sample counts (FedAvg) or uniformly (Per-FedAvg)")
     aggregator: Literal["mean", "attention", "median", "trimmed-mean", "krum", "multi-krum", "bulyan",
                         "centered-clipping", "fltrust"] = "mean"
     byzantine_f: Optional[int] = Field(None, ge=0, description="f for robust rules (default: expected attackers)")
@@ -140,8 +153,14 @@ class RunConfig(BaseModel):
                                                 "anyone with the seed can undo the noise, the guarantee does not hold")
 
     # evaluation
+    protocol: Literal["equal-budget", "paper"] = Field(
+        "equal-budget", description="equal-budget: every method adapts with --personalize-steps at evaluation; "
+        "paper: each algorithm's own paper's training recipe and evaluation (see metafed.protocols)")
     eval_every: int = Field(1, ge=1)
     personalize_steps: int = Field(5, ge=0)
+    personal_eval: Literal["adapt", "stored"] = Field(
+        "adapt", description="personalized accuracy: adapt (personalize-steps from the global model, or from the "
+        "stored personal model) or stored (score each client's stored personal model as it is: pFedMe, Ditto)")
     personalize_lr: Optional[float] = Field(None, gt=0)
     eval_batch_size: int = Field(10, ge=1)
 
@@ -153,6 +172,17 @@ class RunConfig(BaseModel):
     out: Optional[Path] = None
     checkpoint_every: int = Field(1, ge=1)
     progress: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_protocol(cls, values):
+        """``protocol: paper`` fills every key the user did not set with the algorithm's paper
+        recipe (:mod:`metafed.protocols`); config.yaml then records what actually ran."""
+        if isinstance(values, dict) and values.get("protocol") == "paper":
+            from metafed.protocols import paper_recipe
+
+            values = {**paper_recipe(values), **values}
+        return values
 
     @field_validator("algorithm")
     @classmethod
@@ -183,6 +213,7 @@ class RunConfig(BaseModel):
             if self.dp == "local" and self.aggregator == "attention" and self.attention_score == "loss":
                 raise ValueError("under --dp local clients send no raw losses: use --attention-score cosine")
         self._refuse_ignored()
+        self._check_algorithm_settings()
         if self.aggregator in ("krum", "multi-krum", "trimmed-mean", "bulyan") and self.byzantine_f is None \
                 and self.attack is None:
             raise ValueError(f"--aggregator {self.aggregator} needs --byzantine-f F, the number of malicious "
@@ -201,6 +232,29 @@ class RunConfig(BaseModel):
             raise ValueError("dataset 'shakespeare' is text: use model 'lstm'")
         return self
 
+
+    def _check_algorithm_settings(self) -> None:
+        if self.algorithm == "pfedme" and (self.personal_lr or self.lr) * self.pfedme_lambda >= 2:
+            raise ValueError(f"pFedMe's inner solve steps theta -= personal_lr * (grad f + lambda (theta - w)): "
+                             f"personal_lr * lambda = {(self.personal_lr or self.lr) * self.pfedme_lambda:g} >= 2 "
+                             "makes it diverge whatever the loss (lower --personal-lr or --pfedme-lambda)")
+        if self.personal_eval == "stored" and self.algorithm not in STORED_PERSONAL_MODELS:
+            raise ValueError(f"--personal-eval stored scores a personal model each client keeps: "
+                             f"{self.algorithm!r} keeps none (use it with {', '.join(STORED_PERSONAL_MODELS)})")
+        if self.reptile_anneal and self.algorithm != "reptile":
+            raise ValueError("--reptile-anneal anneals Reptile's server step: use it with --algorithm reptile")
+        # (compared with the defaults, not model_fields_set: a dumped config names every key)
+        stages = sorted(k for k in ("stage1_rounds", "stage1_epochs", "stage2_server_optimizer", "stage2_server_lr")
+                        if getattr(self, k) is not None)
+        if self.algorithm != "personalized-fedavg" and stages:
+            raise ValueError(f"{', '.join(stages)} configure Personalized FedAvg's stages: use them with "
+                             "--algorithm personalized-fedavg")
+
+    def resolved_server_lr(self, optimizer: Optional[str] = None, lr: Optional[float] = None) -> float:
+        """The server learning rate: the one given, else the optimizer's default."""
+        from metafed.aggregate.server_opt import default_server_lr
+
+        return lr if lr is not None else default_server_lr(optimizer or self.server_optimizer)
 
     def _refuse_ignored(self) -> None:
         on = {"aggregator": {"byzantine_f": self.aggregator in ("krum", "multi-krum", "trimmed-mean", "bulyan"),

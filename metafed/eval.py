@@ -4,7 +4,9 @@ Every number is computed on clients' *test* splits; adaptation (``personalize``)
 sees the client's *train* split. Reported per evaluation:
 
 - ``global_*``: the global model on each client's test data.
-- ``personalized_*``: after the algorithm's ``personalize`` program (K steps on train data).
+- ``personalized_*``: after the algorithm's ``personalize`` program (K steps on train data);
+  with ``personal_eval: stored``, each client's stored personal model as it is (pFedMe's
+  theta_i, Ditto's v_i: what their papers score).
 - ``new_client_accuracy_k{K}``: held-out clients that never trained, after K adaptation steps.
 
 Aggregates: ``*_accuracy`` is sample-weighted (total correct / total test samples);
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from metafed import tree
 from metafed.algorithms.base import FederatedAlgorithm, ServerState
 from metafed.backends.base import Backend, ClientTask
 from metafed.data.federated import ClientData
@@ -97,7 +100,22 @@ class Evaluator:
     batch_size: int
     personalize_lr: float
     seed: int
+    personal_eval: str = "adapt"  # or "stored": score the personal model each client keeps
     group_size: int = 64
+
+    @classmethod
+    def from_config(cls, algorithm: FederatedAlgorithm, backend: Backend, cfg) -> "Evaluator":
+        """The evaluator a RunConfig describes (the simulation and every node build the same)."""
+        return cls(algorithm, backend, cfg.eval_batch_size, cfg.personalize_lr or cfg.lr, cfg.seed, cfg.personal_eval)
+
+    def personal_scores(self, broadcast: dict, clients: list[ClientData], states: list[dict], steps: int,
+                        rnd: int, first_index: int = 0) -> ClientScores:
+        """Personalized scores of training clients under the configured ``personal_eval``."""
+        if self.personal_eval == "stored":
+            stacked = tree.nested_stack([self.algorithm.stored_personal(s) for s in states])
+            return score_stacked(self.algorithm.model, stacked, [c.test_x for c in clients],
+                                 [c.test_y for c in clients])
+        return self.personalized(broadcast, clients, states, steps, rnd, stream=5, first_index=first_index)
 
     def personalized(self, broadcast: dict, clients: list[ClientData], states: list[dict], steps: int,
                      rnd: int, stream: int, first_index: int = 0) -> ClientScores:
@@ -132,8 +150,8 @@ class Evaluator:
         metrics = glob.summary("global")
         metrics["global_train_loss"] = float(train.loss_sum.sum() / train.count.sum())
         per_client = {"global": glob.accuracy.tolist()}
-        if personalize_steps > 0:
-            pers = self.personalized(broadcast, clients, states, personalize_steps, rnd, stream=5)
+        if personalize_steps > 0 or self.personal_eval == "stored":
+            pers = self.personal_scores(broadcast, clients, states, personalize_steps, rnd)
         else:
             pers = glob
         metrics.update(pers.summary("personalized"))
@@ -162,15 +180,8 @@ def evaluate_one_client(evaluator: Evaluator, params: Params, broadcast: dict, r
     out = {"global_correct": float(glob.correct[0]), "global_loss_sum": float(glob.loss_sum[0]),
            "test_count": float(glob.count[0]), "train_loss_sum": float(train.loss_sum[0]),
            "train_count": float(train.count[0])}
-    if personalize_steps > 0:
-        program = evaluator.algorithm.personalize_program(personalize_steps, evaluator.personalize_lr)
-        sched = client_schedule(client.num_train, batch_size=evaluator.batch_size, epochs=1, steps=personalize_steps,
-                                batches_per_step=program.batches_per_step,
-                                rng=np.random.default_rng([evaluator.seed, 5, rnd, cid]))
-        task = ClientTask(client.train_x, client.train_y, sched, personalize_steps,
-                          {"state": client_state, "num_samples": torch.tensor(float(client.num_train))})
-        adapted, _ = evaluator.backend.run(program, broadcast, [task])
-        pers = score_stacked(model, adapted["params"], [client.test_x], [client.test_y])
+    if personalize_steps > 0 or evaluator.personal_eval == "stored":
+        pers = evaluator.personal_scores(broadcast, [client], [client_state], personalize_steps, rnd, first_index=cid)
         out.update(personalized_correct=float(pers.correct[0]), personalized_loss_sum=float(pers.loss_sum[0]))
     else:
         out.update(personalized_correct=out["global_correct"], personalized_loss_sum=out["global_loss_sum"])

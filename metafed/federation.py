@@ -59,8 +59,7 @@ class Federation:
             self.pool = SimulationPool(self.cfg, self.dataset, self.algorithm, self.backend)
         if self.pool.num_clients < 1:
             raise ValueError("the dataset has no training clients")
-        self.evaluator = Evaluator(self.algorithm, self.backend, self.cfg.eval_batch_size,
-                                   self.cfg.personalize_lr or self.cfg.lr, self.cfg.seed)
+        self.evaluator = Evaluator.from_config(self.algorithm, self.backend, self.cfg)
         self.dp, self.accountant = self._privacy()
         need = getattr(self.aggregator, "required_clients", lambda: 1)()
         if min(self.cfg.clients_per_round, self.pool.num_clients) < need:
@@ -189,7 +188,11 @@ class Federation:
         if not len(used):
             return Received()
         used_ids = [ids[i] for i in used.tolist()]
-        weights = cap_sample_weights(replies.num_samples[used], self.cfg.sample_weight_cap, self.cfg.max_sample_weight)
+        if self.cfg.weighting == "uniform":
+            weights = torch.ones(len(used_ids), dtype=torch.float64)
+        else:
+            weights = cap_sample_weights(replies.num_samples[used], self.cfg.sample_weight_cap,
+                                         self.cfg.max_sample_weight)
         # clients' loss for loss-scored aggregators: a reported validation loss, else the training loss
         client_loss = outputs.get("metrics", {}).get("val_loss", losses)[used]
         kept = tree.nested_index(sent, used) if sent else None
@@ -213,7 +216,7 @@ class Federation:
             uniform = torch.ones(len(got.ids), dtype=torch.float64)
             return self._secure_mean(got, "uniform", rnd, metrics) if secure else self.aggregator(got.kept, uniform, None)
         if secure:
-            return self._secure_mean(got, "samples", rnd, metrics)
+            return self._secure_mean(got, self.cfg.weighting, rnd, metrics)
         if getattr(self.aggregator, "needs_reference", False):
             return self.aggregator(got.kept, got.weights, got.client_loss,
                                    reference=self._root_update(program, broadcast, rnd))

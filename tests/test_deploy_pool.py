@@ -188,6 +188,26 @@ def test_flower_pool_matches_the_simulation_round():
         torch.testing.assert_close(deployed.state.params[k], sim.state.params[k], atol=1e-6, rtol=0)
 
 
+def test_registration_asks_silent_nodes_again_and_refuses_to_start_short():
+    """A SuperNode that misses the first registration query (reconnecting after a SuperLink
+    restart, or busy with a dead run's message) is asked again; a run never starts with fewer
+    nodes than it waits for (it would train another federation than the one configured)."""
+    cfg = small_config(num_clients=3, clients_per_round=3, rounds=1, backend="loop")
+    sim = build_federation(cfg)
+    asked: dict[int, int] = {}
+
+    def late(m):
+        node = m.metadata.dst_node_id
+        asked[node] = asked.get(node, 0) + 1
+        return None if node == 101 and asked[node] == 1 else _honest(sim, m)
+
+    pool = FlowerPool(FakeGrid(3, late), cfg, 3, connect_timeout=5, round_timeout=1)
+    assert pool.node_of == {0: 100, 1: 101, 2: 102} and asked == {100: 1, 101: 2, 102: 1}
+    with pytest.raises(RuntimeError, match="only 2 of the 3 SuperNodes"):
+        FlowerPool(FakeGrid(3, lambda m: None if m.metadata.dst_node_id == 102 else _honest(sim, m)), cfg, 3,
+                   connect_timeout=2, round_timeout=1)
+
+
 def test_wire_round_trip_and_refusals():
     nested = {"update": {"w": torch.randn(3, 4), "b": torch.zeros(2)}}
     back = from_records(to_records(nested), layout(nested))

@@ -6,8 +6,13 @@ arXiv:2003.00295, Algorithm 2):
 - sgd:  x <- x + lr * m,  m <- momentum * m + Delta  (FedAvg at lr 1, momentum 0; FedAvgM; Reptile's eps)
 - adam: m <- b1 m + (1 - b1) Delta;  v <- b2 v + (1 - b2) Delta^2;             x <- x + lr m / (sqrt(v) + tau)
 - yogi: m as adam;                   v <- v - (1 - b2) Delta^2 sign(v - Delta^2); x <- x + lr m / (sqrt(v) + tau)
+- adagrad: m as adam;                v <- v + Delta^2;                            x <- x + lr m / (sqrt(v) + tau)
 
-As in the paper there is no bias correction and v starts at tau^2.
+As in the paper there is no bias correction and v starts at tau^2. Default server learning
+rates follow the paper's tuned ranges (its Figure 3 and Appendix D: the best eta for the
+adaptive methods lies near 1e-2 for Adam and Yogi and 1e-1 for Adagrad, with tau = 1e-3);
+plain averaging is sgd at 1.0. An adaptive step moves each coordinate by about lr per
+round, so 1.0 there throws the model away: lrs far above the default are warned about.
 """
 from __future__ import annotations
 
@@ -17,7 +22,14 @@ import torch
 
 from metafed.types import Params, TensorDict
 
-SERVER_OPTIMIZERS = ("sgd", "adam", "yogi")
+SERVER_OPTIMIZERS = ("sgd", "adam", "yogi", "adagrad")
+DEFAULT_SERVER_LR = {"sgd": 1.0, "adam": 1e-2, "yogi": 1e-2, "adagrad": 1e-1}
+
+
+def default_server_lr(name: str) -> float:
+    if name not in DEFAULT_SERVER_LR:
+        raise ValueError(f"unknown server optimizer {name!r}; choose one of {', '.join(SERVER_OPTIMIZERS)}")
+    return DEFAULT_SERVER_LR[name]
 
 
 @dataclass(frozen=True)
@@ -28,35 +40,47 @@ class ServerOptimizer:
     beta1: float = 0.9
     beta2: float = 0.99
     tau: float = 1e-3
+    prefix: str = ""  # names the state of a second optimizer in the same server state
 
     def __post_init__(self):
         if self.name not in SERVER_OPTIMIZERS:
             raise ValueError(f"unknown server optimizer {self.name!r}; choose one of {', '.join(SERVER_OPTIMIZERS)}")
 
     def init(self, params: Params) -> TensorDict:
+        m, v = f"{self.prefix}m.", f"{self.prefix}v."
         if self.name == "sgd":
-            return {f"m.{k}": torch.zeros_like(v) for k, v in params.items()} if self.momentum else {}
-        state = {f"m.{k}": torch.zeros_like(v) for k, v in params.items()}
-        state.update({f"v.{k}": torch.full_like(v, self.tau ** 2) for k, v in params.items()})
+            return {m + k: torch.zeros_like(p) for k, p in params.items()} if self.momentum else {}
+        state = {m + k: torch.zeros_like(p) for k, p in params.items()}
+        state.update({v + k: torch.full_like(p, self.tau ** 2) for k, p in params.items()})
         return state
 
-    def step(self, params: Params, delta: Params, state: TensorDict) -> tuple[Params, TensorDict]:
+    def owns(self, key: str) -> bool:
+        """Is ``key`` a slot of this optimizer's state?"""
+        return key.startswith((f"{self.prefix}m.", f"{self.prefix}v."))
+
+    def step(self, params: Params, delta: Params, state: TensorDict, lr_scale: float = 1.0) -> tuple[Params, TensorDict]:
+        """One server step; ``lr_scale`` multiplies the learning rate (a schedule, e.g.
+        Reptile's annealing). Returns the new params and this optimizer's new state."""
+        lr = self.lr * lr_scale
+        m_, v_ = f"{self.prefix}m.", f"{self.prefix}v."
         new_params, new_state = {}, {}
         for k, x in params.items():
             d = delta[k]
             if self.name == "sgd":
                 if self.momentum:
-                    d = self.momentum * state[f"m.{k}"] + d
-                    new_state[f"m.{k}"] = d
-                new_params[k] = x + self.lr * d
+                    d = self.momentum * state[m_ + k] + d
+                    new_state[m_ + k] = d
+                new_params[k] = x + lr * d
                 continue
-            m = self.beta1 * state[f"m.{k}"] + (1 - self.beta1) * d
+            m = self.beta1 * state[m_ + k] + (1 - self.beta1) * d
             d2 = d * d
-            v = state[f"v.{k}"]
+            v = state[v_ + k]
             if self.name == "adam":
                 v = self.beta2 * v + (1 - self.beta2) * d2
-            else:
+            elif self.name == "yogi":
                 v = v - (1 - self.beta2) * d2 * torch.sign(v - d2)
-            new_state[f"m.{k}"], new_state[f"v.{k}"] = m, v
-            new_params[k] = x + self.lr * m / (v.sqrt() + self.tau)
+            else:  # adagrad
+                v = v + d2
+            new_state[m_ + k], new_state[v_ + k] = m, v
+            new_params[k] = x + lr * m / (v.sqrt() + self.tau)
         return new_params, new_state

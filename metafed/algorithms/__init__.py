@@ -4,7 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from metafed.aggregate.server_opt import ServerOptimizer
+import logging
+
+from metafed.aggregate.server_opt import DEFAULT_SERVER_LR, ServerOptimizer
 from metafed.algorithms.base import FederatedAlgorithm, LocalProgram, ServerState
 from metafed.algorithms.ditto import Ditto
 from metafed.algorithms.fedavg import FedAvg
@@ -14,10 +16,13 @@ from metafed.algorithms.meta_updater import MetaUpdater
 from metafed.algorithms.per_fedavg import PerFedAvg
 from metafed.algorithms.personalized_fedavg import PersonalizedFedAvg
 from metafed.algorithms.pfedme import PFedMe
+from metafed.algorithms.reptile import Reptile
 from metafed.models import FunctionalModel
 
 if TYPE_CHECKING:
     from metafed.config import RunConfig
+
+log = logging.getLogger("metafed")
 
 
 @dataclass(frozen=True)
@@ -27,9 +32,21 @@ class AlgorithmSpec:
     build: Callable[["RunConfig", FunctionalModel, ServerOptimizer], FederatedAlgorithm]
 
 
-def server_optimizer(cfg: "RunConfig", lr: float | None = None) -> ServerOptimizer:
-    return ServerOptimizer(cfg.server_optimizer, lr if lr is not None else cfg.server_lr, cfg.server_momentum,
-                           cfg.server_beta1, cfg.server_beta2, cfg.server_tau)
+def server_optimizer(cfg: "RunConfig", name: str | None = None, lr: float | None = None,
+                     prefix: str = "") -> ServerOptimizer:
+    """The server optimizer ``name`` (default: the config's) at ``lr`` (default: the config's
+    --server-lr when it is the config's optimizer, else the optimizer's default); warns when the rate is far above the
+    optimizer's default (adaptive steps move every coordinate by about lr per round)."""
+    name = name or cfg.server_optimizer
+    if lr is None and name == cfg.server_optimizer:
+        lr = cfg.server_lr
+    lr = cfg.resolved_server_lr(name, lr)
+    if lr > 10 * DEFAULT_SERVER_LR[name]:
+        log.warning("server learning rate %g is over 10x the %s default %g: adaptive server optimizers move "
+                    "every coordinate by about lr per round, so training may collapse", lr, name,
+                    DEFAULT_SERVER_LR[name])
+    return ServerOptimizer(name, lr, cfg.server_momentum if name == "sgd" else 0.0, cfg.server_beta1,
+                           cfg.server_beta2, cfg.server_tau, prefix)
 
 
 ALGORITHMS: dict[str, AlgorithmSpec] = {
@@ -42,9 +59,9 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
         "Li et al., MLSys 2020, arXiv:1812.06127",
         lambda cfg, model, opt: FedAvg(model, opt, cfg.lr, cfg.mu)),
     "reptile": AlgorithmSpec(
-        "Reptile server step theta += eps * mean(theta_i - theta); eps = --server-lr (adam/yogi allowed)",
+        "Reptile server step theta += eps * mean(theta_i - theta); eps = --server-lr, --reptile-anneal",
         "Nichol & Schulman 2018, arXiv:1803.02999",
-        lambda cfg, model, opt: _named(FedAvg(model, opt, cfg.lr), "reptile", "Nichol & Schulman 2018")),
+        lambda cfg, model, opt: Reptile(model, opt, cfg.lr, cfg.rounds if cfg.reptile_anneal else None)),
     "maml": AlgorithmSpec(
         "FedMeta-MAML: support/query steps, true second-order meta-gradient (--inner-lr alpha, --lr beta)",
         "Finn et al., ICML 2017; Chen et al. 2018, arXiv:1802.07876",
@@ -66,10 +83,12 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
         "Fallah et al., NeurIPS 2020, arXiv:2002.07948",
         lambda cfg, model, opt: PerFedAvg(model, opt, cfg.inner_lr, cfg.lr, hessian_free=True)),
     "personalized-fedavg": AlgorithmSpec(
-        "FedAvg with long local epochs, then Reptile rounds, then local fine-tuning (--stage1-rounds)",
+        "FedAvg (server momentum) with long local epochs, then Reptile rounds (--stage2-server-optimizer), "
+        "then local fine-tuning (--stage1-rounds)",
         "Jiang et al. 2019, arXiv:1909.12488",
         lambda cfg, model, opt: PersonalizedFedAvg(
-            model, opt, cfg.lr, cfg.stage1_rounds if cfg.stage1_rounds is not None else cfg.rounds // 2,
+            model, opt, server_optimizer(cfg, cfg.stage2_server_optimizer, cfg.stage2_server_lr, prefix="stage2."),
+            cfg.lr, cfg.stage1_rounds if cfg.stage1_rounds is not None else cfg.rounds // 2,
             cfg.stage1_epochs or cfg.local_epochs)),
     "pfedme": AlgorithmSpec(
         "Moreau-envelope personal models (--pfedme-lambda, --pfedme-steps K, --personal-lr); beta = --server-lr",
@@ -86,11 +105,6 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
         lambda cfg, model, opt: MetaUpdater(model, opt, cfg.lr, cfg.meta_lr or cfg.lr, cfg.meta_alpha, cfg.meta_mix,
                                             cfg.meta_val_period, cfg.meta_order == "second")),
 }
-
-
-def _named(algorithm: FederatedAlgorithm, name: str, paper: str) -> FederatedAlgorithm:
-    algorithm.name, algorithm.paper = name, paper
-    return algorithm
 
 
 def make_algorithm(cfg: "RunConfig", model: FunctionalModel) -> FederatedAlgorithm:

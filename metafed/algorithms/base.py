@@ -97,6 +97,15 @@ class FederatedAlgorithm(ABC):
 
         return FineTune(self.model, lr)
 
+    # clients keep a personal model in their state under "personal" (pFedMe, Ditto, meta-updater)
+    keeps_personal_model: bool = False
+
+    def stored_personal(self, client_state: TensorDict) -> Params:
+        """The personal model a client keeps, as ``personal_eval: stored`` scores it."""
+        if not self.keeps_personal_model:
+            raise ValueError(f"{self.name} clients keep no personal model")
+        return client_state["personal"]
+
     def global_params(self, state: ServerState) -> Params:
         """The params that 'global model' evaluation uses."""
         return state.params

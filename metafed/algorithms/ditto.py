@@ -65,6 +65,7 @@ class DittoPersonalize:
 
 
 class Ditto(FederatedAlgorithm):
+    keeps_personal_model = True
     name = "ditto"
     paper = "Li et al., ICML 2021 (arXiv:2012.04221)"
 

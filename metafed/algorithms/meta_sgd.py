@@ -8,8 +8,14 @@
 Adaptation is theta' = theta - lrs * grad L_support(theta) with ``lrs`` a tensor per
 parameter. The meta-loss L_query(theta') is differentiated w.r.t. both theta (second order)
 and lrs (d theta'/d lrs = -grad L_support, exact). The broadcast carries the params and the
-lrs; clients return deltas of both; the server applies its optimizer to the params and the
-averaged delta to the lrs.
+lrs; clients return deltas of both; the server applies its optimizer to both jointly, as
+Meta-SGD meta-learns (theta, alpha) with one optimizer (its Algorithm 1, Adam in the paper's
+experiments).
+
+Protocol: ``protocol: paper`` is FedMeta's (one episode per client per round, the
+meta-gradients averaged and applied by Adam at the server) and evaluates after one
+adaptation step, the step the rates were learned for. The equal-budget protocol adapts
+with ``--personalize-steps`` steps at the learned rates.
 """
 from __future__ import annotations
 
@@ -77,17 +83,19 @@ class MetaSGD(FederatedAlgorithm):
         self.program = MetaSGDProgram(model, meta_lr)
 
     def init(self, params: Params) -> ServerState:
-        state = super().init(params)
         lrs = {f"lr.{k}": torch.full_like(v, self.inner_lr) for k, v in params.items()}
-        return ServerState(state.params, state.opt_state, lrs)
+        return ServerState(tree.clone(params), self.server_opt.init({**params, **lrs}), lrs)
 
     def broadcast(self, state: ServerState, rnd: int) -> dict:
         return {"params": state.params, "lrs": {k[3:]: v for k, v in state.extra.items() if k.startswith("lr.")}}
 
     def server_update(self, state: ServerState, aggregate: dict, rnd: int) -> ServerState:
-        params, opt_state = self.server_opt.step(state.params, aggregate["update"], state.opt_state)
-        lrs = {f"lr.{k}": state.extra[f"lr.{k}"] + v for k, v in aggregate["lr_update"].items()}
-        return ServerState(params, opt_state, {**state.extra, **lrs})
+        """One optimizer step on (theta, alpha) together; lrs live in ``extra`` as "lr.<name>"."""
+        lrs = {k: v for k, v in state.extra.items() if k.startswith("lr.")}
+        delta = {**aggregate["update"], **{f"lr.{k}": v for k, v in aggregate["lr_update"].items()}}
+        both, opt_state = self.server_opt.step({**state.params, **lrs}, delta, state.opt_state)
+        params = {k: both[k] for k in state.params}
+        return ServerState(params, opt_state, {**state.extra, **{k: both[k] for k in lrs}})
 
     def client_program(self, rnd: int = 0) -> MetaSGDProgram:
         return self.program

@@ -110,6 +110,7 @@ class MetaUpdaterPersonalize:
 
 
 class MetaUpdater(FederatedAlgorithm):
+    keeps_personal_model = True
     name = "meta-updater"
     paper = "metafed seed document 000, sections 3-4 (design choices in the module docstring)"
 

@@ -1,10 +1,17 @@
 """Personalized FedAvg: Jiang, Konecny, Rush, Kannan, "Improving Federated Learning
 Personalization via Model Agnostic Meta Learning", 2019, arXiv:1909.12488.
 
-Three stages: (1) FedAvg with many local epochs (rounds 1..stage1_rounds, stage1_epochs
-each); (2) Reptile fine-tuning rounds: clients run the configured local work, the server
-takes a step of size eps (the configured server optimizer, ``--server-lr`` = eps);
-(3) local fine-tuning at evaluation (``--personalize-steps`` SGD steps on the train split).
+Three stages (the paper's Section 3):
+
+1. rounds 1..stage1_rounds: FedAvg with ``stage1_epochs`` local epochs; the server applies
+   the configured server optimizer (the paper: SGD with momentum 0.9, i.e. FedAvgM).
+2. the remaining rounds: Reptile. Clients run the configured local work (K local steps) and
+   the server steps on the mean K-step delta with its own optimizer,
+   ``--stage2-server-optimizer`` (the paper: Adam), whose state is kept apart from stage 1's.
+3. at evaluation: local fine-tuning (``--personalize-steps`` SGD steps on the train split).
+
+``protocol: paper`` sets server momentum 0.9 for stage 1 and Adam for stage 2; without it
+both stages use the configured server optimizer.
 """
 from __future__ import annotations
 
@@ -12,24 +19,28 @@ from metafed.aggregate.server_opt import ServerOptimizer
 from metafed.algorithms.base import ServerState
 from metafed.algorithms.fedavg import FedAvg
 from metafed.models import FunctionalModel
-
-_AVERAGE = ServerOptimizer("sgd", 1.0)
+from metafed.types import Params
 
 
 class PersonalizedFedAvg(FedAvg):
     paper = "Jiang et al. 2019 (arXiv:1909.12488)"
 
-    def __init__(self, model: FunctionalModel, server_opt: ServerOptimizer, lr: float, stage1_rounds: int,
-                 stage1_epochs: int):
+    def __init__(self, model: FunctionalModel, server_opt: ServerOptimizer, stage2_opt: ServerOptimizer, lr: float,
+                 stage1_rounds: int, stage1_epochs: int):
         super().__init__(model, server_opt, lr)
         self.name = "personalized-fedavg"
+        self.stage2_opt = stage2_opt
         self.stage1_rounds, self.stage1_epochs = stage1_rounds, stage1_epochs
+
+    def init(self, params: Params) -> ServerState:
+        state = super().init(params)
+        return ServerState(state.params, {**state.opt_state, **self.stage2_opt.init(params)}, state.extra)
 
     def local_work(self, rnd: int):
         return (self.stage1_epochs, None) if rnd <= self.stage1_rounds else None
 
     def server_update(self, state: ServerState, aggregate: dict, rnd: int) -> ServerState:
-        if rnd <= self.stage1_rounds:  # stage 1: plain FedAvg averaging, optimizer state untouched
-            params, _ = _AVERAGE.step(state.params, aggregate["update"], {})
-            return ServerState(params, state.opt_state, state.extra)
-        return super().server_update(state, aggregate, rnd)
+        opt = self.server_opt if rnd <= self.stage1_rounds else self.stage2_opt
+        params, slots = opt.step(state.params, aggregate["update"], state.opt_state)
+        others = {k: v for k, v in state.opt_state.items() if not opt.owns(k)}
+        return ServerState(params, {**others, **slots}, state.extra)

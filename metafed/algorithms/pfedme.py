@@ -80,6 +80,7 @@ class PFedMePersonalize:
 
 
 class PFedMe(FederatedAlgorithm):
+    keeps_personal_model = True
     name = "pfedme"
     paper = "Dinh et al., NeurIPS 2020 (arXiv:2006.08848)"
     straggler_policy = "keep"

@@ -207,15 +207,18 @@ class LocalDeployment:
                             "--superlink", f"127.0.0.1:{self.port}", "--node-config", node_config,
                             "--port", str(free_port())], f"supernode-{i}.log")
 
-    def submit(self, out: Path, resume: bool, round_timeout: float, echo=print, timeout: float = 1800.0) -> int:
-        """Submit metafed's app for ``self.cfg``; returns ``flwr run``'s exit code."""
+    def submit(self, out: Path, resume: bool, round_timeout: float, echo=print, timeout: float = 1800.0,
+               connect_timeout: float = 60.0) -> int:
+        """Submit metafed's app for ``self.cfg``; returns ``flwr run``'s exit code. The run
+        starts once all ``self.clients`` SuperNodes answered, within ``connect_timeout`` s."""
         app = self.work / "app"
         app.mkdir(exist_ok=True)
         (app / "pyproject.toml").write_text(APP_PYPROJECT)
         config_file = self.work / "run-config.json"
         config_file.write_text(self.cfg.model_dump_json())
         run_config = (f"config-file='{config_file}' out='{out.resolve()}' num-nodes={self.clients} "
-                      f"resume={'true' if resume else 'false'} round-timeout={round_timeout}")
+                      f"resume={'true' if resume else 'false'} round-timeout={round_timeout} "
+                      f"connect-timeout={connect_timeout}")
         if self.roster is not None:
             run_config += f" secagg-roster='{self.roster}'"
         return self.submit_app(app, run_config, echo, timeout)

@@ -49,8 +49,7 @@ class Node:
 
     @functools.cached_property
     def evaluator(self) -> Evaluator:
-        return Evaluator(self.algorithm, LoopBackend(), self.cfg.eval_batch_size,
-                         self.cfg.personalize_lr or self.cfg.lr, self.cfg.seed)
+        return Evaluator.from_config(self.algorithm, LoopBackend(), self.cfg)
 
     def pool(self) -> SimulationPool:
         """A one-client view of the simulation pool: the exact task the simulation would run."""

@@ -55,39 +55,36 @@ class FlowerPool:
         return list(self.grid.send_and_receive(messages, timeout=timeout))
 
     def _register(self, num_nodes: int, timeout: float) -> None:
-        """Wait for the SuperNodes, then ask each which client (data partition) it holds."""
+        """Ask each SuperNode which client (data partition) it holds, until ``num_nodes``
+        nodes have answered. A node that does not answer yet (still connecting, or busy with
+        a message of a run that died) is asked again until ``timeout``; starting with fewer
+        would silently train another federation than the one configured, so it is an error."""
         from flwr.app import Message, RecordDict
 
         deadline = time.monotonic() + timeout
-        nodes = list(self.grid.get_node_ids())
-        while len(nodes) < num_nodes and time.monotonic() < deadline:
-            time.sleep(0.5)
-            nodes = list(self.grid.get_node_ids())
-        replies = self._send([Message(RecordDict({"config": self._config(0)}), n, "query") for n in nodes], timeout)
         self.node_of: dict[int, int] = {}  # training client -> node
         self.heldout_node_of: dict[int, int] = {}  # held-out client index -> node
         n_heldout = int(round(self.cfg.num_clients * self.cfg.heldout_fraction))
         self._num_clients = self.cfg.num_clients - n_heldout
-        shapes = set()
-        for r in replies:
-            try:
-                if r.has_error():
-                    raise BadReply(f"error from the node: {r.error.reason}")
-                info = r.content["info"]
-                cid, role = int(info["client"]), str(info.get("role", "train"))
-                table, size = (self.node_of, self._num_clients) if role == "train" else \
-                    (self.heldout_node_of, n_heldout) if role == "heldout" else (None, 0)
-                if table is None or not 0 <= cid < size or cid in table:
-                    raise BadReply(f"{role} client id {cid} is out of range or claimed twice")
-                table[cid] = r.metadata.src_node_id
-                dtype = str(info.get("input_dtype", "float32"))
-                if dtype not in ("float32", "int64"):
-                    raise BadReply(f"input dtype {dtype!r}")
-                shapes.add((tuple(int(d) for d in info["input_shape"]), int(info["num_classes"]), dtype))
-            except (BadReply, KeyError, TypeError, ValueError) as e:
-                log.warning("registration: ignoring node %s: %s", r.metadata.src_node_id, e)
+        shapes: set = set()
+        answered: set[int] = set()
+        while len(answered) < num_nodes and time.monotonic() < deadline:
+            silent = [n for n in self.grid.get_node_ids() if n not in answered]
+            if not silent:
+                time.sleep(0.5)
+                continue
+            wait = min(30.0, max(1.0, deadline - time.monotonic()))
+            for r in self._send([Message(RecordDict({"config": self._config(0)}), n, "query") for n in silent], wait):
+                answered.add(r.metadata.src_node_id)
+                self._read_registration(r, n_heldout, shapes)
+        if len(answered) < num_nodes:
+            raise RuntimeError(f"only {len(answered)} of the {num_nodes} SuperNodes the run waits for (num-nodes) "
+                               f"answered within {timeout:g} s (connect-timeout): check that they are running and "
+                               "reach the SuperLink, or start the run with a smaller num-nodes")
         if not self.node_of or len(shapes) != 1:
-            raise RuntimeError(f"no usable SuperNodes registered ({len(nodes)} connected, data shapes {shapes})")
+            raise RuntimeError(f"no usable SuperNodes registered ({len(answered)} answered, data shapes {shapes})")
+        log.info("registered %d SuperNodes: %d training clients, %d held-out clients", len(answered),
+                 len(self.node_of), len(self.heldout_node_of))
         self.client_of = {n: c for c, n in self.node_of.items()}
         self.heldout_of = {n: c for c, n in self.heldout_node_of.items()}
         (self.input_shape, self.num_classes, self.input_dtype), = shapes
@@ -96,6 +93,26 @@ class FlowerPool:
             log.warning("clients %s have no SuperNode: they never reply", missing[:10])
         if len(self.heldout_node_of) < n_heldout:
             log.warning("%d of %d held-out clients have a SuperNode", len(self.heldout_node_of), n_heldout)
+
+    def _read_registration(self, r, n_heldout: int, shapes: set) -> None:
+        """Record one node's registration reply (its client id, role and data shape), or log
+        why it is ignored."""
+        try:
+            if r.has_error():
+                raise BadReply(f"error from the node: {r.error.reason}")
+            info = r.content["info"]
+            cid, role = int(info["client"]), str(info.get("role", "train"))
+            table, size = (self.node_of, self._num_clients) if role == "train" else \
+                (self.heldout_node_of, n_heldout) if role == "heldout" else (None, 0)
+            if table is None or not 0 <= cid < size or cid in table:
+                raise BadReply(f"{role} client id {cid} is out of range or claimed twice")
+            dtype = str(info.get("input_dtype", "float32"))
+            if dtype not in ("float32", "int64"):
+                raise BadReply(f"input dtype {dtype!r}")
+            shapes.add((tuple(int(d) for d in info["input_shape"]), int(info["num_classes"]), dtype))
+            table[cid] = r.metadata.src_node_id
+        except (BadReply, KeyError, TypeError, ValueError) as e:
+            log.warning("registration: ignoring node %s: %s", r.metadata.src_node_id, e)
 
     @property
     def num_clients(self) -> int:
@@ -148,6 +165,9 @@ class FlowerPool:
             except (BadReply, KeyError, TypeError, ValueError) as e:
                 log.warning("round %d: rejected a reply from node %s: %s", rnd, _src(r), e)
         ids = [c for c in asked if c in got]  # cohort order, as the simulation
+        if len(ids) < len(asked):
+            log.warning("round %d: %d of %d clients replied in time; without a valid reply: %s", rnd, len(ids),
+                        len(asked), [c for c in asked if c not in got][:10])
         if not ids:
             return RoundReplies.empty()
         outputs = {} if hold else tree.nested_stack([got[c][0] for c in ids])
