@@ -56,18 +56,31 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=200)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path("results/pfedme"))
+    ap.add_argument("--protocol", choices=["equal-budget", "paper"], default="equal-budget",
+                    help="paper: each method's own evaluation (pFedMe/Ditto stored personal models, Per-FedAvg "
+                    "one step, ...); equal-budget: 5 adaptation steps for every method")
+    ap.add_argument("--standardize", action="store_true", help="per-feature standardisation (pFedMe's MNIST data)")
+    ap.add_argument("--methods", default=None, help="comma-separated subset of the method labels")
+    ap.add_argument("--clients-per-round", type=int, default=10)
     a = ap.parse_args()
     data, methods, hidden = SETTINGS[a.setting]
-    base = dict(**data, model=a.model, hidden=hidden[a.model] or [1], rounds=a.rounds, clients_per_round=10,
-                batch_size=20, local_steps=20, eval_every=10, personalize_steps=5, eval_batch_size=20)
-    grid = {f"{a.setting}-{a.model}-{m.replace(' ', '').replace('(', '').replace(')', '')}-s{s}":
-            {**cfg, "seed": s} for m, cfg in methods.items() for s in range(a.seeds)}
+    if a.methods:
+        methods = {m: methods[m] for m in a.methods.split(",")}
+    base = dict(**data, model=a.model, hidden=hidden[a.model] or [1], rounds=a.rounds,
+                clients_per_round=a.clients_per_round, batch_size=20, local_steps=20, eval_every=10,
+                eval_batch_size=20, protocol=a.protocol, standardize=a.standardize)
+    if a.protocol == "equal-budget":
+        base["personalize_steps"] = 5
+    tag = f"{a.setting}-{a.model}" + ("-paper" if a.protocol == "paper" else "") + ("-std" if a.standardize else "")
+    key = lambda m: m.replace(' ', '').replace('(', '').replace(')', '')  # noqa: E731
+    grid = {f"{tag}-{key(m)}-s{s}": {**cfg, "seed": s} for m, cfg in methods.items() for s in range(a.seeds)}
     results = run_grid(a.out, base, grid)
-    print(f"\n{a.setting}, {a.model}, {a.rounds} rounds, mean ± std over {a.seeds} seeds (final round)\n")
+    print(f"\n{a.setting}, {a.model}, {a.rounds} rounds, --protocol {a.protocol}"
+          f"{', standardised' if a.standardize else ''}, mean ± std over {a.seeds} seeds (final round)\n")
     print("| method | global acc | personalized acc | personalized p10 |")
     print("|---|---|---|---|")
     for m in methods:
-        rows = [results[k][-1] for k in grid if k.startswith(f"{a.setting}-{a.model}-{m.replace(' ', '').replace('(', '').replace(')', '')}-")]
+        rows = [results[k][-1] for k in grid if k.startswith(f"{tag}-{key(m)}-s")]
         cell = lambda key: f"{np.mean([r[key] for r in rows]):.4f} ± {np.std([r[key] for r in rows]):.4f}"  # noqa: E731
         print(f"| {m} | {cell('global_accuracy')} | {cell('personalized_accuracy')} | "
               f"{cell('personalized_accuracy_p10')} |")

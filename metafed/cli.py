@@ -104,8 +104,18 @@ def run(
     secagg_dropout: Optional[float] = typer.Option(None, help="fraction dropping after key sharing"),
     min_clients: Optional[int] = typer.Option(None, help="skip a round (model unchanged) with fewer valid replies"),
     attention_score: Optional[str] = typer.Option(None, help="loss | cosine"),
-    server_optimizer: Optional[str] = typer.Option(None, help="sgd | adam | yogi"),
-    server_lr: Optional[float] = typer.Option(None),
+    server_optimizer: Optional[str] = typer.Option(None, help="sgd | adam | yogi | adagrad"),
+    server_lr: Optional[float] = typer.Option(None, help="default per optimizer: sgd 1.0, adam/yogi 0.01, "
+                                              "adagrad 0.1"),
+    protocol: Optional[str] = typer.Option(None, help="equal-budget (one adaptation budget for all methods) | "
+                                           "paper (each algorithm's paper recipe; see docs/protocols.md)"),
+    weighting: Optional[str] = typer.Option(None, help="samples | uniform: how client updates are averaged"),
+    personal_eval: Optional[str] = typer.Option(None, help="adapt | stored (score each client's stored "
+                                                "personal model: pfedme, ditto, meta-updater)"),
+    standardize: Optional[bool] = typer.Option(None, "--standardize/--no-standardize",
+                                               help="per-feature standardisation (mnist, digits, femnist)"),
+    reptile_anneal: Optional[bool] = typer.Option(None, "--reptile-anneal/--no-reptile-anneal",
+                                                  help="Reptile: anneal eps linearly to 0"),
     server_momentum: Optional[float] = typer.Option(None),
     partition: Optional[str] = typer.Option(None, help="iid | dirichlet | shards | quantity"),
     dirichlet_alpha: Optional[float] = typer.Option(None),
@@ -143,7 +153,9 @@ def run(
                  client_sampling=client_sampling, dropout=dropout, min_clients=min_clients,
                  secure_aggregation=secure_aggregation,
                  secagg_threshold=secagg_threshold, secagg_neighbours=secagg_neighbours, secagg_dropout=secagg_dropout,
-                 server_lr=server_lr, server_momentum=server_momentum, partition=partition,
+                 server_lr=server_lr, server_momentum=server_momentum, partition=partition, protocol=protocol,
+                 weighting=weighting, personal_eval=personal_eval, standardize=standardize,
+                 reptile_anneal=reptile_anneal,
                  dirichlet_alpha=dirichlet_alpha, synthetic_alpha=synthetic_alpha, synthetic_beta=synthetic_beta,
                  synthetic_iid=synthetic_iid, stragglers=stragglers, heldout_fraction=heldout_fraction,
                  personalize_steps=personalize_steps, eval_every=eval_every, backend=backend, chunk_size=chunk_size,
@@ -240,11 +252,15 @@ def datasets() -> None:
 
 @app.command()
 def algorithms() -> None:
-    """List every algorithm with one line and its paper."""
+    """List every algorithm with one line, its paper, and what --protocol paper sets for it."""
     from metafed.algorithms import ALGORITHMS
+    from metafed.protocols import paper_recipe
 
     for name, spec in ALGORITHMS.items():
         typer.echo(f"{name:20s} {spec.summary}  [{spec.paper}]")
+        recipe = paper_recipe({"algorithm": name})
+        settings = ", ".join(f"{k}={v}" for k, v in recipe.items()) or "the defaults"
+        typer.echo(f"{'':20s} --protocol paper: {settings}")
 
 
 def main(argv: list[str] | None = None) -> None:

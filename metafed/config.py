@@ -62,6 +62,8 @@ class RunConfig(BaseModel):
     synthetic_beta: float = Field(1.0, ge=0)
     synthetic_iid: bool = False
     size_multiplier: int = Field(1, ge=1)
+    standardize: bool = Field(False, description="per-feature standardisation of digits / mnist / femnist inputs, "
+                              "as the pFedMe and LEAF pipelines do (their learning rates assume it)")
 
     # rounds and local work
     rounds: int = Field(30, ge=1)
@@ -228,6 +230,9 @@ class RunConfig(BaseModel):
         if self.client_sampling == "fixed" and self.min_clients > min(self.clients_per_round, self.num_clients):
             raise ValueError(f"--min-clients {self.min_clients} exceeds the clients sampled per round "
                              f"({min(self.clients_per_round, self.num_clients)}): no round could commit")
+        if self.standardize and self.dataset in ("shakespeare", "synthetic"):
+            raise ValueError(f"--standardize rescales pixel features: dataset {self.dataset!r} has none "
+                             "(synthetic is already standardised, shakespeare is text)")
         if self.dataset == "shakespeare" and self.model not in (None, "lstm"):
             raise ValueError("dataset 'shakespeare' is text: use model 'lstm'")
         return self

@@ -25,7 +25,7 @@ from metafed import tree
 from metafed.algorithms.base import FederatedAlgorithm, ServerState
 from metafed.backends.base import Backend, ClientTask
 from metafed.data.federated import ClientData
-from metafed.data.schedule import client_schedule
+from metafed.data.schedule import program_schedule
 from metafed.models import FunctionalModel
 from metafed.types import Params
 
@@ -130,8 +130,8 @@ class Evaluator:
             for c in group:
                 cd = clients[c]
                 rng = np.random.default_rng([self.seed, stream, rnd, first_index + c])
-                sched = client_schedule(cd.num_train, batch_size=self.batch_size, epochs=1, steps=steps,
-                                        batches_per_step=program.batches_per_step, rng=rng)
+                sched = program_schedule(program, cd.num_train, batch_size=self.batch_size, epochs=1, steps=steps,
+                                         rng=rng)
                 inputs = {"state": states[c], "num_samples": torch.tensor(float(cd.num_train))}
                 tasks.append(ClientTask(cd.train_x, cd.train_y, sched, steps, inputs))
             out, _ = self.backend.run(program, broadcast, tasks)

@@ -18,7 +18,7 @@ from metafed.backends.base import Backend, ClientTask
 from metafed.client_store import ClientStore
 from metafed.config import RunConfig
 from metafed.data.federated import FederatedDataset
-from metafed.data.schedule import client_schedule, poisson_sample_clients, sample_clients
+from metafed.data.schedule import poisson_sample_clients, program_schedule, sample_clients
 from metafed.eval import HELDOUT_ADAPT_STEPS, Evaluator
 from metafed.pools import ClientPool, RoundReplies, SimulationPool
 from metafed.privacy.accountant import PrivacyAccountant, calibrate_noise
@@ -246,9 +246,8 @@ class Federation:
             raise ValueError("fltrust needs the dataset's server-held root set")
         x, y = self.dataset.server_root
         epochs, steps = self.algorithm.local_work(rnd) or (self.cfg.local_epochs, self.cfg.local_steps)
-        sched = client_schedule(len(y), batch_size=self.cfg.batch_size, epochs=epochs, steps=steps,
-                                batches_per_step=program.batches_per_step,
-                                rng=np.random.default_rng([self.cfg.seed, 12, rnd]))
+        sched = program_schedule(program, len(y), batch_size=self.cfg.batch_size, epochs=epochs, steps=steps,
+                                 rng=np.random.default_rng([self.cfg.seed, 12, rnd]))
         inputs = {"state": self.algorithm.client_init(broadcast), "num_samples": torch.tensor(float(len(y)))}
         out, _ = self.backend.run(program, broadcast, [ClientTask(x, y, sched, len(sched), inputs)])
         return {k: tree.nested_index(v, 0) for k, v in out.items() if k not in ("state", "metrics")}

@@ -4,8 +4,11 @@ Personalization", ICML 2021, arXiv:2012.04221.
 Each local step does two things on the same minibatch: the global part (plain local SGD on
 w, as FedAvg) and the personal part, v <- v - eta_p * (grad f(v) + lambda * (v - w_global))
 with w_global the model received this round. v is kept in client state; lambda = 0 makes v
-purely local training. Personalization at evaluation continues the personal objective
-from the stored v.
+purely local training.
+
+Evaluation: ``protocol: paper`` (``personal_eval: stored``) scores the stored v_i exactly as
+local training left it (the paper's Section 5); the equal-budget protocol continues the
+personal objective from the stored v_i for ``--personalize-steps`` steps, then scores it.
 """
 from __future__ import annotations
 

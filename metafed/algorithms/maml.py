@@ -11,6 +11,12 @@ the initialisation. ``maml`` differentiates through the inner steps (the true se
 meta-gradient); ``fomaml`` drops the second-order terms (gradient of the query loss at the
 adapted point). The client sends its initialisation delta; the server averages and applies
 its optimizer. Personalization: SGD with lr alpha from the global initialisation.
+
+Protocol: the default (equal-budget) runs the configured local work as several local
+meta-steps with delta averaging, and evaluates after ``--personalize-steps`` steps.
+``protocol: paper`` is FedMeta's Algorithm 1: one episode per client per round, the client
+sends its meta-gradient (``lr: 1``, one step), the server averages and applies Adam, and
+evaluation adapts with ``inner_steps`` steps, the number training optimised for.
 """
 from __future__ import annotations
 

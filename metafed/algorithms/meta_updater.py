@@ -9,8 +9,10 @@ model with it; clients personalize with u_g. What the seed leaves open, and what
 1. Validation split. A sample of the client's train split is validation data when its
    index is divisible by ``val_period`` (5 -> 20 %). Train splits are shuffled when they
    are made, so this is a random, disjoint and stable split. Each local step takes two
-   minibatches: the first trains theta_i on its train-part samples, the second gives the
-   validation-part samples of the meta-loss.
+   full minibatches: the first drawn only from the train part (it trains theta_i), the
+   second only from the validation part (the meta-loss), through ``index_pools``. (Drawing
+   both from all samples and masking threw away about half of each batch and left the
+   meta-gradient zero whenever a batch held no validation sample.)
 2. What u_i must do. u_i proposes a starting point theta_i - alpha * u_i from which one
    local SGD step (lr beta) on train data lands where validation loss is low:
        meta-loss(u) = L_val(s - beta * grad L_train(s)),   s = theta_i - alpha * u.
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.func import grad
 
@@ -62,22 +65,22 @@ class MetaUpdaterProgram:
                 "meta": _mix(st["meta"], shared["meta"], self.mix),
                 "val_loss": torch.zeros(())}
 
-    def _masks(self, batch):
-        is_val = (batch["idx"] % self.val_period == 0).to(batch["mask"].dtype)
-        return batch["mask"][0] * (1 - is_val[0]), batch["mask"][1] * is_val[1]
+    def index_pools(self, n: int) -> list[np.ndarray]:
+        """Batch 0 of a step draws from the train part, batch 1 from the validation part."""
+        idx = np.arange(n)
+        return [idx[idx % self.val_period != 0], idx[idx % self.val_period == 0]]
 
     def step(self, shared, carry, batch):
-        train_mask, val_mask = self._masks(batch)
-        train_loss = lambda p: batch_loss(self.model, p, batch, 0, train_mask)  # noqa: E731
+        train_loss = lambda p: batch_loss(self.model, p, batch, 0)  # noqa: E731
         theta = carry["personal"]
-        g_theta, value = grad_and_loss(self.model, theta, batch, 0, train_mask)
+        g_theta, value = grad_and_loss(self.model, theta, batch, 0)
 
         def meta_loss(u):
             start = sgd(theta, u, self.alpha)
             g = grad(train_loss)(start)
             if not self.second_order:
                 g = {k: v.detach() for k, v in g.items()}
-            loss = batch_loss(self.model, sgd(start, g, self.lr), batch, 1, val_mask)
+            loss = batch_loss(self.model, sgd(start, g, self.lr), batch, 1)
             return loss, loss
 
         g_u, m_loss = grad(meta_loss, has_aux=True)(carry["meta"])

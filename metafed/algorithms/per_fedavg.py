@@ -7,6 +7,10 @@ Local step on independent batches D, D' (and D'' for HF), Algorithm 1 of the pap
   HF:  w <- w - beta * (I - alpha * H(w; D'')) grad f(temp; D')
 The Hessian-vector product H(w; D'') v is one forward-over-reverse ``jvp(grad(f), w, v)``:
 no Hessian is formed. Personalization (evaluation): SGD steps with lr alpha from w.
+
+Protocol: ``protocol: paper`` averages the local models uniformly (the paper's
+w = 1/(rn) sum w_i) and evaluates after exactly one SGD step at alpha on the client's train
+data (Section 5); the equal-budget protocol adapts ``--personalize-steps`` steps.
 """
 from __future__ import annotations
 

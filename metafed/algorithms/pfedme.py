@@ -6,9 +6,16 @@ Client i approximately solves the Moreau-envelope inner problem on each minibatc
 with K gradient steps at the personal learning rate (warm-started from the previous
 theta_i), then moves its local model towards it: w <- w - eta * lambda * (w - theta_i).
 The server mixes: w <- (1 - beta) w + beta * mean(w_i) = w + beta * mean delta, i.e. the
-SGD server optimizer with ``--server-lr`` = beta. theta_i is kept in client state. The
-personalized model used at evaluation is theta_i(w): the inner problem solved from the
-current global model on the client's train split.
+SGD server optimizer with ``--server-lr`` = beta. theta_i is kept in client state.
+
+Evaluation: ``protocol: paper`` (``personal_eval: stored``) scores the personal model theta_i
+as the client's last local training left it, as the paper and its official code do (there
+every client trains every round; here a client never sampled scores the global model it
+was initialised with). The equal-budget protocol scores theta_i(w): the inner problem
+re-solved from the current global model on the client's train split, one solve per
+minibatch for ``--personalize-steps`` minibatches. The solve is gradient descent at the
+personal rate on f + lambda/2 ||theta - w||^2, stable only for
+personal_lr * (L + lambda) < 2: personal_lr * lambda >= 2 is refused up front.
 """
 from __future__ import annotations
 

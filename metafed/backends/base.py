@@ -39,4 +39,4 @@ class Backend(Protocol):
 def step_batch(x: Tensor, y: Tensor, idx: Tensor) -> dict:
     """Gather one step's batches from a client's data. idx [..., k, B] (-1 = padding)."""
     safe = idx.clamp_min(0)
-    return {"x": x[safe], "y": y[safe], "mask": (idx >= 0).to(torch.float32), "idx": idx}
+    return {"x": x[safe], "y": y[safe], "mask": (idx >= 0).to(torch.float32)}

@@ -125,7 +125,7 @@ class VectorizedBackend:
         total = torch.zeros(len(chunk))
         for s in range(0, steps, self.unroll):
             window = slice(s, s + self.unroll)
-            batch = {"x": xb[window], "y": yb[window], "mask": mb[window], "idx": idx_t[window]}
+            batch = {"x": xb[window], "y": yb[window], "mask": mb[window]}
             carry, loss = step_fn(shared, carry, batch, active[window])
             total = total + loss.detach()
         out = final_fn(shared, carry, inputs)

@@ -65,6 +65,22 @@ def _partitioned(name: str, x: np.ndarray, y: np.ndarray, cfg: "RunConfig", rng:
     return [split_client(xt[p], yt[p], cfg.test_fraction, rng, f"{name}-{k}") for k, p in enumerate(parts)]
 
 
+def standardize_features(x: np.ndarray, reference: np.ndarray | None = None) -> np.ndarray:
+    """Per-feature standardisation (x - mean) / std, the statistics taken over ``reference``
+    (default: ``x``) as the pFedMe MNIST and LEAF pipelines do before partitioning. Constant
+    features (MNIST's border pixels) become 0. A data-preparation step: the statistics come
+    from the pooled data, which a real federation's server would not see."""
+    ref = x if reference is None else reference
+    mean, std = ref.mean(0), ref.std(0)
+    return ((x - mean) / np.where(std > 0, std, 1.0)).astype(np.float32)
+
+
+def _standardize_users(users: list[tuple]) -> list[tuple]:
+    """LEAF users (name, train_x, train_y, test_x, test_y): statistics over all train data."""
+    pooled = np.concatenate([u[1] for u in users])
+    return [(u[0], standardize_features(u[1], pooled), u[2], standardize_features(u[3], pooled), u[4]) for u in users]
+
+
 def load_dataset(cfg: "RunConfig") -> FederatedDataset:
     """Build the FederatedDataset a config asks for (deterministic in cfg.seed)."""
     rng = np.random.default_rng([cfg.seed, 100])
@@ -72,6 +88,8 @@ def load_dataset(cfg: "RunConfig") -> FederatedDataset:
     root = None
     if name in ("digits", "mnist"):
         x, y = load_digits() if name == "digits" else load_mnist(resolve_data_dir(cfg.data_dir) / "mnist")
+        if cfg.standardize:
+            x = standardize_features(x)
         if cfg.aggregator == "fltrust":
             x, y, root = _carve_server_root(x, y, cfg.fltrust_root_size, cfg.seed)
         shape, classes = (x.shape[1],), 10
@@ -80,6 +98,8 @@ def load_dataset(cfg: "RunConfig") -> FederatedDataset:
         users = load_leaf(resolve_data_dir(cfg.data_dir) / name, text=name == "shakespeare")
         if cfg.max_clients is not None:
             users = users[: cfg.max_clients]
+        if cfg.standardize:
+            users = _standardize_users(users)
         clients = [ClientData(*(torch.from_numpy(a) for a in u[1:]), name=u[0]) for u in users]
         shape, classes = ((784,), 62) if name == "femnist" else ((80,), 80)
     elif name == "synthetic":

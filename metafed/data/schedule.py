@@ -51,6 +51,38 @@ def client_schedule(n: int, *, batch_size: int, epochs: int, steps: int | None, 
     return batches[: s * k].reshape(s, k, batch_size)
 
 
+def pooled_schedule(pools: list[np.ndarray], *, batch_size: int, epochs: int, steps: int | None,
+                    rng: np.random.Generator) -> np.ndarray:
+    """Index tensor [S, k, B] where slot j of every step draws only from ``pools[j]`` (an
+    array of sample indices), e.g. train and validation halves of a split that must stay
+    disjoint. Each slot walks through epochs of its own pool; pool 0 sets the number of
+    steps when ``steps`` is unset (``epochs`` passes over it)."""
+    if any(len(pool) == 0 for pool in pools):
+        raise ValueError(f"a client needs samples in every part of its split, got part sizes "
+                         f"{[len(pool) for pool in pools]}")
+    s = steps if steps is not None else max(1, epochs * -(-len(pools[0]) // batch_size))
+    slots = []
+    for pool in pools:
+        per_epoch = -(-len(pool) // batch_size)
+        drawn = np.concatenate([epoch_batches(len(pool), batch_size, rng) for _ in range(-(-s // per_epoch))])[:s]
+        slots.append(np.where(drawn >= 0, pool[np.maximum(drawn, 0)], -1))
+    return np.stack(slots, axis=1)
+
+
+def program_schedule(program, n: int, *, batch_size: int, epochs: int, steps: int | None,
+                     rng: np.random.Generator) -> np.ndarray:
+    """The schedule of a LocalProgram: :func:`client_schedule`, or :func:`pooled_schedule`
+    when the program splits the client's samples (``index_pools(n)``, e.g. the
+    meta-updater's train and validation parts)."""
+    pools = program.index_pools(n) if hasattr(program, "index_pools") else None
+    if pools is None:
+        return client_schedule(n, batch_size=batch_size, epochs=epochs, steps=steps,
+                               batches_per_step=program.batches_per_step, rng=rng)
+    if len(pools) != program.batches_per_step:
+        raise ValueError(f"index_pools gave {len(pools)} pools for {program.batches_per_step} batches per step")
+    return pooled_schedule(pools, batch_size=batch_size, epochs=epochs, steps=steps, rng=rng)
+
+
 def straggler_steps(total_steps: int, epochs: int, steps_mode: bool, rng: np.random.Generator) -> int:
     """Steps a straggler completes: a random 1..E-1 epochs' worth (or 1..S-1 steps)."""
     if steps_mode or epochs <= 1:

@@ -80,7 +80,7 @@ class MetafedClient:
         program = node.algorithm.client_program(rnd)
         pool = node.pool()
         state = node.load_state(broadcast)
-        task = pool.task(node.client_id, rnd, program.batches_per_step, broadcast)
+        task = pool.task(node.client_id, rnd, program, broadcast)
         task.inputs["state"] = state
         outputs, losses = pool.backend.run(program, broadcast, [task])
         row = tree.nested_index(outputs, 0)

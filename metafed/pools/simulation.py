@@ -15,7 +15,7 @@ from metafed.backends.base import Backend, ClientTask
 from metafed.client_store import ClientStore
 from metafed.config import RunConfig
 from metafed.data.federated import FederatedDataset
-from metafed.data.schedule import client_schedule, straggler_steps
+from metafed.data.schedule import program_schedule, straggler_steps
 from metafed.pools.base import RoundReplies, zero_rows
 from metafed.privacy.upload import UploadTransform, client_privacy_random, finish_upload, own_weight
 
@@ -53,7 +53,7 @@ class SimulationPool:
         for cid in cohort.tolist():
             if cid in gone or (cid in slow and policy == "drop"):
                 continue
-            task = self.task(cid, rnd, program.batches_per_step, broadcast)
+            task = self.task(cid, rnd, program, broadcast)
             if cid in slow:
                 epochs, steps = self.algorithm.local_work(rnd) or (cfg.local_epochs, cfg.local_steps)
                 task = replace(task, active_steps=straggler_steps(len(task.schedule), epochs, steps is not None, rng))
@@ -75,14 +75,14 @@ class SimulationPool:
                 for i, cid in enumerate(ids)]
         return {**outputs, **tree.nested_stack(rows)}
 
-    def task(self, cid: int, rnd: int, batches_per_step: int, broadcast: dict) -> ClientTask:
+    def task(self, cid: int, rnd: int, program: LocalProgram, broadcast: dict) -> ClientTask:
         """Client ``cid``'s local work in round ``rnd``: its data, its seeded batch schedule
         (``default_rng([seed, 3, round, client])``) and its persistent state."""
         cfg = self.cfg
         epochs, steps = self.algorithm.local_work(rnd) or (cfg.local_epochs, cfg.local_steps)
         data = self.dataset.clients[cid]
-        sched = client_schedule(data.num_train, batch_size=cfg.batch_size, epochs=epochs, steps=steps,
-                                batches_per_step=batches_per_step, rng=np.random.default_rng([cfg.seed, 3, rnd, cid]))
+        sched = program_schedule(program, data.num_train, batch_size=cfg.batch_size, epochs=epochs, steps=steps,
+                                 rng=np.random.default_rng([cfg.seed, 3, rnd, cid]))
         inputs = {"state": self.clients.get(cid, lambda: self.algorithm.client_init(broadcast)),
                   "num_samples": torch.tensor(float(data.num_train))}
         return ClientTask(data.train_x, data.train_y, sched, len(sched), inputs)
@@ -136,5 +136,5 @@ class SimulationPool:
         return replace(transform, weight=own_weight(n, weighting, self.cfg.max_sample_weight))
 
     def message_template(self, rnd: int, program: LocalProgram, broadcast: dict) -> dict:
-        out, _ = self.backend.run(program, broadcast, [self.task(0, rnd, program.batches_per_step, broadcast)])
+        out, _ = self.backend.run(program, broadcast, [self.task(0, rnd, program, broadcast)])
         return zero_rows(out)
