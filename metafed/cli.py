@@ -18,6 +18,20 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="metafed: federated and meta-federated (personalized) learning on PyTorch.")
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from metafed import __version__
+
+        typer.echo(f"metafed {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                                       help="print the version and exit")) -> None:
+    """metafed: federated and meta-federated (personalized) learning on PyTorch."""
+
+
 def _fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code=2)
@@ -72,7 +86,7 @@ def run(
     algorithm: Optional[str] = typer.Option(None, help="see `metafed algorithms`"),
     dataset: Optional[str] = typer.Option(None, help="digits | mnist | femnist | shakespeare | synthetic"),
     data_dir: Optional[Path] = typer.Option(None, help="folder with mnist/, femnist/, shakespeare/ (or $METAFED_DATA)"),
-    model: Optional[str] = typer.Option(None, help="logistic | mlp | cnn | lstm (default: per dataset)"),
+    model: Optional[str] = typer.Option(None, help="logistic | mlp | cnn | small-cnn | lstm (default: per dataset)"),
     rounds: Optional[int] = typer.Option(None),
     num_clients: Optional[int] = typer.Option(None, help="clients to create (digits, mnist, synthetic)"),
     clients_per_round: Optional[int] = typer.Option(None),
@@ -96,6 +110,15 @@ def run(
     target_epsilon: Optional[float] = typer.Option(None, help="calibrate the noise multiplier to this epsilon"),
     dp_delta: Optional[float] = typer.Option(None),
     dp_adaptive_clip: Optional[bool] = typer.Option(None, "--dp-adaptive-clip/--dp-fixed-clip"),
+    dp_target_quantile: Optional[float] = typer.Option(None, help="adaptive clipping: target quantile of norms"),
+    dp_clip_lr: Optional[float] = typer.Option(None, help="adaptive clipping: learning rate of the clip norm"),
+    dp_count_noise: Optional[float] = typer.Option(None, help="adaptive clipping: std of the count noise"),
+    dp_accountant: Optional[str] = typer.Option(None, help="rdp | pld"),
+    secagg_range: Optional[float] = typer.Option(None, help="fixed-point range [-R, R] of n_i * update"),
+    secagg_bits: Optional[int] = typer.Option(None, help="fixed-point fraction bits"),
+    attention_temperature: Optional[float] = typer.Option(None, help="softmax temperature of attention"),
+    fltrust_root_size: Optional[int] = typer.Option(None, help="FLTrust: server's clean root samples"),
+    clip_tau: Optional[float] = typer.Option(None, help="centered clipping radius"),
     client_sampling: Optional[str] = typer.Option(None, help="fixed | poisson"),
     dropout: Optional[float] = typer.Option(None, help="fraction of sampled clients that never reply"),
     secure_aggregation: Optional[bool] = typer.Option(None, "--secure-aggregation/--no-secure-aggregation"),
@@ -150,6 +173,9 @@ def run(
                  aggregator=aggregator, attention_score=attention_score, byzantine_f=byzantine_f, attack=attack,
                  malicious_fraction=malicious_fraction, dp=dp, dp_clip=dp_clip, dp_noise_multiplier=dp_noise_multiplier,
                  target_epsilon=target_epsilon, dp_delta=dp_delta, dp_adaptive_clip=dp_adaptive_clip,
+                 dp_target_quantile=dp_target_quantile, dp_clip_lr=dp_clip_lr, dp_count_noise=dp_count_noise,
+                 dp_accountant=dp_accountant, secagg_range=secagg_range, secagg_bits=secagg_bits,
+                 attention_temperature=attention_temperature, fltrust_root_size=fltrust_root_size, clip_tau=clip_tau,
                  client_sampling=client_sampling, dropout=dropout, min_clients=min_clients,
                  secure_aggregation=secure_aggregation,
                  secagg_threshold=secagg_threshold, secagg_neighbours=secagg_neighbours, secagg_dropout=secagg_dropout,

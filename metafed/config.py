@@ -47,7 +47,7 @@ class RunConfig(BaseModel):
     algorithm: str = "fedavg"
     dataset: Literal["digits", "mnist", "femnist", "shakespeare", "synthetic"] = "digits"
     data_dir: Optional[Path] = None
-    model: Optional[Literal["logistic", "mlp", "cnn", "lstm"]] = None
+    model: Optional[Literal["logistic", "mlp", "cnn", "small-cnn", "lstm"]] = None
     hidden: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [200])
 
     # how data is federated (digits / mnist are partitioned; LEAF is naturally federated)
@@ -239,6 +239,12 @@ class RunConfig(BaseModel):
 
 
     def _check_algorithm_settings(self) -> None:
+        if self.algorithm == "fedprox" and self.mu == 0:
+            raise ValueError("--algorithm fedprox needs --mu > 0 (the proximal weight; with mu = 0 it is FedAvg: "
+                             "use --algorithm fedavg)")
+        if self.mu > 0 and self.algorithm != "fedprox":
+            raise ValueError(f"--mu is FedProx's proximal weight: {self.algorithm!r} ignores it "
+                             "(use --algorithm fedprox)")
         if self.algorithm == "pfedme" and (self.personal_lr or self.lr) * self.pfedme_lambda >= 2:
             raise ValueError(f"pFedMe's inner solve steps theta -= personal_lr * (grad f + lambda (theta - w)): "
                              f"personal_lr * lambda = {(self.personal_lr or self.lr) * self.pfedme_lambda:g} >= 2 "

@@ -59,15 +59,19 @@ def test_one_client_full_batch_step_equals_sgd_by_hand():
     torch.testing.assert_close(params["linear.bias"], -0.3 * b.grad)
 
 
-def test_fedprox_mu_zero_equals_fedavg_exactly():
-    a = run(small_config(algorithm="fedavg"))
-    b = run(small_config(algorithm="fedprox", mu=0.0))
-    for k in a.params:
-        assert torch.equal(a.params[k], b.params[k])
+def test_fedprox_without_mu_is_refused_and_mu_without_fedprox_too():
+    """--algorithm fedprox at mu = 0 would silently run FedAvg; --mu on another algorithm
+    would be ignored. Both are configuration errors."""
+    from metafed.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match="fedprox needs --mu > 0"):
+        build_config(algorithm="fedprox")
+    with pytest.raises(ConfigError, match="ignores it"):
+        build_config(algorithm="ditto", mu=0.1)
 
 
 def test_fedprox_proximal_term_pulls_towards_global():
-    far = run(small_config(algorithm="fedprox", mu=0.0, rounds=1, local_epochs=3))
+    far = run(small_config(algorithm="fedavg", rounds=1, local_epochs=3))
     near = run(small_config(algorithm="fedprox", mu=10.0, rounds=1, local_epochs=3))
     start = far.federation.algorithm.model.init_params()
     assert tree.sq_norm(tree.sub(near.params, start)) < 0.5 * tree.sq_norm(tree.sub(far.params, start))

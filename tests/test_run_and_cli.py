@@ -118,7 +118,7 @@ def test_resume_keeps_personal_client_state(tmp_path):
 def test_cli_every_algorithm_writes_personalized_and_new_client_metrics(tmp_path, name):
     res = _cli("run", "--algorithm", name, "--dataset", "digits", "--rounds", "2", "--num-clients", "8",
                "--clients-per-round", "3", "--heldout-fraction", "0.25", "--set", "hidden=[16]",
-               "--no-progress", "--out", str(tmp_path / name))
+               "--no-progress", "--out", str(tmp_path / name), *(["--mu", "0.1"] if name == "fedprox" else []))
     assert res.exit_code == 0, res.output
     row = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[-1])
     for key in ("personalized_accuracy", "new_client_accuracy_k0", "new_client_accuracy_k10"):

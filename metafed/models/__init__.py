@@ -7,7 +7,7 @@ from torch import nn
 from metafed.models.functional import FunctionalModel
 from metafed.models.reference import CharLSTM, FemnistCNN, LogisticRegression, MLP
 
-MODEL_NAMES = ("logistic", "mlp", "cnn", "lstm")
+MODEL_NAMES = ("logistic", "mlp", "cnn", "small-cnn", "lstm")
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, seed: int,
@@ -21,11 +21,11 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, seed:
         return LogisticRegression(features, num_classes)
     if name == "mlp":
         return MLP(features, tuple(hidden), num_classes)
-    if name == "cnn":
+    if name in ("cnn", "small-cnn"):
         side = int(round(features ** 0.5))
         if side * side != features:
-            raise ValueError(f"model 'cnn' needs square single-channel images, got input shape {input_shape}")
-        return FemnistCNN(num_classes, side)
+            raise ValueError(f"model {name!r} needs square single-channel images, got input shape {input_shape}")
+        return FemnistCNN(num_classes, side) if name == "cnn" else FemnistCNN(num_classes, side, (8, 16), 128)
     if name == "lstm":
         return CharLSTM(vocab_size=num_classes)
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
