@@ -126,7 +126,7 @@ def run(
     secagg_neighbours: Optional[int] = typer.Option(None, help="SecAgg+ neighbourhood size"),
     secagg_dropout: Optional[float] = typer.Option(None, help="fraction dropping after key sharing"),
     min_clients: Optional[int] = typer.Option(None, help="skip a round (model unchanged) with fewer valid replies"),
-    attention_score: Optional[str] = typer.Option(None, help="loss | cosine"),
+    attention_score: Optional[str] = typer.Option(None, help="loss | cosine | labels"),
     server_optimizer: Optional[str] = typer.Option(None, help="sgd | adam | yogi | adagrad"),
     server_lr: Optional[float] = typer.Option(None, help="default per optimizer: sgd 1.0, adam/yogi 0.01, "
                                               "adagrad 0.1"),

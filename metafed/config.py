@@ -131,7 +131,7 @@ class RunConfig(BaseModel):
     malicious_fraction: float = Field(0.0, ge=0, lt=1)
     attack_scale: Optional[float] = Field(None, gt=0)
     backdoor_target: int = Field(0, ge=0)
-    attention_score: Literal["loss", "cosine"] = "loss"
+    attention_score: Literal["loss", "cosine", "labels"] = "loss"
     attention_temperature: float = Field(1.0, gt=0)
 
     # participation
@@ -212,6 +212,9 @@ class RunConfig(BaseModel):
             if self.dp == "local" and self.dp_adaptive_clip:
                 raise ValueError("--dp-adaptive-clip adapts a clip norm at the server from a noised count: it "
                                  "exists for --dp central only")
+            if self.aggregator == "attention" and self.attention_score == "labels":
+                raise ValueError("--attention-score labels shows the server each client's label counts: not "
+                                 "under --dp (use --attention-score cosine)")
             if self.dp == "local" and self.aggregator == "attention" and self.attention_score == "loss":
                 raise ValueError("under --dp local clients send no raw losses: use --attention-score cosine")
         self._refuse_ignored()

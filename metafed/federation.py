@@ -220,6 +220,8 @@ class Federation:
         if getattr(self.aggregator, "needs_reference", False):
             return self.aggregator(got.kept, got.weights, got.client_loss,
                                    reference=self._root_update(program, broadcast, rnd))
+        if getattr(self.aggregator, "needs_label_counts", False):
+            return self.aggregator(got.kept, got.weights, got.client_loss, self.pool.label_counts(got.ids))
         return self.aggregator(got.kept, got.weights, got.client_loss)
 
     def _empty_message(self, program, broadcast: dict, rnd: int) -> dict:

@@ -227,14 +227,24 @@ def test_real_client_app_code_equals_the_simulation(algorithm, tmp_path):
     """Every algorithm through metafed's actual ClientApp handlers (node data loading, the
     task, personal state on the node's disk, federated evaluation), without the processes:
     two rounds equal the simulation with the loop backend, parameters and metrics."""
+    extra = {"mu": 0.1} if algorithm == "fedprox" else {}
+    _client_app_equals_the_simulation(small_config(algorithm=algorithm, num_clients=3, clients_per_round=2, rounds=2,
+                                                   backend="loop", local_steps=3, **extra), tmp_path)
+
+
+def test_attention_by_label_distribution_through_the_client_app(tmp_path):
+    """--attention-score labels: nodes send their label counts at registration (only when
+    the run asks for them); the deployed round weighs clients as the simulation does."""
+    _client_app_equals_the_simulation(small_config(num_clients=3, clients_per_round=3, rounds=2, backend="loop",
+                                                   aggregator="attention", attention_score="labels"), tmp_path)
+
+
+def _client_app_equals_the_simulation(cfg, tmp_path):
     from flwr.app import Context, RecordDict as FlwrRecordDict
 
     from metafed.deploy import client_app
     from metafed.run import run
 
-    extra = {"mu": 0.1} if algorithm == "fedprox" else {}
-    cfg = small_config(algorithm=algorithm, num_clients=3, clients_per_round=2, rounds=2, backend="loop",
-                       local_steps=3, **extra)
     handlers = {"query": client_app.query, "train": client_app.train, "evaluate": client_app.evaluate}
 
     def answer(m):

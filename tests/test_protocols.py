@@ -195,3 +195,20 @@ def test_meta_updater_draws_train_and_validation_batches_from_disjoint_parts():
     assert np.all(train[train >= 0] % 5 != 0) and np.all(val[val >= 0] % 5 == 0)
     assert (val >= 0).sum(axis=1).min() >= 3  # 11 validation samples: every step has some
     assert sorted(train[:6][train[:6] >= 0].tolist()) == [i for i in range(53) if i % 5]  # one epoch = the part
+
+
+def test_attention_by_labels_does_not_reward_single_class_clients():
+    """Score ``labels``: a client whose labels look like the cohort's outweighs a
+    single-class one, whatever their losses (a single-class client's loss is the lowest)."""
+    from metafed.aggregate import Attention
+
+    counts = torch.tensor([[30, 30, 30], [90, 0, 0], [25, 35, 30]])
+    updates = {"update": {"w": torch.tensor([[1.0], [5.0], [1.2]])}}
+    low_loss_for_the_easy_one = torch.tensor([1.0, 0.01, 1.1])
+    w = Attention("labels").weights(updates, torch.ones(3), low_loss_for_the_easy_one, counts)
+    assert w[1] < w[0] and w[1] < w[2]
+    assert Attention("loss").weights(updates, torch.ones(3), low_loss_for_the_easy_one)[1] > 0.5  # what labels avoids
+    result = run(small_config(aggregator="attention", attention_score="labels", rounds=10))
+    assert result.rows[-1]["global_accuracy"] > 0.7  # the mean reaches 0.75 in this job
+    with pytest.raises(ConfigError, match="label counts"):
+        build_config(aggregator="attention", attention_score="labels", dp="central", dp_noise_multiplier=1.0)

@@ -22,6 +22,7 @@ import json
 import logging
 from typing import Callable
 
+import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -70,6 +71,9 @@ class MetafedClient:
         info = ConfigRecord({"client": node.client_id, "role": node.role, "num_train": node.data.num_train,
                              "input_shape": list(node.input_shape), "num_classes": node.num_classes,
                              "input_dtype": str(node.data.train_x.dtype).removeprefix("torch.")})
+        if node.cfg.aggregator == "attention" and node.cfg.attention_score == "labels":
+            # the run's config asks for it (and this node runs that config): label counts only then
+            info["label_counts"] = torch.bincount(node.data.train_y, minlength=node.num_classes).tolist()
         return Message(RecordDict({"info": info}), reply_to=msg)
 
     def train(self, msg: Message, context: Context) -> Message:

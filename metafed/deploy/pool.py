@@ -68,6 +68,7 @@ class FlowerPool:
         self._num_clients = self.cfg.num_clients - n_heldout
         shapes: set = set()
         answered: set[int] = set()
+        self._label_counts: dict[int, list[int]] = {}  # only when the run's attention score needs them
         while len(answered) < num_nodes and time.monotonic() < deadline:
             silent = [n for n in self.grid.get_node_ids() if n not in answered]
             if not silent:
@@ -110,6 +111,11 @@ class FlowerPool:
             if dtype not in ("float32", "int64"):
                 raise BadReply(f"input dtype {dtype!r}")
             shapes.add((tuple(int(d) for d in info["input_shape"]), int(info["num_classes"]), dtype))
+            if "label_counts" in info and role == "train":
+                counts = [int(c) for c in info["label_counts"]]
+                if len(counts) != int(info["num_classes"]) or min(counts) < 0:
+                    raise BadReply(f"label_counts must hold {info['num_classes']} non-negative counts")
+                self._label_counts[cid] = counts
             table[cid] = r.metadata.src_node_id
         except (BadReply, KeyError, TypeError, ValueError) as e:
             log.warning("registration: ignoring node %s: %s", r.metadata.src_node_id, e)
@@ -118,6 +124,12 @@ class FlowerPool:
     def num_clients(self) -> int:
         """Training clients (held-out ones never train)."""
         return self._num_clients
+
+    def label_counts(self, ids: list[int]) -> torch.Tensor:
+        missing = [c for c in ids if c not in self._label_counts]
+        if missing:
+            raise RuntimeError(f"clients {missing[:10]} sent no label counts at registration")
+        return torch.tensor([self._label_counts[c] for c in ids])
 
     # ------------------------------------------------------------------ rounds
     def message_template(self, rnd: int, program: LocalProgram, broadcast: dict) -> dict:

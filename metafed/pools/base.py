@@ -50,6 +50,10 @@ class ClientPool(Protocol):
         where clients keep their own state, as in deployment)."""
         ...
 
+    def label_counts(self, ids: list[int]) -> Tensor:
+        """[C, K] training samples per class of clients ``ids`` (attention score ``labels``)."""
+        ...
+
     def message_template(self, rnd: int, program: LocalProgram, broadcast: dict) -> dict:
         """Zero-row stacked outputs with the shapes clients upload (a round without replies
         still needs them to release DP noise)."""

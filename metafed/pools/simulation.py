@@ -87,6 +87,10 @@ class SimulationPool:
                   "num_samples": torch.tensor(float(data.num_train))}
         return ClientTask(data.train_x, data.train_y, sched, len(sched), inputs)
 
+    def label_counts(self, ids: list[int]) -> Tensor:
+        k = self.dataset.num_classes
+        return torch.stack([torch.bincount(self.dataset.clients[c].train_y, minlength=k) for c in ids])
+
     def keep_states(self, ids: list[int], states: dict, accepted: Tensor) -> None:
         if not states:
             return
