@@ -211,4 +211,4 @@ def test_attention_by_labels_does_not_reward_single_class_clients():
     result = run(small_config(aggregator="attention", attention_score="labels", rounds=10))
     assert result.rows[-1]["global_accuracy"] > 0.7  # the mean reaches 0.75 in this job
     with pytest.raises(ConfigError, match="label counts"):
-        build_config(aggregator="attention", attention_score="labels", dp="central", dp_noise_multiplier=1.0)
+        build_config(aggregator="attention", attention_score="labels", dp="local", dp_noise_multiplier=1.0)
