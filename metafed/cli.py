@@ -137,6 +137,8 @@ def run(
                                                 "personal model: pfedme, ditto, meta-updater)"),
     standardize: Optional[bool] = typer.Option(None, "--standardize/--no-standardize",
                                                help="per-feature standardisation (mnist, digits, femnist)"),
+    meta_formulation: Optional[str] = typer.Option(None, help="meta-updater: learned-step | delta (the seed "
+                                                   "document's formulation)"),
     reptile_anneal: Optional[bool] = typer.Option(None, "--reptile-anneal/--no-reptile-anneal",
                                                   help="Reptile: anneal eps linearly to 0"),
     server_momentum: Optional[float] = typer.Option(None),
@@ -181,7 +183,7 @@ def run(
                  secagg_threshold=secagg_threshold, secagg_neighbours=secagg_neighbours, secagg_dropout=secagg_dropout,
                  server_lr=server_lr, server_momentum=server_momentum, partition=partition, protocol=protocol,
                  weighting=weighting, personal_eval=personal_eval, standardize=standardize,
-                 reptile_anneal=reptile_anneal,
+                 reptile_anneal=reptile_anneal, meta_formulation=meta_formulation,
                  dirichlet_alpha=dirichlet_alpha, synthetic_alpha=synthetic_alpha, synthetic_beta=synthetic_beta,
                  synthetic_iid=synthetic_iid, stragglers=stragglers, heldout_fraction=heldout_fraction,
                  personalize_steps=personalize_steps, eval_every=eval_every, backend=backend, chunk_size=chunk_size,

@@ -105,6 +105,9 @@ class RunConfig(BaseModel):
     meta_mix: float = Field(0.5, ge=0, le=1, description="meta-updater: pull of theta_i, u_i towards w, u_g")
     meta_val_period: int = Field(5, ge=2, description="meta-updater: every n-th train sample is validation")
     meta_order: Literal["first", "second"] = "first"
+    meta_formulation: Literal["learned-step", "delta"] = Field(
+        "learned-step", description="meta-updater: learned-step (u_i a learned step local training generalises "
+        "from) or delta (the seed document as written: u_i from the model change, refined on the validation loss)")
 
     # aggregation
     weighting: Literal["samples", "uniform"] = Field("samples", description="average client updates by their "
@@ -242,6 +245,9 @@ class RunConfig(BaseModel):
 
 
     def _check_algorithm_settings(self) -> None:
+        if self.meta_formulation == "delta" and self.meta_order == "second":
+            raise ValueError("--meta-formulation delta has no inner step to differentiate through: "
+                             "--set meta_order=second applies to learned-step only")
         if self.algorithm == "fedprox" and self.mu == 0:
             raise ValueError("--algorithm fedprox needs --mu > 0 (the proximal weight; with mu = 0 it is FedAvg: "
                              "use --algorithm fedavg)")

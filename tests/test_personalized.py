@@ -138,12 +138,16 @@ PERSONALIZED = ["reptile", "maml", "fomaml", "meta-sgd", "per-fedavg-fo", "per-f
                 "pfedme", "ditto", "meta-updater"]
 
 
-@pytest.mark.parametrize("name", PERSONALIZED)
+@pytest.mark.parametrize("name", [*PERSONALIZED, "meta-updater-delta"])
 def test_loop_equals_vectorized(name):
+    delta = name == "meta-updater-delta"
+    name = name.removesuffix("-delta")
     extra = dict(algorithm=name, rounds=2, inner_lr=0.05, server_lr=0.5 if name == "reptile" else 1.0,
-                 heldout_fraction=0.25, meta_order="second" if name == "meta-updater" else "first")
+                 heldout_fraction=0.25, meta_order="second" if name == "meta-updater" and not delta else "first")
     if name == "personalized-fedavg":
         extra["stage1_rounds"] = 1
+    if delta:
+        extra["meta_formulation"] = "delta"
     loop = run(small_config(backend="loop", **extra))
     vec = run(small_config(backend="vectorized", chunk_size=2, **extra))
     for k in loop.params:

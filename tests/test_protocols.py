@@ -212,3 +212,28 @@ def test_attention_by_labels_does_not_reward_single_class_clients():
     assert result.rows[-1]["global_accuracy"] > 0.7  # the mean reaches 0.75 in this job
     with pytest.raises(ConfigError, match="label counts"):
         build_config(aggregator="attention", attention_score="labels", dp="local", dp_noise_multiplier=1.0)
+
+
+def test_meta_updater_delta_formulation_by_hand():
+    """The seed document as written: one local step trains theta on a train batch and the
+    correction c on the validation meta-loss L(theta - alpha c); the client sends
+    u = (w - theta) / alpha + c, and the server's w - alpha u is theta - alpha c."""
+    cfg = small_config(algorithm="meta-updater", meta_formulation="delta", num_clients=2, clients_per_round=1,
+                       rounds=1, local_steps=1, lr=0.1, meta_lr=0.5, meta_alpha=0.3)
+    fed = build_federation(cfg)
+    w = tree.clone(fed.state.params)
+    broadcast = fed.algorithm.broadcast(fed.state, 1)
+    cid = int(fed._sample(1)[0])
+    task = fed.pool.task(cid, 1, fed.algorithm.client_program(1), broadcast)
+    train, val = (torch.as_tensor(idx[idx >= 0]) for idx in task.schedule[0])
+    model = fed.algorithm.model
+    params = {k: v.clone().requires_grad_(True) for k, v in w.items()}
+    g = torch.autograd.grad(_mean_loss(model, params, task.x[train], task.y[train]), list(params.values()))
+    theta = {k: (v - 0.1 * gk).detach() for (k, v), gk in zip(params.items(), g)}
+    c = {k: torch.zeros_like(v, requires_grad=True) for k, v in theta.items()}
+    gc = torch.autograd.grad(_mean_loss(model, {k: theta[k] - 0.3 * c[k] for k in theta}, task.x[val], task.y[val]),
+                             list(c.values()))
+    c_new = {k: -0.5 * gk for k, gk in zip(c, gc)}
+    fed.run_round(1)
+    for k in w:
+        torch.testing.assert_close(fed.state.params[k], theta[k] - 0.3 * c_new[k], atol=1e-6, rtol=1e-5)

@@ -103,7 +103,7 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
         "personal models + meta-updaters u_i trained on a validation split; server applies aggregated u",
         "metafed seed document 000 (design in metafed/algorithms/meta_updater.py)",
         lambda cfg, model, opt: MetaUpdater(model, opt, cfg.lr, cfg.meta_lr or cfg.lr, cfg.meta_alpha, cfg.meta_mix,
-                                            cfg.meta_val_period, cfg.meta_order == "second")),
+                                            cfg.meta_val_period, cfg.meta_order == "second", cfg.meta_formulation)),
 }
 
 

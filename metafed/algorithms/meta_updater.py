@@ -29,6 +29,18 @@ model with it; clients personalize with u_g. What the seed leaves open, and what
    optimizer (``--server-lr`` scales the step, Adam/Yogi apply). u_g is broadcast.
 5. Personalization (evaluation, any client incl. new ones): start from
    (1 - mix) theta_i + mix * w - alpha * u_g, then K SGD steps (lr beta) on train data.
+
+``--meta-formulation delta`` is the document's formulation as written (its sections 3.2 and
+4.1): u_i is derived from the client's model change and refined on the validation
+meta-loss. Each local step trains theta_i on a train batch and takes a gradient step on a
+correction c_i (from 0) of the meta-loss L(theta_i - alpha * c_i; D_val) on a validation
+batch; the upload is
+    u_i = -(theta_i - w) / alpha + c_i,   so that   w - alpha * u_i = theta_i - alpha * c_i,
+the validated personal model: the server's w <- w - alpha * u_g (u_g = sum n_i/n u_i, or
+attention) moves w to the mean of the clients' validated models. theta_i starts each round
+re-anchored as in 3. Personalization starts from (1 - mix) theta_i + mix * w, u_g being
+already part of w, then K SGD steps. The default formulation (``learned-step``) is the one
+above, where u_i is a learned step that local training generalises from.
 """
 from __future__ import annotations
 
@@ -93,16 +105,44 @@ class MetaUpdaterProgram:
 
 
 @dataclass(frozen=True)
+class DeltaMetaUpdaterProgram(MetaUpdaterProgram):
+    """The document's formulation: u_i from the model change, refined on the validation
+    meta-loss L(theta_i - alpha * c_i; D_val) (see the module docstring)."""
+
+    def init(self, shared, client):
+        personal = _mix(client["state"]["personal"], shared["params"], self.mix)
+        return {"personal": personal, "meta": {k: torch.zeros_like(v) for k, v in personal.items()},
+                "val_loss": torch.zeros(())}
+
+    def step(self, shared, carry, batch):
+        g_theta, value = grad_and_loss(self.model, carry["personal"], batch, 0)
+        theta = sgd(carry["personal"], g_theta, self.lr)
+
+        def meta_loss(c):
+            loss = batch_loss(self.model, sgd(theta, c, self.alpha), batch, 1)
+            return loss, loss
+
+        g_c, m_loss = grad(meta_loss, has_aux=True)(carry["meta"])
+        return {"personal": theta, "meta": sgd(carry["meta"], g_c, self.meta_lr), "val_loss": m_loss}, value
+
+    def final(self, shared, carry, client):
+        theta, w = carry["personal"], shared["params"]
+        u = {k: (w[k] - theta[k]) / self.alpha + carry["meta"][k] for k in theta}
+        return {"update": u, "state": {"personal": theta, "meta": u}, "metrics": {"val_loss": carry["val_loss"]}}
+
+
+@dataclass(frozen=True)
 class MetaUpdaterPersonalize:
     model: FunctionalModel
     lr: float
     alpha: float
     mix: float
+    apply_meta: bool = True  # learned-step: start at ... - alpha * u_g; delta: u_g is already in w
     batches_per_step: int = 1
 
     def init(self, shared, client):
         start = _mix(client["state"]["personal"], shared["params"], self.mix)
-        return {"params": sgd(start, shared["meta"], self.alpha)}
+        return {"params": sgd(start, shared["meta"], self.alpha) if self.apply_meta else start}
 
     def step(self, shared, carry, batch):
         g, value = grad_and_loss(self.model, carry["params"], batch)
@@ -118,11 +158,15 @@ class MetaUpdater(FederatedAlgorithm):
     paper = "metafed seed document 000, sections 3-4 (design choices in the module docstring)"
 
     def __init__(self, model: FunctionalModel, server_opt: ServerOptimizer, lr: float, meta_lr: float, alpha: float,
-                 mix: float = 0.5, val_period: int = 5, second_order: bool = False):
+                 mix: float = 0.5, val_period: int = 5, second_order: bool = False, formulation: str = "learned-step"):
         super().__init__(model, server_opt)
         if val_period < 2:
             raise ValueError("meta-updater val_period must be >= 2 (1 / validation fraction)")
-        self.program = MetaUpdaterProgram(model, lr, meta_lr, alpha, mix, val_period, second_order)
+        if formulation not in ("learned-step", "delta"):
+            raise ValueError(f"unknown meta-updater formulation {formulation!r}; choose learned-step or delta")
+        self.formulation = formulation
+        program = DeltaMetaUpdaterProgram if formulation == "delta" else MetaUpdaterProgram
+        self.program = program(model, lr, meta_lr, alpha, mix, val_period, second_order)
 
     def init(self, params: Params) -> ServerState:
         state = super().init(params)
@@ -145,4 +189,4 @@ class MetaUpdater(FederatedAlgorithm):
 
     def personalize_program(self, steps: int, lr: float) -> MetaUpdaterPersonalize:
         p = self.program
-        return MetaUpdaterPersonalize(self.model, p.lr, p.alpha, p.mix)
+        return MetaUpdaterPersonalize(self.model, p.lr, p.alpha, p.mix, apply_meta=self.formulation != "delta")
