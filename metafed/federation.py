@@ -195,10 +195,21 @@ class Federation:
                                          self.cfg.max_sample_weight)
         # clients' loss for loss-scored aggregators: a reported validation loss, else the training loss
         client_loss = outputs.get("metrics", {}).get("val_loss", losses)[used]
+        self._warn_unstable_inner_solve(outputs.get("metrics", {}).get("inner_increase"), rnd)
         kept = tree.nested_index(sent, used) if sent else None
         metrics.update(clients_used=len(used_ids), bytes_up=tree.nested_bytes(kept) if kept is not None else 0,
                        train_loss=float((losses[used].double() * weights).sum() / weights.sum()))
         return Received(used_ids, kept, weights, client_loss)
+
+    def _warn_unstable_inner_solve(self, increased, rnd: int) -> None:
+        """pFedMe reports whether its inner solve ever raised its own objective (a stable
+        gradient descent never does); warned about once per run."""
+        if increased is None or not bool((increased > 0).any()) or getattr(self, "_warned_inner", False):
+            return
+        self._warned_inner = True
+        log.warning("round %d: pFedMe's inner solve raised its objective on %d of %d clients: personal_lr * "
+                    "(L + lambda) exceeds 2 for their loss, the personal models oscillate (lower --personal-lr)",
+                    rnd, int((increased > 0).sum()), len(increased))
 
     def _aggregate(self, got: "Received", program, broadcast: dict, rnd: int, metrics: dict) -> dict:
         """The aggregation chain after validation: [DP clip + secure sum | secure mean |

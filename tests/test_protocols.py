@@ -237,3 +237,14 @@ def test_meta_updater_delta_formulation_by_hand():
     fed.run_round(1)
     for k in w:
         torch.testing.assert_close(fed.state.params[k], theta[k] - 0.3 * c_new[k], atol=1e-6, rtol=1e-5)
+
+
+def test_pfedme_warns_when_its_inner_solve_is_unstable(caplog):
+    """personal_lr * lambda < 2 passes the up-front check, but with the loss's curvature L
+    the solve can still diverge; the clients report an objective that rose."""
+    with caplog.at_level(logging.WARNING, logger="metafed"):
+        run(small_config(algorithm="pfedme", rounds=1, personal_lr=0.01, pfedme_lambda=15))
+    assert "inner solve raised" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="metafed"):
+        run(small_config(algorithm="pfedme", rounds=1, personal_lr=0.13, pfedme_lambda=15, lr=0.01))
+    assert "inner solve raised its objective" in caplog.text

@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from torch.func import grad
 
 from metafed import tree
@@ -50,17 +51,24 @@ class PFedMeProgram:
     batches_per_step: int = 1
 
     def init(self, shared, client):
-        return {"params": shared["params"], "personal": client["state"]["personal"]}
+        return {"params": shared["params"], "personal": client["state"]["personal"],
+                "inner_increase": torch.zeros(())}
 
     def step(self, shared, carry, batch):
         w = carry["params"]
         loss = lambda p: batch_loss(self.model, p, batch, 0)  # noqa: E731
+        envelope = lambda p: loss(p) + 0.5 * self.lam * tree.sq_norm(tree.sub(p, w))  # noqa: E731
         theta = moreau_inner_solve(grad(loss), w, carry["personal"], self.lam, self.personal_lr, self.inner_steps)
+        # gradient descent at a stable rate never raises the inner objective: a rise means
+        # personal_lr * (L + lambda) > 2 for this client's loss (reported, then warned about)
+        rose = (envelope(theta) > envelope(carry["personal"])).to(torch.float32)
         w = {k: v - self.lr * self.lam * (v - theta[k]) for k, v in w.items()}
-        return {"params": w, "personal": theta}, loss(theta)
+        return {"params": w, "personal": theta,
+                "inner_increase": torch.maximum(carry["inner_increase"], rose.detach())}, loss(theta)
 
     def final(self, shared, carry, client):
-        return {"update": tree.sub(carry["params"], shared["params"]), "state": {"personal": carry["personal"]}}
+        return {"update": tree.sub(carry["params"], shared["params"]), "state": {"personal": carry["personal"]},
+                "metrics": {"inner_increase": carry["inner_increase"]}}
 
 
 @dataclass(frozen=True)
