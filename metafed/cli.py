@@ -151,6 +151,9 @@ def run(
     heldout_fraction: Optional[float] = typer.Option(None, help="fraction of clients that never train"),
     personalize_steps: Optional[int] = typer.Option(None),
     eval_every: Optional[int] = typer.Option(None),
+    eval_clients: Optional[int] = typer.Option(None, help="evaluate a fixed seeded sample of N training clients"),
+    eval_train_loss: Optional[bool] = typer.Option(None, "--eval-train-loss/--no-eval-train-loss",
+                                                   help="the global model's loss over all training data"),
     backend: Optional[str] = typer.Option(None, help="loop | vectorized"),
     chunk_size: Optional[int] = typer.Option(None, help="vectorized: clients per chunk"),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="vectorized: torch.compile the step"),
@@ -186,7 +189,8 @@ def run(
                  reptile_anneal=reptile_anneal, meta_formulation=meta_formulation,
                  dirichlet_alpha=dirichlet_alpha, synthetic_alpha=synthetic_alpha, synthetic_beta=synthetic_beta,
                  synthetic_iid=synthetic_iid, stragglers=stragglers, heldout_fraction=heldout_fraction,
-                 personalize_steps=personalize_steps, eval_every=eval_every, backend=backend, chunk_size=chunk_size,
+                 personalize_steps=personalize_steps, eval_every=eval_every,
+                 eval_clients=eval_clients, eval_train_loss=eval_train_loss, backend=backend, chunk_size=chunk_size,
                  compile=compile, seed=seed, out=out, progress=progress,
                  insecure_reproducible_privacy=insecure_reproducible_privacy)
     flags.update(_parse_sets(set_))

@@ -162,6 +162,10 @@ class RunConfig(BaseModel):
         "equal-budget", description="equal-budget: every method adapts with --personalize-steps at evaluation; "
         "paper: each algorithm's own paper's training recipe and evaluation (see metafed.protocols)")
     eval_every: int = Field(1, ge=1)
+    eval_clients: Optional[int] = Field(None, ge=1, description="score a fixed, seeded sample of this many "
+                                        "training clients at each evaluation (default: all)")
+    eval_train_loss: bool = Field(True, description="also report the global model's loss over all the evaluated "
+                                  "clients' training data (a full pass)")
     personalize_steps: int = Field(5, ge=0)
     personal_eval: Literal["adapt", "stored"] = Field(
         "adapt", description="personalized accuracy: adapt (personalize-steps from the global model, or from the "

@@ -109,19 +109,20 @@ class Evaluator:
         return cls(algorithm, backend, cfg.eval_batch_size, cfg.personalize_lr or cfg.lr, cfg.seed, cfg.personal_eval)
 
     def personal_scores(self, broadcast: dict, clients: list[ClientData], states: list[dict], steps: int,
-                        rnd: int, first_index: int = 0) -> ClientScores:
+                        rnd: int, ids: list[int] | None = None) -> ClientScores:
         """Personalized scores of training clients under the configured ``personal_eval``."""
         if self.personal_eval == "stored":
             stacked = tree.nested_stack([self.algorithm.stored_personal(s) for s in states])
             return score_stacked(self.algorithm.model, stacked, [c.test_x for c in clients],
                                  [c.test_y for c in clients])
-        return self.personalized(broadcast, clients, states, steps, rnd, stream=5, first_index=first_index)
+        return self.personalized(broadcast, clients, states, steps, rnd, stream=5, ids=ids)
 
     def personalized(self, broadcast: dict, clients: list[ClientData], states: list[dict], steps: int,
-                     rnd: int, stream: int, first_index: int = 0) -> ClientScores:
+                     rnd: int, stream: int, ids: list[int] | None = None) -> ClientScores:
         """Adapt each client with ``personalize`` for ``steps`` steps on its train split, then
         score it on its test split. Clients go through the backend in groups to bound memory.
-        Client c's schedule is seeded by [seed, stream, round, first_index + c]."""
+        Client c's schedule is seeded by [seed, stream, round, id of c] (``ids``, default the
+        positions 0..C-1), so a client adapts the same way whoever else is evaluated."""
         program = self.algorithm.personalize_program(steps, self.personalize_lr)
         parts = []
         for g in range(0, len(clients), self.group_size):
@@ -129,7 +130,7 @@ class Evaluator:
             tasks = []
             for c in group:
                 cd = clients[c]
-                rng = np.random.default_rng([self.seed, stream, rnd, first_index + c])
+                rng = np.random.default_rng([self.seed, stream, rnd, c if ids is None else ids[c]])
                 sched = program_schedule(program, cd.num_train, batch_size=self.batch_size, epochs=1, steps=steps,
                                          rng=rng)
                 inputs = {"state": states[c], "num_samples": torch.tensor(float(cd.num_train))}
@@ -140,18 +141,22 @@ class Evaluator:
         return _concat_scores(parts)
 
     def evaluate(self, state: ServerState, rnd: int, clients: list[ClientData], states: list[dict],
-                 personalize_steps: int, heldout: list[ClientData], heldout_steps: tuple[int, ...]) -> tuple[dict, dict]:
-        """Returns (metrics for metrics.jsonl, per-client accuracies for plots)."""
+                 personalize_steps: int, heldout: list[ClientData], heldout_steps: tuple[int, ...],
+                 ids: list[int] | None = None, train_loss: bool = True) -> tuple[dict, dict]:
+        """Returns (metrics for metrics.jsonl, per-client accuracies for plots). ``ids``: the
+        clients' ids when ``clients`` is a sample (``--eval-clients``); ``train_loss``: also
+        the global model's loss over all their training data (a full pass)."""
         model = self.algorithm.model
         params = self.algorithm.global_params(state)
         broadcast = self.algorithm.broadcast(state, rnd)
         glob = score_global(model, params, [c.test_x for c in clients], [c.test_y for c in clients])
-        train = score_global(model, params, [c.train_x for c in clients], [c.train_y for c in clients])
         metrics = glob.summary("global")
-        metrics["global_train_loss"] = float(train.loss_sum.sum() / train.count.sum())
+        if train_loss:
+            train = score_global(model, params, [c.train_x for c in clients], [c.train_y for c in clients])
+            metrics["global_train_loss"] = float(train.loss_sum.sum() / train.count.sum())
         per_client = {"global": glob.accuracy.tolist()}
         if personalize_steps > 0 or self.personal_eval == "stored":
-            pers = self.personal_scores(broadcast, clients, states, personalize_steps, rnd)
+            pers = self.personal_scores(broadcast, clients, states, personalize_steps, rnd, ids)
         else:
             pers = glob
         metrics.update(pers.summary("personalized"))
@@ -170,22 +175,33 @@ class Evaluator:
 
 
 def evaluate_one_client(evaluator: Evaluator, params: Params, broadcast: dict, rnd: int, cid: int,
-                        client: ClientData, client_state: dict, personalize_steps: int) -> dict[str, float]:
+                        client: ClientData, client_state: dict, personalize_steps: int,
+                        train_loss: bool = True) -> dict[str, float]:
     """Federated evaluation on one client's own data: the counts the server aggregates into
     the same metrics :meth:`Evaluator.evaluate` reports (global test and train, personalized).
     The adaptation schedule uses the same seeds ([seed, 5, round, client]) as the simulation."""
     model = evaluator.algorithm.model
     glob = score_global(model, params, [client.test_x], [client.test_y])
-    train = score_global(model, params, [client.train_x], [client.train_y])
     out = {"global_correct": float(glob.correct[0]), "global_loss_sum": float(glob.loss_sum[0]),
-           "test_count": float(glob.count[0]), "train_loss_sum": float(train.loss_sum[0]),
-           "train_count": float(train.count[0])}
+           "test_count": float(glob.count[0])}
+    if train_loss:
+        train = score_global(model, params, [client.train_x], [client.train_y])
+        out.update(train_loss_sum=float(train.loss_sum[0]), train_count=float(train.count[0]))
     if personalize_steps > 0 or evaluator.personal_eval == "stored":
-        pers = evaluator.personal_scores(broadcast, [client], [client_state], personalize_steps, rnd, first_index=cid)
+        pers = evaluator.personal_scores(broadcast, [client], [client_state], personalize_steps, rnd, ids=[cid])
         out.update(personalized_correct=float(pers.correct[0]), personalized_loss_sum=float(pers.loss_sum[0]))
     else:
         out.update(personalized_correct=out["global_correct"], personalized_loss_sum=out["global_loss_sum"])
     return out
+
+
+def evaluation_sample(num_clients: int, eval_clients: int | None, seed: int) -> list[int]:
+    """The training clients scored at every evaluation: all, or a fixed sample of
+    ``eval_clients`` drawn once from ``default_rng([seed, 14])`` (the same in every round and
+    in simulation and deployment, so curves compare)."""
+    if eval_clients is None or eval_clients >= num_clients:
+        return list(range(num_clients))
+    return sorted(np.random.default_rng([seed, 14]).choice(num_clients, eval_clients, replace=False).tolist())
 
 
 def evaluate_new_client(evaluator: Evaluator, params: Params, broadcast: dict, rnd: int, index: int,
@@ -199,7 +215,7 @@ def evaluate_new_client(evaluator: Evaluator, params: Params, broadcast: dict, r
             scores = score_global(evaluator.algorithm.model, params, [client.test_x], [client.test_y])
         else:
             fresh = [evaluator.algorithm.client_init(broadcast)]
-            scores = evaluator.personalized(broadcast, [client], fresh, k, rnd, stream=6, first_index=index)
+            scores = evaluator.personalized(broadcast, [client], fresh, k, rnd, stream=6, ids=[index])
         out[f"new_k{k}_correct"] = float(scores.correct[0])
     return out
 
@@ -225,6 +241,6 @@ def combine_client_evaluations(rows: list[dict[str, float]]) -> dict[str, float]
         scores = ClientScores(torch.tensor([r[f"{prefix}_correct"] for r in rows], dtype=torch.float64),
                               torch.tensor([r[f"{prefix}_loss_sum"] for r in rows], dtype=torch.float64), count)
         metrics.update(scores.summary(prefix))
-        if prefix == "global":
+        if prefix == "global" and "train_loss_sum" in rows[0]:
             metrics["global_train_loss"] = sum(r["train_loss_sum"] for r in rows) / sum(r["train_count"] for r in rows)
     return metrics

@@ -19,7 +19,7 @@ from metafed.client_store import ClientStore
 from metafed.config import RunConfig
 from metafed.data.federated import FederatedDataset
 from metafed.data.schedule import poisson_sample_clients, program_schedule, sample_clients
-from metafed.eval import HELDOUT_ADAPT_STEPS, Evaluator
+from metafed.eval import HELDOUT_ADAPT_STEPS, Evaluator, evaluation_sample
 from metafed.pools import ClientPool, RoundReplies, SimulationPool
 from metafed.privacy.accountant import PrivacyAccountant, calibrate_noise
 from metafed.privacy.dp import ClientDP
@@ -320,11 +320,11 @@ class Federation:
         broadcast = self.algorithm.broadcast(self.state, rnd)
         if hasattr(self.pool, "evaluate"):  # federated evaluation: clients score on their own data
             return self.pool.evaluate(rnd, self.algorithm.global_params(self.state), broadcast), {}
-        states = [self.clients.get(c, lambda: self.algorithm.client_init(broadcast))
-                  for c in range(self.dataset.num_clients)]
-        metrics, per_client = self.evaluator.evaluate(self.state, rnd, self.dataset.clients, states,
+        ids = evaluation_sample(self.dataset.num_clients, self.cfg.eval_clients, self.cfg.seed)
+        states = [self.clients.get(c, lambda: self.algorithm.client_init(broadcast)) for c in ids]
+        metrics, per_client = self.evaluator.evaluate(self.state, rnd, [self.dataset.clients[c] for c in ids], states,
                                                       self.cfg.personalize_steps, self.dataset.heldout,
-                                                      HELDOUT_ADAPT_STEPS)
+                                                      HELDOUT_ADAPT_STEPS, ids, self.cfg.eval_train_loss)
         if self.cfg.attack == "backdoor":
             honest = [c for i, c in enumerate(self.dataset.clients) if i not in self.malicious]
             metrics["backdoor_accuracy"] = backdoor_accuracy(self.algorithm.model, self.algorithm.global_params(self.state),

@@ -239,7 +239,8 @@ def test_attention_by_label_distribution_through_the_client_app(tmp_path):
                                                    aggregator="attention", attention_score="labels"), tmp_path)
 
 
-def _client_app_equals_the_simulation(cfg, tmp_path):
+def _client_app_equals_the_simulation(cfg, tmp_path, nodes=3,
+                                      keys=("global_accuracy", "personalized_accuracy", "global_train_loss", "train_loss")):
     from flwr.app import Context, RecordDict as FlwrRecordDict
 
     from metafed.deploy import client_app
@@ -250,14 +251,25 @@ def _client_app_equals_the_simulation(cfg, tmp_path):
     def answer(m):
         node = m.metadata.dst_node_id
         ctx = Context(run_id=1, node_id=node, node_config={"dataset": "digits", "partition-id": node - 100,
-                                                           "num-partitions": 3,
+                                                           "num-partitions": nodes,
                                                            "state-dir": str(tmp_path / f"node-{node}")},
                       state=FlwrRecordDict(), run_config={})
         return handlers[m.metadata.message_type](m, ctx)
 
-    deployed = run(cfg, pool=FlowerPool(FakeGrid(3, answer), cfg, 3, 1, 1))
+    deployed = run(cfg, pool=FlowerPool(FakeGrid(nodes, answer), cfg, nodes, 1, 1))
     sim = run(cfg)
     for k, v in sim.params.items():
         torch.testing.assert_close(deployed.params[k], v, atol=1e-5, rtol=0)
-    for key in ("global_accuracy", "personalized_accuracy", "global_train_loss", "train_loss"):
+    for key in keys:
         assert deployed.rows[-1][key] == pytest.approx(sim.rows[-1][key], abs=1e-5), key
+    return deployed
+
+
+def test_evaluation_on_a_client_sample_without_the_train_pass_equals_the_simulation(tmp_path):
+    """--eval-clients 2 --no-eval-train-loss: the same seeded sample of clients is scored in
+    simulation and over the ClientApps, with the same numbers; no training-loss pass."""
+    cfg = small_config(num_clients=4, clients_per_round=2, rounds=2, backend="loop", eval_clients=2,
+                       eval_train_loss=False)
+    deployed = _client_app_equals_the_simulation(cfg, tmp_path, nodes=4,
+                                                 keys=("global_accuracy", "personalized_accuracy"))
+    assert deployed.rows[-1]["clients_evaluated"] == 2 and "global_train_loss" not in deployed.rows[-1]

@@ -65,9 +65,9 @@ def test_per_fedavg_paper_protocol_adapts_exactly_one_step_and_averages_uniforml
     steps_seen = []
     original = type(fed.evaluator).personalized
 
-    def spy(self, broadcast, clients, states, steps, rnd, stream, first_index=0):
+    def spy(self, broadcast, clients, states, steps, rnd, stream, ids=None):
         steps_seen.append((steps, stream))
-        return original(self, broadcast, clients, states, steps, rnd, stream, first_index)
+        return original(self, broadcast, clients, states, steps, rnd, stream, ids)
 
     monkeypatch.setattr(type(fed.evaluator), "personalized", spy)
     fed.evaluate(1)

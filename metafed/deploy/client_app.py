@@ -18,7 +18,6 @@ ArrayRecords (numpy, never pickle). Errors are replied as Flower errors, never c
 from __future__ import annotations
 
 import functools
-import json
 import logging
 from typing import Callable
 
@@ -122,9 +121,9 @@ class MetafedClient:
             steps = tuple(int(k) for k in msg.content["config"]["heldout-steps"])
             scores = evaluate_new_client(node.evaluator, params, broadcast, rnd, node.client_id, node.data, steps)
         else:
-            steps = int(json.loads(str(msg.content["config"]["config"]))["personalize_steps"])
+            steps = node.cfg.personalize_steps
             scores = evaluate_one_client(node.evaluator, params, broadcast, rnd, node.client_id, node.data,
-                                         node.load_state(broadcast), steps)
+                                         node.load_state(broadcast), steps, node.cfg.eval_train_loss)
         return Message(RecordDict({"scores": MetricRecord({"round": rnd, "client": node.client_id, **scores})}),
                        reply_to=msg)
 

@@ -20,7 +20,8 @@ from metafed.config import RunConfig
 from metafed.aggregate.robust import unflatten_like
 from metafed.deploy.secagg_wire import bound_session, read_reply, round_setup, stage_request, sum_layout
 from metafed.deploy.wire import BadReply, finite_number, from_records, layout, to_records
-from metafed.eval import HELDOUT_ADAPT_STEPS, combine_client_evaluations, combine_new_client_evaluations
+from metafed.eval import (HELDOUT_ADAPT_STEPS, combine_client_evaluations, combine_new_client_evaluations,
+                          evaluation_sample)
 from metafed.pools.base import RoundReplies, zero_rows
 from metafed.pools.simulation import secagg_config
 from metafed.privacy.secagg.codec import MalformedMessage
@@ -265,7 +266,8 @@ class FlowerPool:
 
         config = ConfigRecord({"config": self.config_json, "round": rnd, "heldout-steps": list(HELDOUT_ADAPT_STEPS)})
         content = RecordDict({"config": config, "params": to_records(params), "broadcast": to_records(broadcast)})
-        nodes = list(self.node_of.values()) + list(self.heldout_node_of.values())
+        sample = evaluation_sample(self._num_clients, self.cfg.eval_clients, self.cfg.seed)
+        nodes = [self.node_of[c] for c in sample if c in self.node_of] + list(self.heldout_node_of.values())
         replies = self._send([Message(content, n, "evaluate") for n in nodes], self.round_timeout)
         rows, new = {}, {}
         for r in replies:
@@ -278,7 +280,7 @@ class FlowerPool:
                 if known.get(_src(r)) != cid or int(scores.pop("round")) != rnd or cid in table:
                     raise BadReply("scores from the wrong node or round, or sent twice")
                 row = {k: finite_number(v, k, 0.0) for k, v in scores.items()}
-                expected = _NEW_KEYS if heldout else _KEYS
+                expected = _NEW_KEYS if heldout else _KEYS if self.cfg.eval_train_loss else _KEYS - _TRAIN_KEYS
                 if set(row) != expected or row["test_count"] < 1 or \
                         any(row[k] > row["test_count"] for k in row if k.endswith("_correct")):
                     raise BadReply("scores with missing or extra keys, no test samples, or more correct than total")
@@ -295,6 +297,7 @@ class FlowerPool:
 
 _KEYS = {"global_correct", "global_loss_sum", "test_count", "train_loss_sum", "train_count", "personalized_correct",
          "personalized_loss_sum"}
+_TRAIN_KEYS = {"train_loss_sum", "train_count"}
 _NEW_KEYS = {"test_count", *(f"new_k{k}_correct" for k in HELDOUT_ADAPT_STEPS)}
 
 
