@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 from safetensors.torch import save as save_bytes
@@ -24,6 +26,7 @@ from metafed.data import DEFAULT_MODEL, load_dataset
 from metafed.data.federated import FederatedDataset
 from metafed.federation import Federation
 from metafed.models import FunctionalModel, build_or_call
+from metafed.pools import SimulationPool
 from metafed.tracking import RunTracker
 from metafed.run_folder import RunFolderError, check_target, create, exclusive, write_text_atomic
 from metafed.types import Params
@@ -102,15 +105,46 @@ def config_dump(cfg: RunConfig) -> dict:
     return json.loads(cfg.model_dump_json())
 
 
+class _PlainProgress:
+    """Per-round lines for logs and CI (stdout is not a terminal), the bar's interface."""
+
+    task_id = 0
+
+    def __init__(self, total: int):
+        self.total = total
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, task_id, completed: int, description: str) -> None:
+        print(f"round {completed}/{self.total}  {description}", flush=True)
+
+
 def _progress(enabled: bool, total: int, done: int):
     if not enabled:
         return nullcontext(None)
+    if not sys.stdout.isatty():
+        return _PlainProgress(total)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     bar = Progress(TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(),
                    TextColumn("{task.description}"), transient=False)
     bar.task_id = bar.add_task("", total=total, completed=done)
     return bar
+
+
+def describe_federation(fed: Federation) -> str:
+    """One line on the data and model a simulation trains: what a user checks first."""
+    ds = fed.dataset
+    sizes = np.array([c.num_train for c in ds.clients])
+    params = sum(v.numel() for v in fed.state.params.values())
+    heldout = f" (+{len(ds.heldout)} held out)" if ds.heldout else ""
+    return (f"{ds.name}: {ds.num_clients} training clients{heldout}, train samples per client min "
+            f"{sizes.min()} / median {int(np.median(sizes))} / max {sizes.max()}, {ds.num_classes} classes; "
+            f"{fed.algorithm.name} on a {params:,}-parameter model")
 
 
 def _describe(row: dict) -> str:
@@ -144,6 +178,8 @@ def _run(cfg: RunConfig, resume, overwrite: bool, pool, model, data, held: ExitS
             held.enter_context(exclusive(run_dir))
             write_text_atomic(run_dir / CONFIG_FILE, yaml.safe_dump(config_dump(cfg), sort_keys=False))
     cfg = fed.cfg
+    if cfg.progress and isinstance(fed.pool, SimulationPool):
+        print(describe_federation(fed), flush=True)
     tracker = RunTracker(run_dir)
     if resume is not None:
         tracker.resume_from(start)
