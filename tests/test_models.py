@@ -47,3 +47,21 @@ def test_masked_padding_contributes_nothing():
     padded = model.loss(p, x, y, torch.tensor([1.0, 1.0, 0.0, 0.0]))
     torch.testing.assert_close(full, padded)
     assert model.loss(p, x, y, torch.zeros(4)).item() == 0.0
+
+
+@pytest.mark.parametrize("layer,needle", [(lambda: torch.nn.BatchNorm1d(16), "GroupNorm"),
+                                          (lambda: torch.nn.Dropout(0.3), "Dropout with p=0.3")])
+def test_stateful_layers_are_refused_up_front_with_the_fix(layer, needle):
+    """A BatchNorm or Dropout model gets one clear error before any training (the CLI prints
+    it on one line), not a failure deep inside torch.func."""
+    from metafed.config import RunConfig
+    from metafed.run import run
+
+    def model():
+        return torch.nn.Sequential(torch.nn.Linear(64, 16), layer(), torch.nn.ReLU(), torch.nn.Linear(16, 10))
+
+    with pytest.raises(ValueError, match=needle):
+        run(RunConfig(rounds=1, progress=False), model=model)
+    run(RunConfig(rounds=1, progress=False), model=lambda: torch.nn.Sequential(
+        torch.nn.Linear(64, 16), torch.nn.Dropout(0.0), torch.nn.GroupNorm(4, 16), torch.nn.ReLU(),
+        torch.nn.Linear(16, 10)))  # p = 0 and GroupNorm are fine

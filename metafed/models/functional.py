@@ -13,6 +13,23 @@ from torch.func import functional_call
 from metafed.types import Params
 
 
+def refuse_stateful_layers(module: nn.Module) -> None:
+    """Refuse, up front and by name, layers whose forward pass is not a pure function of
+    (params, x): BatchNorm updates running statistics in place (and normalises with the
+    batch, which mixes clients' padding in), Dropout draws random masks, which vmap over
+    clients cannot give each client its own generator for. Both would otherwise fail deep
+    inside torch.func, or silently differ between the two backends."""
+    for name, layer in module.named_modules():
+        where = f"layer {name!r} ({type(layer).__name__})" if name else type(layer).__name__
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            raise ValueError(f"{where}: BatchNorm keeps running statistics, which metafed's functional clients "
+                             "cannot update; use nn.GroupNorm (or nn.LayerNorm), which normalise per sample")
+        if isinstance(layer, nn.modules.dropout._DropoutNd) and layer.p > 0:
+            raise ValueError(f"{where}: Dropout with p={layer.p} draws random masks, which clients vectorized "
+                             "with torch.vmap cannot draw independently; remove it or set p=0 (regularise "
+                             "with the algorithm instead, e.g. FedProx's mu or Ditto's lambda)")
+
+
 class FunctionalModel:
     """Wraps a module; ``apply(params, x)`` and ``loss(params, x, y, mask)`` are pure.
 
@@ -21,6 +38,7 @@ class FunctionalModel:
     """
 
     def __init__(self, module: nn.Module):
+        refuse_stateful_layers(module)
         self.module = module
         self.buffers = {k: v.detach() for k, v in module.named_buffers()}
 
