@@ -165,6 +165,8 @@ def run(
         None, "--insecure-reproducible-privacy", help="TESTS ONLY: seeded DP noise and sampling; the privacy "
         "guarantee does NOT hold (anyone with the seed can remove the noise)"),
     set_: list[str] = typer.Option([], "--set", help="any config key: --set key=value (repeatable)"),
+    seeds: Optional[str] = typer.Option(None, help="run once per seed, e.g. 0,1,2: OUT/seed-K each, and "
+                                        "OUT/seeds.json with the mean ± std of the final metrics"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Run a federated job (or resume one) and write its run folder."""
@@ -201,10 +203,50 @@ def run(
             _fail("--out RUN_DIR is required (the folder the run writes)")
         if resume is not None and overwrite:
             _fail("--resume continues a run and --overwrite replaces one: choose one")
+        if seeds is not None:
+            _run_seeds(cfg, seeds, resume, overwrite)
+            return
         result = run_job(cfg, resume=resume, overwrite=overwrite)
     final = result.rows[-1] if result.rows else {}
     typer.echo(f"done: {result.run_dir}  global_accuracy={final.get('global_accuracy', float('nan')):.4f}  "
                f"personalized_accuracy={final.get('personalized_accuracy', float('nan')):.4f}")
+
+
+def _run_seeds(cfg, seeds: str, resume: Optional[Path], overwrite: bool) -> None:
+    """``--seeds 0,1,2``: the config once per seed into OUT/seed-K, then their mean ± std."""
+    from metafed.compare import summarize_seeds
+    from metafed.run import run as run_job
+
+    if resume is not None:
+        _fail("--seeds starts new runs: resume each OUT/seed-K folder on its own")
+    try:
+        values = [int(v) for v in seeds.split(",") if v.strip()]
+    except ValueError:
+        _fail(f"--seeds expects integers separated by commas, got {seeds!r}")
+    if not values or len(set(values)) != len(values):
+        _fail(f"--seeds needs distinct seeds, got {seeds!r}")
+    dirs = [Path(cfg.out) / f"seed-{v}" for v in values]
+    for value, out in zip(values, dirs):
+        run_job(cfg.model_copy(update={"seed": value, "out": out}), overwrite=overwrite)
+    summary = summarize_seeds(dirs, Path(cfg.out))
+    for key, stats in summary.items():
+        if key != "runs":
+            typer.echo(f"{key}: {stats['mean']:.4f} ± {stats['std']:.4f} over seeds {values}")
+    typer.echo(f"done: {Path(cfg.out) / 'seeds.json'}")
+
+
+@app.command()
+def compare(run_dirs: list[Path] = typer.Argument(..., help="run folders written by `metafed run`"),
+            out: Path = typer.Option(Path("compare"), help="folder for the plots and compare.md"),
+            target: float = typer.Option(0.8, help="global accuracy whose first round is reported")) -> None:
+    """Overlay several runs' accuracy and loss curves and tabulate final, best and rounds to target."""
+    from metafed.compare import compare_runs
+
+    with _one_line_errors():
+        table, written = compare_runs(run_dirs, out, target)
+    typer.echo(table.rstrip())
+    for path in written:
+        typer.echo(str(path))
 
 
 @app.command("deploy-local")

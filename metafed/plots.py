@@ -18,6 +18,17 @@ def _rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def run_name(run_dir: Path) -> str:
+    """"algorithm on dataset" from the run's config.yaml (the folder name if unreadable)."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+        return f"{cfg['algorithm']} on {cfg['dataset']}"
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return run_dir.name
+
+
 def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     kept = [r for r in rows if key in r]
     return [r["round"] for r in kept], [r[key] for r in kept]
@@ -26,6 +37,10 @@ def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
 def plot_run(run_dir: Path) -> list[Path]:
     """Write the run's plots next to its metrics; returns the files written."""
     rows = _rows(run_dir)
+    if not rows:
+        raise ValueError(f"{run_dir} has no evaluated round yet: nothing to plot (rows are written every "
+                         "--eval-every rounds)")
+    name = run_name(run_dir)
     written = []
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -33,7 +48,8 @@ def plot_run(run_dir: Path) -> list[Path]:
                        ("personalized_accuracy_p10", "personalized, 10th pct client")):
         if key in rows[-1]:
             ax.plot(*_series(rows, key), label=label)
-    ax.set(xlabel="round", ylabel="test accuracy", title="Global vs personalized accuracy")
+    ax.set(xlabel="round", ylabel="test accuracy", title=f"{name}: global vs personalized accuracy")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend()
     ax.grid(alpha=0.3)
     written.append(_save(fig, run_dir / "accuracy.png"))
@@ -43,7 +59,8 @@ def plot_run(run_dir: Path) -> list[Path]:
                        ("global_loss", "global model, test data")):
         if key in rows[-1]:
             ax.plot(*_series(rows, key), label=label)
-    ax.set(xlabel="round", ylabel="cross-entropy", title="Loss per round")
+    ax.set(xlabel="round", ylabel="cross-entropy", title=f"{name}: loss per round")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend()
     ax.grid(alpha=0.3)
     written.append(_save(fig, run_dir / "loss.png"))
@@ -56,7 +73,7 @@ def plot_run(run_dir: Path) -> list[Path]:
             for key in ("global", "personalized"):
                 if key in per_client:
                     ax.hist(per_client[key], bins=20, range=(0, 1), alpha=0.6, label=key)
-            ax.set(xlabel="client test accuracy", ylabel="clients", title="Per-client accuracy (final round)")
+            ax.set(xlabel="client test accuracy", ylabel="clients", title=f"{name}: per-client accuracy (final)")
             ax.legend()
             written.append(_save(fig, run_dir / "client_accuracy_hist.png"))
 
@@ -64,7 +81,7 @@ def plot_run(run_dir: Path) -> list[Path]:
     if ks:
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot(ks, [rows[-1][f"new_client_accuracy_k{k}"] for k in ks], marker="o")
-        ax.set(xlabel="adaptation steps k", ylabel="test accuracy", title="Held-out (new) clients, final round")
+        ax.set(xlabel="adaptation steps k", ylabel="test accuracy", title=f"{name}: new clients, final round")
         ax.grid(alpha=0.3)
         written.append(_save(fig, run_dir / "new_clients.png"))
     return written

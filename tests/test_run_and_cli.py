@@ -145,3 +145,28 @@ def test_a_run_folder_in_use_refuses_a_second_writer(tmp_path):
         assert done.returncode != 0 and "in use by another metafed process" in done.stderr
     assert (out / "metrics.jsonl").read_text() == before
     run(small_config(rounds=2), resume=out)  # free again: the resume goes ahead
+
+
+def test_seeds_then_compare_write_their_outputs(tmp_path):
+    """--seeds 0,1 runs the config twice (OUT/seed-K) and writes mean ± std; `metafed compare`
+    overlays the runs and tabulates final, best and rounds to a target."""
+    out = tmp_path / "multi"
+    res = _cli("run", "--dataset", "digits", "--rounds", "2", "--num-clients", "6", "--clients-per-round", "3",
+               "--set", "hidden=[8]", "--no-progress", "--seeds", "0,1", "--out", str(out))
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "seeds.json").read_text())
+    values = summary["global_accuracy"]["values"]
+    assert len(values) == 2 and summary["global_accuracy"]["mean"] == pytest.approx(sum(values) / 2)
+    assert (out / "seed-1" / "final.safetensors").exists()
+    res = _cli("compare", str(out / "seed-0"), str(out / "seed-1"), "--out", str(tmp_path / "cmp"), "--target", "0.0")
+    assert res.exit_code == 0, res.output
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "| seed-0 |" in table and "| seed-1 |" in table and "| 1 |" in table  # target 0 reached in round 1
+    assert (tmp_path / "cmp" / "compare_global_accuracy.png").exists()
+    assert _cli("run", "--dataset", "digits", "--seeds", "0,x", "--out", str(tmp_path / "bad")).exit_code == 2
+
+
+def test_plot_without_an_evaluated_round_is_a_clear_error(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("")
+    res = _cli("plot", str(tmp_path))
+    assert res.exit_code == 2 and "no evaluated round yet" in res.output
