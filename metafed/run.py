@@ -217,6 +217,23 @@ def _run(cfg: RunConfig, resume, overwrite: bool, pool, model, data, held: ExitS
     return RunResult(params, tracker.rows, run_dir, fed)
 
 
+def provenance() -> dict:
+    """What produced a run folder: metafed's version, the git commit of its source when it
+    is a checkout, and the command line."""
+    import subprocess
+
+    from metafed import __version__
+
+    sha = None
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                              text=True, timeout=5)
+        sha = done.stdout.strip() or None if done.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"metafed": __version__, "git_sha": sha, "command": " ".join(sys.argv)}
+
+
 def _privacy_notice(cfg: RunConfig, run_dir: Path | None) -> None:
     if cfg.dp is None or not cfg.insecure_reproducible_privacy:
         return
@@ -289,7 +306,7 @@ def _write_outputs(run_dir: Path, tracker: RunTracker, params: Params, per_clien
         "algorithm": cfg.algorithm, "dataset": cfg.dataset, "backend": cfg.backend, "rounds": cfg.rounds,
         "final": final, "per_client_accuracy": per_client,
         "weighting": "*_accuracy is sample-weighted over clients' test samples; *_accuracy_mean is unweighted",
-        "torch": torch.__version__, "privacy": privacy_summary(cfg, final),
+        "torch": torch.__version__, "privacy": privacy_summary(cfg, final), **provenance(),
     })
     if tracker.rows:
         plot_run(run_dir)
