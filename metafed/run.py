@@ -11,7 +11,6 @@ from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 from safetensors.torch import save as save_bytes
@@ -138,13 +137,8 @@ def _progress(enabled: bool, total: int, done: int):
 
 def describe_federation(fed: Federation) -> str:
     """One line on the data and model a simulation trains: what a user checks first."""
-    ds = fed.dataset
-    sizes = np.array([c.num_train for c in ds.clients])
     params = sum(v.numel() for v in fed.state.params.values())
-    heldout = f" (+{len(ds.heldout)} held out)" if ds.heldout else ""
-    return (f"{ds.name}: {ds.num_clients} training clients{heldout}, train samples per client min "
-            f"{sizes.min()} / median {int(np.median(sizes))} / max {sizes.max()}, {ds.num_classes} classes; "
-            f"{fed.algorithm.name} on a {params:,}-parameter model")
+    return f"{fed.dataset.describe()}; {fed.algorithm.name} on a {params:,}-parameter model"
 
 
 def _describe(row: dict) -> str:
