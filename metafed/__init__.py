@@ -1,14 +1,12 @@
-"""metafed: federated and meta-federated (personalized) learning on PyTorch."""
+"""metafed: federated and meta-federated (personalized) learning on PyTorch.
+
+``metafed.run(cfg, resume=None, overwrite=False, pool=None, model=None, data=None)`` runs a
+job (see :func:`metafed.run.run`). It is imported here, not wrapped lazily: the package's
+``run`` attribute would otherwise be replaced by the ``metafed.run`` submodule as soon as
+anything imported it, and ``from metafed import run`` would give a module."""
 from metafed.config import RunConfig
+from metafed.run import run
 
 __version__ = "0.1.0"
-
-
-def run(cfg: RunConfig, resume=None):
-    """Run a federated job described by ``cfg`` (see :func:`metafed.run.run`)."""
-    from metafed.run import run as _run
-
-    return _run(cfg, resume)
-
 
 __all__ = ["RunConfig", "run", "__version__"]
