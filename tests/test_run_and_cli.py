@@ -170,3 +170,13 @@ def test_plot_without_an_evaluated_round_is_a_clear_error(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("")
     res = _cli("plot", str(tmp_path))
     assert res.exit_code == 2 and "no evaluated round yet" in res.output
+
+
+def test_importing_metafed_does_not_load_the_dp_accountant():
+    """dp-accounting and SciPy load only when a run uses DP (lazy import, fresh interpreter)."""
+    import subprocess
+    import sys
+
+    code = "import sys, metafed; print(sorted(m for m in ('dp_accounting', 'scipy', 'flwr') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -32,8 +32,8 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-import dp_accounting as dpa
-from dp_accounting import pld, rdp
+# dp-accounting (and the SciPy it loads) is imported where an accountant computes: a run
+# without DP never pays for it
 
 ACCOUNTANTS = ("rdp", "pld")
 # dp-accounting logs through absl when an RDP order fails to converge and is (safely) skipped
@@ -61,6 +61,8 @@ class PrivacyAccountant:
 
     def event(self, z: float):
         """(one round's DpEvent, adjacency) at noise multiplier z."""
+        import dp_accounting as dpa
+
         if self.sampling == "local":
             return dpa.GaussianDpEvent(z / 2), dpa.NeighboringRelation.REPLACE_ONE
         m, n = min(self.clients_per_round, self.num_clients), self.num_clients
@@ -82,6 +84,8 @@ class PrivacyAccountant:
             return 0.0
         if min(ledger) <= 0:
             return math.inf
+        from dp_accounting import pld, rdp
+
         relation = self.event(ledger[0])[1]
         acc = rdp.RdpAccountant(neighboring_relation=relation) if self.method == "rdp" else \
             pld.PLDAccountant(neighboring_relation=relation)
