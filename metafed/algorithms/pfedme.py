@@ -57,14 +57,16 @@ class PFedMeProgram:
     def step(self, shared, carry, batch):
         w = carry["params"]
         loss = lambda p: batch_loss(self.model, p, batch, 0)  # noqa: E731
-        envelope = lambda p: loss(p) + 0.5 * self.lam * tree.sq_norm(tree.sub(p, w))  # noqa: E731
+        prox = lambda p: 0.5 * self.lam * tree.sq_norm(tree.sub(p, w))  # noqa: E731
         theta = moreau_inner_solve(grad(loss), w, carry["personal"], self.lam, self.personal_lr, self.inner_steps)
+        theta_loss = loss(theta)  # logged below too: one forward pass for both
         # gradient descent at a stable rate never raises the inner objective: a rise means
         # personal_lr * (L + lambda) > 2 for this client's loss (reported, then warned about)
-        rose = (envelope(theta) > envelope(carry["personal"])).to(torch.float32)
+        start = carry["personal"]
+        rose = (theta_loss + prox(theta) > loss(start) + prox(start)).to(torch.float32)
         w = {k: v - self.lr * self.lam * (v - theta[k]) for k, v in w.items()}
         return {"params": w, "personal": theta,
-                "inner_increase": torch.maximum(carry["inner_increase"], rose.detach())}, loss(theta)
+                "inner_increase": torch.maximum(carry["inner_increase"], rose.detach())}, theta_loss
 
     def final(self, shared, carry, client):
         return {"update": tree.sub(carry["params"], shared["params"]), "state": {"personal": carry["personal"]},
