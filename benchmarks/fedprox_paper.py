@@ -47,7 +47,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for key, rows in results.items():
         d, m, s = names[key].split("|")
-        rows = [r for r in rows if r["round"] <= a.rounds]  # runs made with more rounds are cut to a.rounds
+        # evaluated rows only; runs made with more rounds are cut to a.rounds
+        rows = [r for r in rows if r["round"] <= a.rounds and "global_train_loss" in r]
         late = [r["global_train_loss"] for r in rows if r["round"] > 20]
         print(f"| {d} | {float(s):.0%} | {m} | {rows[-1]['global_train_loss']:.3f} | {rows[-1]['global_accuracy']:.3f} "
               f"| {max(late):.3f} |")
@@ -55,7 +56,7 @@ def main() -> None:
     fig, axes = plt.subplots(len(STRAGGLERS), len(DATASETS), figsize=(16, 10), sharex=True)
     for key, rows in results.items():
         d, m, s = names[key].split("|")
-        rows = [r for r in rows if r["round"] <= a.rounds]
+        rows = [r for r in rows if r["round"] <= a.rounds and "global_train_loss" in r]
         ax = axes[STRAGGLERS.index(float(s))][list(DATASETS).index(d)]
         ax.plot([r["round"] for r in rows], [r["global_train_loss"] for r in rows], label=m)
         ax.set_title(f"{d}, {float(s):.0%} stragglers", fontsize=9)

@@ -14,6 +14,8 @@ from typing import Optional
 
 import typer
 
+from metafed.cli_options import with_config_flags
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="metafed: federated and meta-federated (personalized) learning on PyTorch.")
 
@@ -80,124 +82,38 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-@app.command()
 def run(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config; flags override it"),
-    algorithm: Optional[str] = typer.Option(None, help="see `metafed algorithms`"),
-    dataset: Optional[str] = typer.Option(None, help="digits | mnist | femnist | shakespeare | synthetic"),
-    data_dir: Optional[Path] = typer.Option(None, help="folder with mnist/, femnist/, shakespeare/ (or $METAFED_DATA)"),
-    model: Optional[str] = typer.Option(None, help="logistic | mlp | cnn | small-cnn | lstm (default: per dataset)"),
-    rounds: Optional[int] = typer.Option(None),
-    num_clients: Optional[int] = typer.Option(None, help="clients to create (digits, mnist, synthetic)"),
-    clients_per_round: Optional[int] = typer.Option(None),
-    local_epochs: Optional[int] = typer.Option(None),
-    local_steps: Optional[int] = typer.Option(None, help="overrides --local-epochs"),
-    batch_size: Optional[int] = typer.Option(None),
-    lr: Optional[float] = typer.Option(None, help="client learning rate"),
-    mu: Optional[float] = typer.Option(None, help="FedProx proximal weight"),
-    inner_lr: Optional[float] = typer.Option(None, help="alpha of MAML / Meta-SGD / Per-FedAvg"),
-    personal_lr: Optional[float] = typer.Option(None, help="pFedMe / Ditto personal learning rate"),
-    pfedme_lambda: Optional[float] = typer.Option(None),
-    ditto_lambda: Optional[float] = typer.Option(None),
-    aggregator: Optional[str] = typer.Option(None, help="mean | attention | median | trimmed-mean | krum | "
-                                             "multi-krum | bulyan | centered-clipping | fltrust"),
-    byzantine_f: Optional[int] = typer.Option(None, help="attackers a robust rule tolerates per round"),
-    attack: Optional[str] = typer.Option(None, help="label-flip | sign-flip | gaussian | alie | ipm | backdoor"),
-    malicious_fraction: Optional[float] = typer.Option(None),
-    dp: Optional[str] = typer.Option(None, help="central | local: client-level differential privacy"),
-    dp_clip: Optional[float] = typer.Option(None),
-    dp_noise_multiplier: Optional[float] = typer.Option(None),
-    target_epsilon: Optional[float] = typer.Option(None, help="calibrate the noise multiplier to this epsilon"),
-    dp_delta: Optional[float] = typer.Option(None),
-    dp_adaptive_clip: Optional[bool] = typer.Option(None, "--dp-adaptive-clip/--dp-fixed-clip"),
-    dp_target_quantile: Optional[float] = typer.Option(None, help="adaptive clipping: target quantile of norms"),
-    dp_clip_lr: Optional[float] = typer.Option(None, help="adaptive clipping: learning rate of the clip norm"),
-    dp_count_noise: Optional[float] = typer.Option(None, help="adaptive clipping: std of the count noise"),
-    dp_accountant: Optional[str] = typer.Option(None, help="rdp | pld"),
-    secagg_range: Optional[float] = typer.Option(None, help="fixed-point range [-R, R] of n_i * update"),
-    secagg_bits: Optional[int] = typer.Option(None, help="fixed-point fraction bits"),
-    attention_temperature: Optional[float] = typer.Option(None, help="softmax temperature of attention"),
-    fltrust_root_size: Optional[int] = typer.Option(None, help="FLTrust: server's clean root samples"),
-    clip_tau: Optional[float] = typer.Option(None, help="centered clipping radius"),
-    client_sampling: Optional[str] = typer.Option(None, help="fixed | poisson"),
-    dropout: Optional[float] = typer.Option(None, help="fraction of sampled clients that never reply"),
-    secure_aggregation: Optional[bool] = typer.Option(None, "--secure-aggregation/--no-secure-aggregation"),
-    secagg_threshold: Optional[int] = typer.Option(None),
-    secagg_neighbours: Optional[int] = typer.Option(None, help="SecAgg+ neighbourhood size"),
-    secagg_dropout: Optional[float] = typer.Option(None, help="fraction dropping after key sharing"),
-    min_clients: Optional[int] = typer.Option(None, help="skip a round (model unchanged) with fewer valid replies"),
-    attention_score: Optional[str] = typer.Option(None, help="loss | cosine | labels"),
-    server_optimizer: Optional[str] = typer.Option(None, help="sgd | adam | yogi | adagrad"),
-    server_lr: Optional[float] = typer.Option(None, help="default per optimizer: sgd 1.0, adam/yogi 0.01, "
-                                              "adagrad 0.1"),
-    protocol: Optional[str] = typer.Option(None, help="equal-budget (one adaptation budget for all methods) | "
-                                           "paper (each algorithm's paper recipe; see docs/protocols.md)"),
-    weighting: Optional[str] = typer.Option(None, help="samples | uniform: how client updates are averaged"),
-    personal_eval: Optional[str] = typer.Option(None, help="adapt | stored (score each client's stored "
-                                                "personal model: pfedme, ditto, meta-updater)"),
-    standardize: Optional[bool] = typer.Option(None, "--standardize/--no-standardize",
-                                               help="per-feature standardisation (mnist, digits, femnist)"),
-    meta_formulation: Optional[str] = typer.Option(None, help="meta-updater: learned-step | delta (the seed "
-                                                   "document's formulation)"),
-    reptile_anneal: Optional[bool] = typer.Option(None, "--reptile-anneal/--no-reptile-anneal",
-                                                  help="Reptile: anneal eps linearly to 0"),
-    server_momentum: Optional[float] = typer.Option(None),
-    partition: Optional[str] = typer.Option(None, help="iid | dirichlet | shards | quantity"),
-    dirichlet_alpha: Optional[float] = typer.Option(None),
-    synthetic_alpha: Optional[float] = typer.Option(None),
-    synthetic_beta: Optional[float] = typer.Option(None),
-    synthetic_iid: Optional[bool] = typer.Option(None, "--synthetic-iid/--synthetic-non-iid"),
-    stragglers: Optional[float] = typer.Option(None, help="fraction of sampled clients that do partial work"),
-    heldout_fraction: Optional[float] = typer.Option(None, help="fraction of clients that never train"),
-    personalize_steps: Optional[int] = typer.Option(None),
-    eval_every: Optional[int] = typer.Option(None),
-    eval_clients: Optional[int] = typer.Option(None, help="evaluate a fixed seeded sample of N training clients"),
-    eval_train_loss: Optional[bool] = typer.Option(None, "--eval-train-loss/--no-eval-train-loss",
-                                                   help="the global model's loss over all training data"),
-    backend: Optional[str] = typer.Option(None, help="loop | vectorized"),
-    chunk_size: Optional[int] = typer.Option(None, help="vectorized: clients per chunk"),
-    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="vectorized: torch.compile the step"),
-    seed: Optional[int] = typer.Option(None),
-    out: Optional[Path] = typer.Option(None, help="run folder to write"),
-    resume: Optional[Path] = typer.Option(None, help="continue the run in this folder from its last checkpoint"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing run folder given as --out"),
-    insecure_reproducible_privacy: Optional[bool] = typer.Option(
-        None, "--insecure-reproducible-privacy", help="TESTS ONLY: seeded DP noise and sampling; the privacy "
-        "guarantee does NOT hold (anyone with the seed can remove the noise)"),
-    set_: list[str] = typer.Option([], "--set", help="any config key: --set key=value (repeatable)"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config; flags override it",
+                                          rich_help_panel="Run"),
+    resume: Optional[Path] = typer.Option(None, help="continue the run in this folder from its last checkpoint",
+                                          rich_help_panel="Run"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing run folder given as --out",
+                                   rich_help_panel="Run"),
+    set_: list[str] = typer.Option([], "--set", help="any config key: --set key=value (repeatable)",
+                                   rich_help_panel="Run"),
     seeds: Optional[str] = typer.Option(None, help="run once per seed, e.g. 0,1,2: OUT/seed-K each, and "
-                                        "OUT/seeds.json with the mean ± std of the final metrics"),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+                                        "OUT/seeds.json with the mean ± std of the final metrics",
+                                        rich_help_panel="Run"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="log each round's timing and the engine's "
+                                 "decisions", rich_help_panel="Run"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="errors and the final line only: no progress, no "
+                               "warnings", rich_help_panel="Run"),
+    **values,
 ) -> None:
-    """Run a federated job (or resume one) and write its run folder."""
+    """Run a federated job (or resume one) and write its run folder. Every config key is a
+    flag; `metafed config show` prints them all with their values."""
+    from metafed.cli_options import parse_list_values
     from metafed.config import build_config
     from metafed.run import run as run_job
 
-    flags = dict(algorithm=algorithm, dataset=dataset, data_dir=data_dir, model=model, rounds=rounds,
-                 num_clients=num_clients, clients_per_round=clients_per_round, local_epochs=local_epochs,
-                 local_steps=local_steps, batch_size=batch_size, lr=lr, mu=mu, server_optimizer=server_optimizer,
-                 inner_lr=inner_lr, personal_lr=personal_lr, pfedme_lambda=pfedme_lambda, ditto_lambda=ditto_lambda,
-                 aggregator=aggregator, attention_score=attention_score, byzantine_f=byzantine_f, attack=attack,
-                 malicious_fraction=malicious_fraction, dp=dp, dp_clip=dp_clip, dp_noise_multiplier=dp_noise_multiplier,
-                 target_epsilon=target_epsilon, dp_delta=dp_delta, dp_adaptive_clip=dp_adaptive_clip,
-                 dp_target_quantile=dp_target_quantile, dp_clip_lr=dp_clip_lr, dp_count_noise=dp_count_noise,
-                 dp_accountant=dp_accountant, secagg_range=secagg_range, secagg_bits=secagg_bits,
-                 attention_temperature=attention_temperature, fltrust_root_size=fltrust_root_size, clip_tau=clip_tau,
-                 client_sampling=client_sampling, dropout=dropout, min_clients=min_clients,
-                 secure_aggregation=secure_aggregation,
-                 secagg_threshold=secagg_threshold, secagg_neighbours=secagg_neighbours, secagg_dropout=secagg_dropout,
-                 server_lr=server_lr, server_momentum=server_momentum, partition=partition, protocol=protocol,
-                 weighting=weighting, personal_eval=personal_eval, standardize=standardize,
-                 reptile_anneal=reptile_anneal, meta_formulation=meta_formulation,
-                 dirichlet_alpha=dirichlet_alpha, synthetic_alpha=synthetic_alpha, synthetic_beta=synthetic_beta,
-                 synthetic_iid=synthetic_iid, stragglers=stragglers, heldout_fraction=heldout_fraction,
-                 personalize_steps=personalize_steps, eval_every=eval_every,
-                 eval_clients=eval_clients, eval_train_loss=eval_train_loss, backend=backend, chunk_size=chunk_size,
-                 compile=compile, seed=seed, out=out, progress=progress,
-                 insecure_reproducible_privacy=insecure_reproducible_privacy)
-    flags.update(_parse_sets(set_))
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if verbose and quiet:
+        _fail("--verbose and --quiet: choose one")
+    logging.basicConfig(level=logging.INFO if verbose else logging.ERROR if quiet else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if quiet:
+        values["progress"] = False
     with _one_line_errors():
+        flags = {**parse_list_values(values), **_parse_sets(set_)}
         cfg = build_config(config, **flags)
         if cfg.out is None and resume is None:
             _fail("--out RUN_DIR is required (the folder the run writes)")
@@ -210,6 +126,9 @@ def run(
     final = result.rows[-1] if result.rows else {}
     typer.echo(f"done: {result.run_dir}  global_accuracy={final.get('global_accuracy', float('nan')):.4f}  "
                f"personalized_accuracy={final.get('personalized_accuracy', float('nan')):.4f}")
+
+
+app.command()(with_config_flags(run))
 
 
 def _run_seeds(cfg, seeds: str, resume: Optional[Path], overwrite: bool) -> None:
@@ -233,6 +152,65 @@ def _run_seeds(cfg, seeds: str, resume: Optional[Path], overwrite: bool) -> None
         if key != "runs":
             typer.echo(f"{key}: {stats['mean']:.4f} ± {stats['std']:.4f} over seeds {values}")
     typer.echo(f"done: {Path(cfg.out) / 'seeds.json'}")
+
+
+def sweep(
+    grid: list[str] = typer.Option(..., "--grid", help="KEY=V1,V2,...: one axis of the grid (repeatable; the "
+                                   "sweep runs every combination)", rich_help_panel="Sweep"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config every point starts from",
+                                          rich_help_panel="Sweep"),
+    set_: list[str] = typer.Option([], "--set", help="any config key: --set key=value (repeatable)",
+                                   rich_help_panel="Sweep"),
+    target: float = typer.Option(0.8, help="global accuracy whose first round the table reports",
+                                 rich_help_panel="Sweep"),
+    **values,
+) -> None:
+    """Run a config over a grid of values (e.g. --grid lr=0.01,0.1 --grid seed=0,1): OUT/<point>
+    per combination, then OUT/compare.md and overlaid curves. Run it again to continue an
+    interrupted sweep: finished points are kept, interrupted ones resume."""
+    from metafed.cli_options import parse_list_values
+    from metafed.sweep import parse_grid, plan_sweep, run_sweep
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    with _one_line_errors():
+        base = {**parse_list_values(values), **_parse_sets(set_)}
+        out = base.pop("out", None)
+        if out is None:
+            _fail("--out SWEEP_DIR is required (the folder the sweep writes)")
+        axes = parse_grid(grid)
+        plan = plan_sweep(config, base, axes, Path(out))
+        table = run_sweep(plan, axes, Path(out), target, echo=typer.echo)
+    typer.echo(table.rstrip())
+    typer.echo(f"done: {Path(out) / 'compare.md'}")
+
+
+app.command()(with_config_flags(sweep))
+
+
+config_app = typer.Typer(no_args_is_help=True, help="Inspect run configurations.")
+app.add_typer(config_app, name="config")
+
+
+def config_show(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config; flags override it",
+                                          rich_help_panel="Run"),
+    set_: list[str] = typer.Option([], "--set", help="any config key: --set key=value (repeatable)",
+                                   rich_help_panel="Run"),
+    **values,
+) -> None:
+    """Print the resolved config (file, flags, protocol and defaults) as YAML that `metafed run
+    -c` loads: by section, the algorithm's parameters under `algorithm:`, each key with its
+    description and whether it was set, and the algorithm's paper."""
+    from metafed.cli_options import parse_list_values
+    from metafed.config import build_config
+    from metafed.config_layout import show_config
+
+    with _one_line_errors():
+        cfg = build_config(config, **{**parse_list_values(values), **_parse_sets(set_)})
+        typer.echo(show_config(cfg), nl=False)
+
+
+config_app.command("show")(with_config_flags(config_show))
 
 
 @app.command()

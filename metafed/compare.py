@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from metafed.plots import _rows, _save, _series
+from metafed.plots import read_rows, save_figure, series
 
 CURVES = (("global_accuracy", "global test accuracy"), ("personalized_accuracy", "personalized test accuracy"),
           ("train_loss", "training loss"))
@@ -23,7 +23,7 @@ def compare_runs(run_dirs: list[Path], out: Path, target: float = 0.8) -> tuple[
     markdown table and the files. Runs without a metric are left out of its plot."""
     import matplotlib.pyplot as plt
 
-    runs = {_label(d): _rows(d) for d in run_dirs}
+    runs = {_label(d): read_rows(d) for d in run_dirs}
     if not any(runs.values()):
         raise ValueError("none of these runs has an evaluated round yet: nothing to compare")
     out.mkdir(parents=True, exist_ok=True)
@@ -31,18 +31,18 @@ def compare_runs(run_dirs: list[Path], out: Path, target: float = 0.8) -> tuple[
     for key, title in CURVES:
         fig, ax = plt.subplots(figsize=(6, 4))
         for label, rows in runs.items():
-            rounds, values = _series(rows, key)
+            rounds, values = series(rows, key)
             if rounds:
                 ax.plot(rounds, values, label=label)
         ax.set(xlabel="round", ylabel=title, title=f"{title} per round")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-        written.append(_save(fig, out / f"compare_{key}.png"))
+        written.append(save_figure(fig, out / f"compare_{key}.png"))
     lines = [f"| run | final global | best global | final personalized | best personalized | "
              f"rounds to global {target:g} |", "|---|---|---|---|---|---|"]
     for label, rows in runs.items():
-        glob, pers = _series(rows, "global_accuracy")[1], _series(rows, "personalized_accuracy")[1]
+        glob, pers = series(rows, "global_accuracy")[1], series(rows, "personalized_accuracy")[1]
         reached = [r["round"] for r in rows if r.get("global_accuracy", -1.0) >= target]
         cell = lambda v: f"{v:.4f}" if v is not None else "-"  # noqa: E731
         lines.append(f"| {label} | {cell(glob[-1] if glob else None)} | {cell(max(glob) if glob else None)} | "
@@ -55,7 +55,7 @@ def compare_runs(run_dirs: list[Path], out: Path, target: float = 0.8) -> tuple[
 
 def summarize_seeds(run_dirs: list[Path], out: Path) -> dict:
     """Mean and std over the runs' final evaluated rows, written to ``out/seeds.json``."""
-    finals = [_rows(d)[-1] for d in run_dirs]
+    finals = [read_rows(d)[-1] for d in run_dirs]
     summary = {"runs": [str(d) for d in run_dirs]}
     for key in SUMMARY_KEYS:
         values = [r[key] for r in finals if key in r]

@@ -8,6 +8,8 @@ from typing import Annotated, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from metafed.config_layout import KEY_OWNERS, flatten_algorithm
+
 
 class ConfigError(ValueError):
     """A configuration problem the user can fix; the CLI prints it on one line."""
@@ -44,54 +46,72 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     # what to train
-    algorithm: str = "fedavg"
-    dataset: Literal["digits", "mnist", "femnist", "shakespeare", "synthetic"] = "digits"
-    data_dir: Optional[Path] = None
-    model: Optional[Literal["logistic", "mlp", "cnn", "small-cnn", "lstm"]] = None
-    hidden: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [200])
+    algorithm: str = Field("fedavg", description="the federated algorithm (list: `metafed algorithms`)")
+    dataset: Literal["digits", "mnist", "femnist", "shakespeare", "synthetic"] = Field("digits",
+        description="the federation to train on (list: `metafed datasets`)")
+    data_dir: Optional[Path] = Field(None,
+        description="folder holding mnist/, femnist/, shakespeare/ (default: $METAFED_DATA)")
+    model: Optional[Literal["logistic", "mlp", "cnn", "small-cnn", "lstm"]] = Field(None,
+        description="the network (default per dataset: mlp for digits and mnist, cnn for femnist, lstm for "
+                    "shakespeare, logistic for synthetic)")
+    hidden: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [200],
+        description="hidden layer widths of mlp, e.g. 200 or 200,100")
 
     # how data is federated (digits / mnist are partitioned; LEAF is naturally federated)
-    num_clients: int = Field(20, ge=1)
-    partition: Literal["iid", "dirichlet", "shards", "quantity"] = "dirichlet"
-    dirichlet_alpha: float = Field(0.5, gt=0)
-    shards_per_client: int = Field(2, ge=1)
-    test_fraction: float = Field(0.2, gt=0, lt=1)
-    heldout_fraction: float = Field(0.0, ge=0, lt=1)
+    num_clients: int = Field(20, ge=1,
+        description="clients to create (digits, mnist, synthetic; LEAF datasets bring their own users)")
+    partition: Literal["iid", "dirichlet", "shards", "quantity"] = Field("dirichlet",
+        description="how digits / mnist are split across clients")
+    dirichlet_alpha: float = Field(0.5, gt=0,
+        description="label skew of the dirichlet partition (smaller: more skewed)")
+    shards_per_client: int = Field(2, ge=1, description="label shards per client in the shards partition")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="each client's held-out test share")
+    heldout_fraction: float = Field(0.0, ge=0, lt=1,
+        description="fraction of clients that never train (new-client evaluation)")
     max_clients: Optional[int] = Field(None, ge=1, description="use only the first N LEAF users")
-    synthetic_alpha: float = Field(1.0, ge=0)
-    synthetic_beta: float = Field(1.0, ge=0)
-    synthetic_iid: bool = False
-    size_multiplier: int = Field(1, ge=1)
+    synthetic_alpha: float = Field(1.0, ge=0,
+        description="Synthetic(alpha, beta): model heterogeneity across clients")
+    synthetic_beta: float = Field(1.0, ge=0,
+        description="Synthetic(alpha, beta): feature heterogeneity across clients")
+    synthetic_iid: bool = Field(False, description="synthetic: one shared model and feature distribution")
+    size_multiplier: int = Field(1, ge=1, description="synthetic: multiply every client size (pFedMe uses 5)")
     standardize: bool = Field(False, description="per-feature standardisation of digits / mnist / femnist inputs, "
                               "as the pFedMe and LEAF pipelines do (their learning rates assume it)")
 
     # rounds and local work
-    rounds: int = Field(30, ge=1)
-    clients_per_round: int = Field(10, ge=1)
-    local_epochs: int = Field(2, ge=1)
+    rounds: int = Field(30, ge=1, description="communication rounds")
+    clients_per_round: int = Field(10, ge=1,
+        description="clients sampled each round (expected count under poisson sampling)")
+    local_epochs: int = Field(2, ge=1, description="passes over the local data per round")
     local_steps: Optional[int] = Field(None, ge=1, description="overrides local_epochs when set")
-    batch_size: int = Field(10, ge=1)
-    lr: float = Field(0.1, gt=0)
-    stragglers: float = Field(0.0, ge=0, le=1)
-    straggler_policy: Optional[Literal["drop", "keep"]] = None
+    batch_size: int = Field(10, ge=1, description="local minibatch size")
+    lr: float = Field(0.1, gt=0, description="client learning rate (beta of the meta-learning methods)")
+    stragglers: float = Field(0.0, ge=0, le=1,
+        description="fraction of sampled clients that do a random part of their local work")
+    straggler_policy: Optional[Literal["drop", "keep"]] = Field(None,
+        description="drop or keep stragglers' partial work (default: the algorithm's; keep for fedprox and "
+                    "pfedme)")
 
     # algorithm hyperparameters
     mu: float = Field(0.0, ge=0, description="FedProx proximal weight")
-    server_optimizer: Literal["sgd", "adam", "yogi", "adagrad"] = "sgd"
+    server_optimizer: Literal["sgd", "adam", "yogi", "adagrad"] = Field("sgd",
+        description="the optimizer the server applies the aggregated update with (FedOpt)")
     server_lr: Optional[float] = Field(None, gt=0, description="server step (default per optimizer: sgd 1.0, "
                                        "adam 0.01, yogi 0.01, adagrad 0.1)")
-    server_momentum: float = Field(0.0, ge=0, lt=1)
-    server_beta1: float = Field(0.9, ge=0, lt=1)
-    server_beta2: float = Field(0.99, ge=0, lt=1)
-    server_tau: float = Field(1e-3, gt=0)
+    server_momentum: float = Field(0.0, ge=0, lt=1, description="momentum of the sgd server optimizer (FedAvgM)")
+    server_beta1: float = Field(0.9, ge=0, lt=1, description="adam / yogi first-moment decay")
+    server_beta2: float = Field(0.99, ge=0, lt=1, description="adam / yogi second-moment decay")
+    server_tau: float = Field(1e-3, gt=0, description="adaptivity tau of adam / yogi / adagrad (Reddi et al. 2021)")
 
     # personalized / meta-learning hyperparameters
     inner_lr: float = Field(0.01, gt=0, description="alpha: MAML / Meta-SGD initial rate / Per-FedAvg")
     inner_steps: int = Field(1, ge=1, description="MAML inner SGD steps on the support batch")
     personal_lr: Optional[float] = Field(None, gt=0, description="pFedMe / Ditto personal rate (default lr)")
-    pfedme_lambda: float = Field(15.0, gt=0)
+    pfedme_lambda: float = Field(15.0, gt=0,
+        description="pFedMe: lambda, the pull of the personal model to the global one")
     pfedme_steps: int = Field(5, ge=1, description="K: inner steps of the Moreau-envelope solve")
-    ditto_lambda: float = Field(0.1, ge=0)
+    ditto_lambda: float = Field(0.1, ge=0,
+        description="Ditto: lambda, the pull of the personal model to the global one")
     reptile_anneal: bool = Field(False, description="Reptile: anneal the server step eps linearly to 0 over the "
                                  "rounds (Nichol et al. 2018)")
     stage1_rounds: Optional[int] = Field(None, ge=0, description="Personalized FedAvg: FedAvg rounds (default rounds/2)")
@@ -104,7 +124,8 @@ class RunConfig(BaseModel):
     meta_lr: Optional[float] = Field(None, gt=0, description="meta-updater: learning rate of u (default lr)")
     meta_mix: float = Field(0.5, ge=0, le=1, description="meta-updater: pull of theta_i, u_i towards w, u_g")
     meta_val_period: int = Field(5, ge=2, description="meta-updater: every n-th train sample is validation")
-    meta_order: Literal["first", "second"] = "first"
+    meta_order: Literal["first", "second"] = Field("first",
+        description="meta-updater: first- or second-order meta-gradient")
     meta_formulation: Literal["learned-step", "delta"] = Field(
         "learned-step", description="meta-updater: learned-step (u_i a learned step local training generalises "
         "from) or delta (the seed document as written: u_i from the model change, refined on the validation loss)")
@@ -113,7 +134,8 @@ class RunConfig(BaseModel):
     weighting: Literal["samples", "uniform"] = Field("samples", description="average client updates by their "
                                                      "sample counts (FedAvg) or uniformly (Per-FedAvg)")
     aggregator: Literal["mean", "attention", "median", "trimmed-mean", "krum", "multi-krum", "bulyan",
-                        "centered-clipping", "fltrust"] = "mean"
+                        "centered-clipping", "fltrust"] = Field(
+        "mean", description="how client updates are combined: mean, attention, or a robust rule")
     byzantine_f: Optional[int] = Field(None, ge=0, description="f for robust rules (default: expected attackers)")
     clip_tau: float = Field(0.1, gt=0, description="centered clipping radius")
     fltrust_root_size: int = Field(100, ge=1, description="FLTrust: server's clean root samples")
@@ -122,38 +144,45 @@ class RunConfig(BaseModel):
                                                "multiple of the round's median count (None: no relative cap)")
 
     # secure aggregation
-    secure_aggregation: bool = False
+    secure_aggregation: bool = Field(False,
+        description="pairwise-masked secure aggregation: the server sees only the sum")
     secagg_threshold: Optional[int] = Field(None, ge=1, description="minimum survivors (default: majority)")
     secagg_neighbours: Optional[int] = Field(None, ge=2, description="SecAgg+ neighbourhood size k")
     secagg_dropout: float = Field(0.0, ge=0, lt=1, description="fraction dropping after key sharing")
     secagg_range: float = Field(1e4, gt=0, description="fixed-point range [-R, R] of n_i * update")
-    secagg_bits: int = Field(40, ge=8, le=52)
+    secagg_bits: int = Field(40, ge=8, le=52, description="secure aggregation: fixed-point fraction bits")
 
     # attack simulation
-    attack: Optional[Literal["label-flip", "sign-flip", "gaussian", "alie", "ipm", "backdoor"]] = None
-    malicious_fraction: float = Field(0.0, ge=0, lt=1)
-    attack_scale: Optional[float] = Field(None, gt=0)
-    backdoor_target: int = Field(0, ge=0)
-    attention_score: Literal["loss", "cosine", "labels"] = "loss"
-    attention_temperature: float = Field(1.0, gt=0)
+    attack: Optional[Literal["label-flip", "sign-flip", "gaussian", "alie", "ipm", "backdoor"]] = Field(None,
+        description="simulated malicious-client attack")
+    malicious_fraction: float = Field(0.0, ge=0, lt=1, description="fraction of clients that attack")
+    attack_scale: Optional[float] = Field(None, gt=0, description="strength of the attack (default per attack)")
+    backdoor_target: int = Field(0, ge=0, description="backdoor: the label triggered inputs are pushed to")
+    attention_score: Literal["loss", "cosine", "labels"] = Field("loss",
+        description="attention: loss (held-out validation loss), cosine (agreement with the mean), labels "
+                    "(label-distribution similarity)")
+    attention_temperature: float = Field(1.0, gt=0, description="attention: softmax temperature")
 
     # participation
-    client_sampling: Literal["fixed", "poisson"] = "fixed"
+    client_sampling: Literal["fixed", "poisson"] = Field("fixed",
+        description="fixed: exactly clients-per-round; poisson: each client independently (for DP accounting)")
     dropout: float = Field(0.0, ge=0, lt=1, description="fraction of sampled clients that never reply")
     min_clients: int = Field(1, ge=1, description="a round commits only with at least this many valid replies; "
                                                   "otherwise it is skipped and the model is unchanged")
 
     # differential privacy
-    dp: Optional[Literal["central", "local"]] = None
-    dp_clip: float = Field(1.0, gt=0)
-    dp_noise_multiplier: Optional[float] = Field(None, ge=0)
+    dp: Optional[Literal["central", "local"]] = Field(None,
+        description="client-level differential privacy: central (server adds noise) or local (each client)")
+    dp_clip: float = Field(1.0, gt=0, description="DP: L2 clip norm of each client update")
+    dp_noise_multiplier: Optional[float] = Field(None, ge=0, description="DP: noise std / clip norm")
     target_epsilon: Optional[float] = Field(None, gt=0, description="calibrate the noise multiplier to this")
-    dp_delta: float = Field(1e-5, gt=0, lt=1)
-    dp_adaptive_clip: bool = False
-    dp_target_quantile: float = Field(0.5, gt=0, lt=1)
-    dp_clip_lr: float = Field(0.2, gt=0)
+    dp_delta: float = Field(1e-5, gt=0, lt=1, description="DP: delta of the (epsilon, delta) guarantee")
+    dp_adaptive_clip: bool = Field(False,
+        description="DP: adapt the clip norm to a quantile of update norms (Andrew et al. 2021)")
+    dp_target_quantile: float = Field(0.5, gt=0, lt=1, description="adaptive clipping: target quantile of norms")
+    dp_clip_lr: float = Field(0.2, gt=0, description="adaptive clipping: learning rate of the clip norm")
     dp_count_noise: Optional[float] = Field(None, gt=0, description="sigma_b of adaptive clipping (default m/20)")
-    dp_accountant: Literal["rdp", "pld"] = "rdp"
+    dp_accountant: Literal["rdp", "pld"] = Field("rdp", description="DP accountant: rdp or pld (dp-accounting)")
     insecure_reproducible_privacy: bool = Field(False, description="TESTS ONLY: seeded DP noise and sampling; "
                                                 "anyone with the seed can undo the noise, the guarantee does not hold")
 
@@ -161,32 +190,37 @@ class RunConfig(BaseModel):
     protocol: Literal["equal-budget", "paper"] = Field(
         "equal-budget", description="equal-budget: every method adapts with --personalize-steps at evaluation; "
         "paper: each algorithm's own paper's training recipe and evaluation (see metafed.protocols)")
-    eval_every: int = Field(1, ge=1)
+    eval_every: int = Field(1, ge=1, description="evaluate every N rounds (and at the last)")
     eval_clients: Optional[int] = Field(None, ge=1, description="score a fixed, seeded sample of this many "
                                         "training clients at each evaluation (default: all)")
     eval_train_loss: bool = Field(True, description="also report the global model's loss over all the evaluated "
                                   "clients' training data (a full pass)")
-    personalize_steps: int = Field(5, ge=0)
+    personalize_steps: int = Field(5, ge=0,
+        description="adaptation steps from the global model before scoring personalized accuracy")
     personal_eval: Literal["adapt", "stored"] = Field(
         "adapt", description="personalized accuracy: adapt (personalize-steps from the global model, or from the "
         "stored personal model) or stored (score each client's stored personal model as it is: pFedMe, Ditto)")
-    personalize_lr: Optional[float] = Field(None, gt=0)
-    eval_batch_size: int = Field(10, ge=1)
+    personalize_lr: Optional[float] = Field(None, gt=0, description="learning rate of those steps (default: lr)")
+    eval_batch_size: int = Field(10, ge=1, description="batch size of the adaptation steps")
 
     # execution
-    backend: Literal["loop", "vectorized"] = "vectorized"
-    chunk_size: int = Field(128, ge=1)
-    compile: bool = False
-    seed: int = 0
-    out: Optional[Path] = None
-    checkpoint_every: int = Field(1, ge=1)
-    progress: bool = True
+    backend: Literal["loop", "vectorized"] = Field("vectorized",
+        description="loop (one client at a time) or vectorized (torch.func over clients)")
+    chunk_size: int = Field(128, ge=1, description="vectorized: clients per chunk")
+    compile: bool = Field(False, description="vectorized: torch.compile the step")
+    seed: int = Field(0, description="seed of everything reproducible (never of DP noise)")
+    out: Optional[Path] = Field(None, description="run folder to write")
+    checkpoint_every: int = Field(1, ge=1, description="checkpoint every N rounds (and at the last)")
+    progress: bool = Field(True, description="progress bar on a terminal")
 
     @model_validator(mode="before")
     @classmethod
     def _apply_protocol(cls, values):
-        """``protocol: paper`` fills every key the user did not set with the algorithm's paper
+        """``algorithm: {name: X, ...}`` is flattened (:mod:`metafed.config_layout`); then
+        ``protocol: paper`` fills every key the user did not set with the algorithm's paper
         recipe (:mod:`metafed.protocols`); config.yaml then records what actually ran."""
+        if isinstance(values, dict):
+            values = flatten_algorithm(values)
         if isinstance(values, dict) and values.get("protocol") == "paper":
             from metafed.protocols import paper_recipe
 
@@ -255,9 +289,6 @@ class RunConfig(BaseModel):
         if self.algorithm == "fedprox" and self.mu == 0:
             raise ValueError("--algorithm fedprox needs --mu > 0 (the proximal weight; with mu = 0 it is FedAvg: "
                              "use --algorithm fedavg)")
-        if self.mu > 0 and self.algorithm != "fedprox":
-            raise ValueError(f"--mu is FedProx's proximal weight: {self.algorithm!r} ignores it "
-                             "(use --algorithm fedprox)")
         if self.algorithm == "pfedme" and (self.personal_lr or self.lr) * self.pfedme_lambda >= 2:
             raise ValueError(f"pFedMe's inner solve steps theta -= personal_lr * (grad f + lambda (theta - w)): "
                              f"personal_lr * lambda = {(self.personal_lr or self.lr) * self.pfedme_lambda:g} >= 2 "
@@ -265,14 +296,17 @@ class RunConfig(BaseModel):
         if self.personal_eval == "stored" and self.algorithm not in STORED_PERSONAL_MODELS:
             raise ValueError(f"--personal-eval stored scores a personal model each client keeps: "
                              f"{self.algorithm!r} keeps none (use it with {', '.join(STORED_PERSONAL_MODELS)})")
-        if self.reptile_anneal and self.algorithm != "reptile":
-            raise ValueError("--reptile-anneal anneals Reptile's server step: use it with --algorithm reptile")
-        # (compared with the defaults, not model_fields_set: a dumped config names every key)
-        stages = sorted(k for k in ("stage1_rounds", "stage1_epochs", "stage2_server_optimizer", "stage2_server_lr")
-                        if getattr(self, k) is not None)
-        if self.algorithm != "personalized-fedavg" and stages:
-            raise ValueError(f"{', '.join(stages)} configure Personalized FedAvg's stages: use them with "
-                             "--algorithm personalized-fedavg")
+        # another algorithm's setting would be silently ignored; compared with the defaults, not
+        # model_fields_set, because a dumped config names every key
+        foreign = [key for key, owners in KEY_OWNERS.items() if self.algorithm not in owners
+                   and getattr(self, key) != type(self).model_fields[key].get_default(call_default_factory=True)]
+        if foreign:
+            owners = sorted({name for key in foreign for name in KEY_OWNERS[key]})
+            one = len(foreign) == 1
+            raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in foreign)} "
+                             f"{'is a setting' if one else 'are settings'} of {', '.join(owners)}: algorithm "
+                             f"{self.algorithm!r} ignores {'it' if one else 'them'} (remove "
+                             f"{'it' if one else 'them'}, or choose one of those algorithms)")
 
     def resolved_server_lr(self, optimizer: Optional[str] = None, lr: Optional[float] = None) -> float:
         """The server learning rate: the one given, else the optimizer's default."""
@@ -297,11 +331,12 @@ class RunConfig(BaseModel):
 def _format_validation_error(err: ValidationError) -> str:
     problems = []
     for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "config"
+        where = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
             problems.append(f"unknown config key {where!r}")
         else:
-            problems.append(f"{where}: {e['msg'].removeprefix('Value error, ')}")
+            message = e["msg"].removeprefix("Value error, ")
+            problems.append(f"{where}: {message}" if where else message)
     return "; ".join(problems)
 
 
@@ -323,7 +358,10 @@ def build_config(file: Optional[Path] = None, **overrides) -> RunConfig:
             loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {file} must hold a mapping of keys to values")
-        values.update({str(k).replace("-", "_"): v for k, v in loaded.items()})
+        try:
+            values.update(flatten_algorithm({str(k).replace("-", "_"): v for k, v in loaded.items()}))
+        except ValueError as e:
+            raise ConfigError(f"config file {file}: {e}") from None
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return RunConfig(**values)

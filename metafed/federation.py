@@ -325,6 +325,10 @@ class Federation:
         metrics, per_client = self.evaluator.evaluate(self.state, rnd, [self.dataset.clients[c] for c in ids], states,
                                                       self.cfg.personalize_steps, self.dataset.heldout,
                                                       HELDOUT_ADAPT_STEPS, ids, self.cfg.eval_train_loss)
+        # who each per-client score belongs to (LEAF user ids; the client index otherwise)
+        per_client["client"] = [self.dataset.clients[c].name or str(c) for c in ids]
+        if self.dataset.heldout:
+            per_client["new_client"] = [c.name or f"new-{j}" for j, c in enumerate(self.dataset.heldout)]
         if self.cfg.attack == "backdoor":
             honest = [c for i, c in enumerate(self.dataset.clients) if i not in self.malicious]
             metrics["backdoor_accuracy"] = backdoor_accuracy(self.algorithm.model, self.algorithm.global_params(self.state),

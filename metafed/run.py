@@ -21,6 +21,7 @@ from metafed.attacks import choose_malicious, poison_dataset
 from metafed.backends import make_backend
 from metafed.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from metafed.config import ConfigError, RunConfig
+from metafed.config_layout import grouped_config
 from metafed.data import DEFAULT_MODEL, load_dataset
 from metafed.data.federated import FederatedDataset
 from metafed.federation import Federation
@@ -170,8 +171,9 @@ def _run(cfg: RunConfig, resume, overwrite: bool, pool, model, data, held: ExitS
         if run_dir:
             create(run_dir, overwrite)
             held.enter_context(exclusive(run_dir))
-            write_text_atomic(run_dir / CONFIG_FILE, yaml.safe_dump(config_dump(cfg), sort_keys=False))
     cfg = fed.cfg
+    if run_dir:  # on resume too: rounds (or another resumable setting) may have changed
+        write_text_atomic(run_dir / CONFIG_FILE, yaml.safe_dump(grouped_config(cfg), sort_keys=False))
     if cfg.progress and isinstance(fed.pool, SimulationPool):
         print(describe_federation(fed), flush=True)
     tracker = RunTracker(run_dir)
@@ -194,20 +196,21 @@ def _run(cfg: RunConfig, resume, overwrite: bool, pool, model, data, held: ExitS
             if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
                 metrics, per_client = fed.evaluate(rnd)
                 row.update(metrics)
+                tracker.log_clients(rnd, per_client)
             elapsed += time.perf_counter() - t0
             row.update(wall_time_s=round(elapsed, 4), bytes_up_total=bytes_up, bytes_down_total=bytes_down)
             if fed.dp is not None:
                 row["outside_dp_guarantee"] = sorted(k for k in row if k not in DP_RELEASED)
-            # one row per evaluated round; every round under DP, so epsilon is reported each round
-            if "global_accuracy" in row or fed.accountant is not None:
-                tracker.log(row)
+            # one row per round: training loss, bytes and (under DP) epsilon every round, the
+            # evaluation's metrics every --eval-every rounds
+            tracker.log(row)
             if run_dir and (rnd % cfg.checkpoint_every == 0 or rnd == cfg.rounds):
                 save_checkpoint(run_dir, rnd, fed.state, fed.clients, {"wall_time_s": elapsed})
             if bar is not None:
                 bar.update(bar.task_id, completed=rnd, description=_describe(row))
     params = fed.algorithm.global_params(fed.state)
     if run_dir:
-        _write_outputs(run_dir, tracker, params, per_client, cfg)
+        _write_outputs(run_dir, tracker, params, per_client, cfg, _label_counts(fed))
     return RunResult(params, tracker.rows, run_dir, fed)
 
 
@@ -290,7 +293,18 @@ def _restore(cfg: RunConfig, run_dir: Path, pool=None, model=None, data=None) ->
     return fed, ckpt.round
 
 
-def _write_outputs(run_dir: Path, tracker: RunTracker, params: Params, per_client: dict, cfg: RunConfig) -> None:
+def _label_counts(fed: Federation) -> list[list[int]] | None:
+    """Each training client's label histogram [clients][classes], for the label plot; None in
+    deployment (the server holds no data), for text (the labels are next characters), and
+    under DP (the counts are raw data statistics, outside the guarantee)."""
+    if not isinstance(fed.pool, SimulationPool) or fed.cfg.dataset == "shakespeare" or fed.dp is not None:
+        return None
+    k = fed.dataset.num_classes
+    return [torch.bincount(c.train_y, minlength=k).tolist() for c in fed.dataset.clients]
+
+
+def _write_outputs(run_dir: Path, tracker: RunTracker, params: Params, per_client: dict, cfg: RunConfig,
+                   label_counts: list[list[int]] | None = None) -> None:
     from metafed.plots import plot_run
 
     write_text_atomic(run_dir / "final.safetensors", save_bytes({k: v.contiguous() for k, v in params.items()}))
@@ -301,6 +315,7 @@ def _write_outputs(run_dir: Path, tracker: RunTracker, params: Params, per_clien
         "final": final, "per_client_accuracy": per_client,
         "weighting": "*_accuracy is sample-weighted over clients' test samples; *_accuracy_mean is unweighted",
         "torch": torch.__version__, "privacy": privacy_summary(cfg, final), **provenance(),
+        "client_label_counts": label_counts,
     })
     if tracker.rows:
         plot_run(run_dir)

@@ -1,4 +1,5 @@
-"""Run outputs: metrics.jsonl (one object per logged round), metrics.csv, summary.json."""
+"""Run outputs: metrics.jsonl (one object per logged round), metrics.csv, clients.csv (each
+evaluated client's scores at each evaluation), summary.json."""
 from __future__ import annotations
 
 import csv
@@ -6,9 +7,14 @@ import json
 import logging
 from pathlib import Path
 
+from metafed.eval import HELDOUT_ADAPT_STEPS
 from metafed.run_folder import open_nofollow, write_text_atomic
 
 log = logging.getLogger("metafed")
+
+CLIENTS_FILE = "clients.csv"
+CLIENT_COLUMNS = ["round", "client", "kind", "global_accuracy", "personalized_accuracy",
+                  *[f"new_k{k}" for k in HELDOUT_ADAPT_STEPS]]
 
 
 class RunTracker:
@@ -25,6 +31,7 @@ class RunTracker:
     def start(self) -> None:
         if self.jsonl:
             write_text_atomic(self.jsonl, "")
+            (self.run_dir / CLIENTS_FILE).unlink(missing_ok=True)
 
     def resume_from(self, last_round: int) -> None:
         """Keep the complete rows up to the checkpointed round. A torn or garbled line (power
@@ -45,6 +52,35 @@ class RunTracker:
             kept.append(row)
         self.rows = [r for r in kept if r["round"] <= last_round]
         write_text_atomic(self.jsonl, "".join(json.dumps(r) + "\n" for r in self.rows))
+        self._truncate_clients(last_round)
+
+    def _truncate_clients(self, last_round: int) -> None:
+        path = self.run_dir / CLIENTS_FILE
+        if not path.exists():
+            return
+        lines = path.read_text(errors="replace").splitlines()
+        first = [line.split(",", 1)[0] for line in lines[1:]]
+        kept = [line for line, rnd in zip(lines[1:], first) if rnd.isdigit() and int(rnd) <= last_round]
+        write_text_atomic(path, "".join(line + "\n" for line in [",".join(CLIENT_COLUMNS), *kept]))
+
+    def log_clients(self, rnd: int, per_client: dict) -> None:
+        """Append one clients.csv row per evaluated client: training clients' global and
+        personalized accuracy, held-out clients' accuracy after k adaptation steps."""
+        if not self.run_dir or "client" not in per_client:
+            return
+        rows = [{"round": rnd, "client": name, "kind": "train", "global_accuracy": g, "personalized_accuracy": p}
+                for name, g, p in zip(per_client["client"], per_client["global"], per_client["personalized"])]
+        for j, name in enumerate(per_client.get("new_client", [])):
+            rows.append({"round": rnd, "client": name, "kind": "new",
+                         **{f"new_k{k}": per_client[f"new_client_k{k}"][j] for k in HELDOUT_ADAPT_STEPS
+                            if f"new_client_k{k}" in per_client}})
+        path = self.run_dir / CLIENTS_FILE
+        fresh = not path.exists()
+        with open_nofollow(path, "a") as f:
+            writer = csv.DictWriter(f, fieldnames=CLIENT_COLUMNS, lineterminator="\n")
+            if fresh:
+                writer.writeheader()
+            writer.writerows(rows)
 
     def log(self, row: dict) -> None:
         self.rows.append(row)

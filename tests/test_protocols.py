@@ -164,7 +164,7 @@ def test_protocol_settings_given_explicitly_win_and_misuses_are_refused():
         build_config(algorithm="fedavg", personal_eval="stored")
     with pytest.raises(ConfigError, match="reptile"):
         build_config(algorithm="fedavg", reptile_anneal=True)
-    with pytest.raises(ConfigError, match="Personalized FedAvg"):
+    with pytest.raises(ConfigError, match="setting of personalized-fedavg: algorithm 'fedavg' ignores it"):
         build_config(algorithm="fedavg", stage2_server_optimizer="adam")
 
 
