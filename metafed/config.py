@@ -238,7 +238,7 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_consistency(self) -> "RunConfig":
-        if self.dataset in ("mnist", "femnist", "shakespeare") and self.model == "lstm" and self.dataset != "shakespeare":
+        if self.model == "lstm" and self.dataset != "shakespeare":
             raise ValueError("model 'lstm' reads character sequences: use it with dataset 'shakespeare'")
         if (self.attack is None) != (self.malicious_fraction == 0):
             raise ValueError("--attack and --malicious-fraction > 0 go together")

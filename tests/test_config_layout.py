@@ -102,3 +102,11 @@ def test_verbose_and_quiet_and_list_flags():
     assert res.exit_code == 2 and "choose one" in res.output
     res = runner.invoke(app, ["config", "show", "--hidden", "64,x"])
     assert res.exit_code == 2 and "--hidden expects integers" in res.output
+
+
+def test_a_model_that_does_not_fit_the_dataset_is_refused():
+    for dataset in ("digits", "mnist", "synthetic", "femnist"):
+        with pytest.raises(ConfigError, match="model 'lstm' reads character sequences"):
+            build_config(dataset=dataset, model="lstm")
+    with pytest.raises(ConfigError, match="shakespeare' is text"):
+        build_config(dataset="shakespeare", model="mlp")
