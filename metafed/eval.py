@@ -66,10 +66,9 @@ def score_global(model: FunctionalModel, params: Params, xs: list[Tensor], ys: l
     with torch.no_grad():
         for s in range(0, len(y), EVAL_SAMPLES_PER_CHUNK):
             sl = slice(s, s + EVAL_SAMPLES_PER_CHUNK)
-            logits = model.apply(params, x[sl])
-            loss = torch.nn.functional.cross_entropy(logits, y[sl], reduction="none")
-            correct.index_add_(0, owner[sl], (logits.argmax(-1) == y[sl]).double())
-            loss_sum.index_add_(0, owner[sl], loss.double())
+            outputs = model.apply(params, x[sl])
+            correct.index_add_(0, owner[sl], model.sample_score(outputs, y[sl]).double())
+            loss_sum.index_add_(0, owner[sl], model.sample_loss(outputs, y[sl]).double())
     count = torch.tensor([len(y) for y in ys], dtype=torch.float64)
     return ClientScores(correct, loss_sum, count)
 

@@ -61,7 +61,7 @@ def plot_run(run_dir: Path) -> list[Path]:
                        ("global_loss", "global model, test data")):
         if key in rows[-1]:
             ax.plot(*series(rows, key), label=label)
-    ax.set(xlabel="round", ylabel="cross-entropy", title=f"{name}: loss per round")
+    ax.set(xlabel="round", ylabel="loss", title=f"{name}: loss per round")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend()
     ax.grid(alpha=0.3)

@@ -25,6 +25,7 @@ from metafed.config_layout import grouped_config
 from metafed.data import DEFAULT_MODEL, load_dataset
 from metafed.data.federated import FederatedDataset
 from metafed.federation import Federation
+from metafed.losses import SampleFn, check_sample_fns, cross_entropy, top1
 from metafed.models import FunctionalModel, build_or_call
 from metafed.pools import SimulationPool
 from metafed.tracking import RunTracker
@@ -49,12 +50,18 @@ class RunResult:
     federation: Federation
 
 
-def build_federation(cfg: RunConfig, pool=None, model=None, data: FederatedDataset | None = None) -> Federation:
+def build_federation(cfg: RunConfig, pool=None, model=None, data: FederatedDataset | None = None,
+                     loss: SampleFn | None = None, score: SampleFn | None = None) -> Federation:
     """The federation a config describes. Simulated clients by default; with ``pool``
     (deployment) the clients' data stays with them and only its shape, which the clients
     report, is known here. ``model``: a callable returning your own ``nn.Module`` (called
     after seeding torch with the run's seed), instead of the config's reference model.
-    ``data``: your own :class:`FederatedDataset`, instead of the config's dataset."""
+    ``data``: your own :class:`FederatedDataset`, instead of the config's dataset.
+    ``loss`` / ``score``: per-sample functions of (outputs, targets) (:mod:`metafed.losses`;
+    default cross-entropy and top-1), e.g. ``mse`` and ``within(0.5)`` for regression."""
+    if pool is not None and (loss is not None or score is not None):
+        raise ValueError("a custom loss or score runs in simulation: deployment nodes hold class labels (int64) "
+                         "and train with cross-entropy")
     if pool is None:
         dataset = data if data is not None else load_dataset(cfg)
         malicious = choose_malicious(dataset.num_clients, cfg.malicious_fraction, cfg.seed) if cfg.attack else set()
@@ -64,7 +71,10 @@ def build_federation(cfg: RunConfig, pool=None, model=None, data: FederatedDatas
         check_deployable(cfg)
         dataset, malicious = FederatedDataset(cfg.dataset, [], pool.input_shape, pool.num_classes), set()
         backend, num_clients = make_backend("loop", cfg.chunk_size, False), pool.num_clients
-    model = FunctionalModel(make_module(cfg, dataset.input_shape, dataset.num_classes, model))
+    module = make_module(cfg, dataset.input_shape, dataset.num_classes, model)
+    model = FunctionalModel(module, loss or cross_entropy, score or top1)
+    if pool is None:
+        _check_task(cfg, dataset, model, custom_score=score is not None)
     algorithm = make_algorithm(cfg, model)
     if pool is not None:
         pool.algorithm = algorithm  # the Flower pool dry-runs programs to know what clients upload
@@ -79,6 +89,22 @@ def build_federation(cfg: RunConfig, pool=None, model=None, data: FederatedDatas
     aggregator = make_aggregator(cfg.aggregator, cfg.attention_score, cfg.attention_temperature, f, cfg.clip_tau)
     return Federation(cfg, dataset, algorithm, backend, aggregator, algorithm.init(model.init_params()),
                       malicious=malicious, pool=pool)
+
+
+def _check_task(cfg: RunConfig, dataset: FederatedDataset, model: FunctionalModel, custom_score: bool) -> None:
+    """The loss and score fit the data: float targets (regression) need a score that says
+    what is correct, label attacks need class labels, and both functions return one finite
+    value per sample on a real batch."""
+    first = dataset.clients[0]
+    if first.train_y.is_floating_point():
+        if not custom_score:
+            raise ValueError("the targets are floats (regression?): pass score= to say what counts as correct, "
+                             "e.g. metafed.losses.within(0.5), and loss=, e.g. metafed.losses.mse")
+        if cfg.attack in ("label-flip", "backdoor"):
+            raise ValueError(f"--attack {cfg.attack} rewrites class labels: these targets are floats")
+    with torch.no_grad():
+        x, y = first.train_x[:4], first.train_y[:4]
+        check_sample_fns(model.sample_loss, model.sample_score, model.apply(model.init_params(), x), y)
 
 
 def make_module(cfg: RunConfig, input_shape, num_classes: int, model=None):
@@ -148,26 +174,29 @@ def _describe(row: dict) -> str:
 
 
 def run(cfg: RunConfig, resume: Path | None = None, overwrite: bool = False, pool=None, model=None,
-        data: FederatedDataset | None = None) -> RunResult:
+        data: FederatedDataset | None = None, loss: SampleFn | None = None, score: SampleFn | None = None
+        ) -> RunResult:
     """Run (or resume) a federated job. With ``cfg.out`` set, writes the run folder.
 
     A fresh run refuses an ``out`` folder that already holds files unless ``overwrite``;
     nothing on disk changes until the whole job (config, data, model) has been validated.
-    The run folder is held by this process for the whole run (see ``run_folder.exclusive``)."""
+    The run folder is held by this process for the whole run (see ``run_folder.exclusive``).
+    ``model``, ``data``, ``loss`` and ``score``: your own (see :func:`build_federation`);
+    give the same again to resume."""
     with ExitStack() as held:
-        return _run(cfg, resume, overwrite, pool, model, data, held)
+        return _run(cfg, resume, overwrite, pool, (model, data, loss, score), held)
 
 
-def _run(cfg: RunConfig, resume, overwrite: bool, pool, model, data, held: ExitStack) -> RunResult:
+def _run(cfg: RunConfig, resume, overwrite: bool, pool, own: tuple, held: ExitStack) -> RunResult:
     run_dir = Path(resume) if resume else (Path(cfg.out) if cfg.out else None)
     if resume is not None:
         if run_dir.is_dir() and not run_dir.is_symlink():
             held.enter_context(exclusive(run_dir))
-        fed, start = _restore(cfg, run_dir, pool, model, data)
+        fed, start = _restore(cfg, run_dir, pool, own)
     else:
         if run_dir:
             check_target(run_dir, overwrite)
-        fed, start = build_federation(cfg, pool, model, data), 0
+        fed, start = build_federation(cfg, pool, *own), 0
         if run_dir:
             create(run_dir, overwrite)
             held.enter_context(exclusive(run_dir))
@@ -254,7 +283,7 @@ def privacy_summary(cfg: RunConfig, final: dict) -> dict | None:
             "outside_dp_guarantee": final.get("outside_dp_guarantee", []) + ["per_client_accuracy"]}
 
 
-def _restore(cfg: RunConfig, run_dir: Path, pool=None, model=None, data=None) -> tuple[Federation, int]:
+def _restore(cfg: RunConfig, run_dir: Path, pool=None, own: tuple = ()) -> tuple[Federation, int]:
     """Rebuild the federation a run folder describes and load its last committed round.
     Settings that cannot change on resume are compared, and any difference is refused."""
     config_path = run_dir / CONFIG_FILE
@@ -281,7 +310,7 @@ def _restore(cfg: RunConfig, run_dir: Path, pool=None, model=None, data=None) ->
     if resumed_cfg.rounds < ckpt.round:
         raise CheckpointError(f"--rounds {resumed_cfg.rounds} is below the {ckpt.round} rounds {run_dir} has already "
                               "done: a resume can only continue")
-    fed = build_federation(resumed_cfg, pool, model, data)
+    fed = build_federation(resumed_cfg, pool, *own)
     try:
         fed.algorithm.model.check_params(ckpt.state.params)
     except (ValueError, KeyError) as e:
@@ -297,7 +326,8 @@ def _label_counts(fed: Federation) -> list[list[int]] | None:
     """Each training client's label histogram [clients][classes], for the label plot; None in
     deployment (the server holds no data), for text (the labels are next characters), and
     under DP (the counts are raw data statistics, outside the guarantee)."""
-    if not isinstance(fed.pool, SimulationPool) or fed.cfg.dataset == "shakespeare" or fed.dp is not None:
+    if not isinstance(fed.pool, SimulationPool) or fed.cfg.dataset == "shakespeare" or fed.dp is not None \
+            or fed.dataset.clients[0].train_y.is_floating_point():
         return None
     k = fed.dataset.num_classes
     return [torch.bincount(c.train_y, minlength=k).tolist() for c in fed.dataset.clients]

@@ -10,7 +10,8 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class ClientData:
-    """One client's data. x: [n, *input_shape] (float32, or int64 for text); y: [n] int64."""
+    """One client's data. x: [n, *input_shape] (float32, or int64 for text); y: [n] int64 class ids
+    (or float targets [n, ...] with your own loss and score, see :mod:`metafed.losses`)."""
 
     train_x: Tensor
     train_y: Tensor

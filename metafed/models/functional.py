@@ -6,10 +6,10 @@ backend) or under :func:`torch.vmap` over a leading client axis (vectorized back
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from metafed.losses import SampleFn, cross_entropy, top1
 from metafed.types import Params
 
 
@@ -33,14 +33,18 @@ def refuse_stateful_layers(module: nn.Module) -> None:
 class FunctionalModel:
     """Wraps a module; ``apply(params, x)`` and ``loss(params, x, y, mask)`` are pure.
 
-    Buffers (e.g. running statistics) are held constant: the reference models have none,
-    and federated algorithms in metafed communicate parameters only.
+    ``sample_loss`` and ``sample_score`` map (outputs, targets) to one value per sample
+    (:mod:`metafed.losses`; default cross-entropy and top-1 accuracy). Buffers (e.g.
+    running statistics) are held constant: the reference models have none, and federated
+    algorithms in metafed communicate parameters only.
     """
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, sample_loss: SampleFn = cross_entropy, sample_score: SampleFn = top1):
         refuse_stateful_layers(module)
         self.module = module
         self.buffers = {k: v.detach() for k, v in module.named_buffers()}
+        self.sample_loss = sample_loss
+        self.sample_score = sample_score
 
     def init_params(self) -> Params:
         return {k: v.detach().clone() for k, v in self.module.named_parameters()}
@@ -49,22 +53,20 @@ class FunctionalModel:
         return functional_call(self.module, (params, self.buffers), (x,))
 
     def loss(self, params: Params, x: Tensor, y: Tensor, mask: Tensor) -> Tensor:
-        """Mean cross-entropy over the real samples of a padded batch.
+        """Mean per-sample loss over the real samples of a padded batch.
 
         Args:
-            x: inputs [B, ...]; y: labels [B]; mask: 1.0 for real samples, 0.0 for padding [B].
+            x: inputs [B, ...]; y: targets [B, ...]; mask: 1.0 for real samples, 0.0 for padding [B].
         Returns a scalar; an all-padding batch gives exactly 0 (and a zero gradient).
         """
-        logits = self.apply(params, x)  # [B, K]
-        per_sample = F.cross_entropy(logits, y, reduction="none")  # [B]
+        per_sample = self.sample_loss(self.apply(params, x), y)  # [B]
         return (per_sample * mask).sum() / mask.sum().clamp_min(1.0)
 
     def correct_and_loss(self, params: Params, x: Tensor, y: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """(number of correct predictions, summed loss) over real samples; both scalars."""
-        logits = self.apply(params, x)
-        per_sample = F.cross_entropy(logits, y, reduction="none")
-        correct = (logits.argmax(-1) == y).to(mask.dtype) * mask
-        return correct.sum(), (per_sample * mask).sum()
+        """(summed score, i.e. correct predictions, and summed loss) over real samples; both scalars."""
+        outputs = self.apply(params, x)
+        correct = self.sample_score(outputs, y).to(mask.dtype) * mask
+        return correct.sum(), (self.sample_loss(outputs, y) * mask).sum()
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.module.parameters())
