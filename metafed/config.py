@@ -93,6 +93,10 @@ class RunConfig(BaseModel):
                     "pfedme)")
 
     # algorithm hyperparameters
+    local_optimizer: Literal["sgd", "momentum", "adam"] = Field(
+        "sgd", description="client optimizer of fedavg, fedprox, reptile and personalized-fedavg (state fresh each "
+        "round; the other algorithms keep their papers' SGD)")
+    local_momentum: float = Field(0.9, ge=0, lt=1, description="momentum of --local-optimizer momentum")
     mu: float = Field(0.0, ge=0, description="FedProx proximal weight")
     server_optimizer: Literal["sgd", "adam", "yogi", "adagrad"] = Field("sgd",
         description="the optimizer the server applies the aggregated update with (FedOpt)")
@@ -307,6 +311,8 @@ class RunConfig(BaseModel):
                              f"{'is a setting' if one else 'are settings'} of {', '.join(owners)}: algorithm "
                              f"{self.algorithm!r} ignores {'it' if one else 'them'} (remove "
                              f"{'it' if one else 'them'}, or choose one of those algorithms)")
+        if self.local_momentum != 0.9 and self.local_optimizer != "momentum":
+            raise ValueError("--local-momentum has no effect without --local-optimizer momentum")
 
     def resolved_server_lr(self, optimizer: Optional[str] = None, lr: Optional[float] = None) -> float:
         """The server learning rate: the one given, else the optimizer's default."""

@@ -20,14 +20,16 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from metafed.config import RunConfig
 
+# the client optimizer, where the algorithm leaves it free (metafed.algorithms.local_opt)
+_LOCAL = {"local_optimizer": "local_optimizer", "local_momentum": "local_momentum"}
 _MAML = {"inner_lr": "inner_lr", "inner_steps": "inner_steps"}
 _PER_FEDAVG = {"alpha": "inner_lr"}
 
 # algorithm -> {its name for the parameter inside ``algorithm:`` -> the config key}
 ALGORITHM_PARAMS: dict[str, dict[str, str]] = {
-    "fedavg": {},
-    "fedprox": {"mu": "mu"},
-    "reptile": {"anneal": "reptile_anneal"},
+    "fedavg": {**_LOCAL},
+    "fedprox": {"mu": "mu", **_LOCAL},
+    "reptile": {"anneal": "reptile_anneal", **_LOCAL},
     "maml": _MAML,
     "fomaml": _MAML,
     "meta-sgd": {"inner_lr": "inner_lr"},
@@ -35,7 +37,7 @@ ALGORITHM_PARAMS: dict[str, dict[str, str]] = {
     "per-fedavg-hf": _PER_FEDAVG,
     "personalized-fedavg": {"stage1_rounds": "stage1_rounds", "stage1_epochs": "stage1_epochs",
                             "stage2_server_optimizer": "stage2_server_optimizer",
-                            "stage2_server_lr": "stage2_server_lr"},
+                            "stage2_server_lr": "stage2_server_lr", **_LOCAL},
     "pfedme": {"lambda": "pfedme_lambda", "steps": "pfedme_steps", "personal_lr": "personal_lr"},
     "ditto": {"lambda": "ditto_lambda", "personal_lr": "personal_lr"},
     "meta-updater": {"alpha": "meta_alpha", "meta_lr": "meta_lr", "mix": "meta_mix", "val_period": "meta_val_period",

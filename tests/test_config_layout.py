@@ -58,13 +58,15 @@ def test_another_algorithms_setting_is_refused(key):
     values = {"mu": 0.5, "reptile_anneal": True, "inner_lr": 0.2, "inner_steps": 3, "stage1_rounds": 2,
               "stage1_epochs": 2, "stage2_server_optimizer": "adam", "stage2_server_lr": 0.5, "personal_lr": 0.01,
               "pfedme_lambda": 10.0, "pfedme_steps": 3, "ditto_lambda": 1.0, "meta_alpha": 0.5, "meta_lr": 0.2,
-              "meta_mix": 0.2, "meta_val_period": 3, "meta_order": "second", "meta_formulation": "learned-step"}
+              "meta_mix": 0.2, "meta_val_period": 3, "meta_order": "second", "meta_formulation": "learned-step",
+              "local_optimizer": "adam", "local_momentum": 0.5}
     outsider = next(name for name in ALGORITHM_PARAMS if name not in KEY_OWNERS[key])
     value = values[key] if values[key] != RunConfig.model_fields[key].default else "delta"
     with pytest.raises(ConfigError, match=f"--{key.replace('_', '-')} is a setting of .*'{outsider}' ignores it"):
         build_config(algorithm=outsider, **{key: value})
     owner = KEY_OWNERS[key][0]
-    extra = {"meta_formulation": "learned-step"} if key == "meta_order" else {}
+    extra = {"meta_order": {"meta_formulation": "learned-step"},
+             "local_momentum": {"local_optimizer": "momentum"}}.get(key, {})
     assert getattr(build_config(algorithm=owner, **{key: value}, **extra), key) == value
 
 

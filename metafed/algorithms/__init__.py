@@ -10,6 +10,7 @@ from metafed.aggregate.server_opt import DEFAULT_SERVER_LR, ServerOptimizer
 from metafed.algorithms.base import FederatedAlgorithm, LocalProgram, ServerState
 from metafed.algorithms.ditto import Ditto
 from metafed.algorithms.fedavg import FedAvg
+from metafed.algorithms.local_opt import LocalOptimizer
 from metafed.algorithms.maml import MAML
 from metafed.algorithms.meta_sgd import MetaSGD
 from metafed.algorithms.meta_updater import MetaUpdater
@@ -49,19 +50,25 @@ def server_optimizer(cfg: "RunConfig", name: str | None = None, lr: float | None
                            cfg.server_beta2, cfg.server_tau, prefix)
 
 
+def local_optimizer(cfg: "RunConfig") -> LocalOptimizer:
+    """The client optimizer of the algorithms whose local solver is free (--local-optimizer)."""
+    return LocalOptimizer(cfg.local_optimizer, cfg.lr, cfg.local_momentum)
+
+
 ALGORITHMS: dict[str, AlgorithmSpec] = {
     "fedavg": AlgorithmSpec(
         "local SGD, sample-weighted averaging; --server-optimizer adam|yogi, --server-momentum for FedAvgM",
         "McMahan et al., AISTATS 2017, arXiv:1602.05629",
-        lambda cfg, model, opt: FedAvg(model, opt, cfg.lr, 0.0)),
+        lambda cfg, model, opt: FedAvg(model, opt, cfg.lr, 0.0, local_optimizer(cfg))),
     "fedprox": AlgorithmSpec(
         "FedAvg with the proximal term mu/2 ||w - w_global||^2 (--mu); keeps stragglers' partial work",
         "Li et al., MLSys 2020, arXiv:1812.06127",
-        lambda cfg, model, opt: FedAvg(model, opt, cfg.lr, cfg.mu)),
+        lambda cfg, model, opt: FedAvg(model, opt, cfg.lr, cfg.mu, local_optimizer(cfg))),
     "reptile": AlgorithmSpec(
         "Reptile server step theta += eps * mean(theta_i - theta); eps = --server-lr, --reptile-anneal",
         "Nichol & Schulman 2018, arXiv:1803.02999",
-        lambda cfg, model, opt: Reptile(model, opt, cfg.lr, cfg.rounds if cfg.reptile_anneal else None)),
+        lambda cfg, model, opt: Reptile(model, opt, cfg.lr, cfg.rounds if cfg.reptile_anneal else None,
+                                        local_optimizer(cfg))),
     "maml": AlgorithmSpec(
         "FedMeta-MAML: support/query steps, true second-order meta-gradient (--inner-lr alpha, --lr beta)",
         "Finn et al., ICML 2017; Chen et al. 2018, arXiv:1802.07876",
@@ -89,7 +96,7 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
         lambda cfg, model, opt: PersonalizedFedAvg(
             model, opt, server_optimizer(cfg, cfg.stage2_server_optimizer, cfg.stage2_server_lr, prefix="stage2."),
             cfg.lr, cfg.stage1_rounds if cfg.stage1_rounds is not None else cfg.rounds // 2,
-            cfg.stage1_epochs or cfg.local_epochs)),
+            cfg.stage1_epochs or cfg.local_epochs, local_optimizer(cfg))),
     "pfedme": AlgorithmSpec(
         "Moreau-envelope personal models (--pfedme-lambda, --pfedme-steps K, --personal-lr); beta = --server-lr",
         "Dinh et al., NeurIPS 2020, arXiv:2006.08848",

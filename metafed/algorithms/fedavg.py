@@ -17,21 +17,26 @@ from torch.func import grad
 from metafed import tree
 from metafed.aggregate.server_opt import ServerOptimizer
 from metafed.algorithms.base import FederatedAlgorithm
+from metafed.algorithms.local_opt import LocalOptimizer
 from metafed.models import FunctionalModel
 
 
 @dataclass(frozen=True)
 class ProximalSGD:
     """Local SGD on loss(w) + mu/2 ||w - w_global||^2 (the proximal term is skipped when mu == 0,
-    so FedProx(mu=0) and FedAvg execute identical operations)."""
+    so FedProx(mu=0) and FedAvg execute identical operations). ``local_opt`` replaces plain
+    SGD with momentum or Adam (:mod:`metafed.algorithms.local_opt`), state fresh each round."""
 
     model: FunctionalModel
     lr: float
     mu: float = 0.0
     batches_per_step: int = 1
+    local_opt: LocalOptimizer | None = None  # None: plain SGD at lr
 
     def init(self, shared, client):
-        return {"params": shared["params"]}
+        if self.local_opt is None:
+            return {"params": shared["params"]}
+        return {"params": shared["params"], "opt": self.local_opt.init(shared["params"])}
 
     def step(self, shared, carry, batch):
         anchor = shared["params"]
@@ -43,7 +48,10 @@ class ProximalSGD:
             return data_loss + 0.5 * self.mu * tree.sq_norm(tree.sub(p, anchor)), data_loss
 
         g, data_loss = grad(objective, has_aux=True)(carry["params"])
-        return {"params": {k: v - self.lr * g[k] for k, v in carry["params"].items()}}, data_loss
+        if self.local_opt is None:
+            return {"params": {k: v - self.lr * g[k] for k, v in carry["params"].items()}}, data_loss
+        params, opt_state = self.local_opt.step(carry["params"], g, carry["opt"])
+        return {"params": params, "opt": opt_state}, data_loss
 
     def final(self, shared, carry, client):
         return {"update": tree.sub(carry["params"], shared["params"]), "state": {}}
@@ -56,12 +64,14 @@ class FedAvg(FederatedAlgorithm):
     name = "fedavg"
     paper = "McMahan et al., AISTATS 2017 (arXiv:1602.05629)"
 
-    def __init__(self, model: FunctionalModel, server_opt: ServerOptimizer, lr: float, mu: float = 0.0):
+    def __init__(self, model: FunctionalModel, server_opt: ServerOptimizer, lr: float, mu: float = 0.0,
+                 local_opt: LocalOptimizer | None = None):
         super().__init__(model, server_opt)
         self.lr, self.mu = lr, mu
+        self.local_opt = local_opt if local_opt is not None and local_opt.name != "sgd" else None
         if mu > 0:
             self.name, self.paper = "fedprox", "Li et al., MLSys 2020 (arXiv:1812.06127)"
             self.straggler_policy = "keep"
 
     def client_program(self, rnd: int = 0) -> ProximalSGD:
-        return ProximalSGD(self.model, self.lr, self.mu)
+        return ProximalSGD(self.model, self.lr, self.mu, local_opt=self.local_opt)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from metafed.aggregate.server_opt import ServerOptimizer
 from metafed.algorithms.base import ServerState
 from metafed.algorithms.fedavg import FedAvg
+from metafed.algorithms.local_opt import LocalOptimizer
 from metafed.models import FunctionalModel
 from metafed.types import Params
 
@@ -26,8 +27,8 @@ class PersonalizedFedAvg(FedAvg):
     paper = "Jiang et al. 2019 (arXiv:1909.12488)"
 
     def __init__(self, model: FunctionalModel, server_opt: ServerOptimizer, stage2_opt: ServerOptimizer, lr: float,
-                 stage1_rounds: int, stage1_epochs: int):
-        super().__init__(model, server_opt, lr)
+                 stage1_rounds: int, stage1_epochs: int, local_opt: LocalOptimizer | None = None):
+        super().__init__(model, server_opt, lr, local_opt=local_opt)
         self.name = "personalized-fedavg"
         self.stage2_opt = stage2_opt
         self.stage1_rounds, self.stage1_epochs = stage1_rounds, stage1_epochs

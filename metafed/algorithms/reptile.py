@@ -14,6 +14,7 @@ from __future__ import annotations
 from metafed.aggregate.server_opt import ServerOptimizer
 from metafed.algorithms.base import ServerState
 from metafed.algorithms.fedavg import FedAvg
+from metafed.algorithms.local_opt import LocalOptimizer
 from metafed.models import FunctionalModel
 
 
@@ -22,8 +23,8 @@ class Reptile(FedAvg):
     paper = "Nichol et al. 2018 (arXiv:1803.02999)"
 
     def __init__(self, model: FunctionalModel, server_opt: ServerOptimizer, lr: float,
-                 anneal_rounds: int | None = None):
-        super().__init__(model, server_opt, lr)
+                 anneal_rounds: int | None = None, local_opt: LocalOptimizer | None = None):
+        super().__init__(model, server_opt, lr, local_opt=local_opt)
         self.name = "reptile"
         self.anneal_rounds = anneal_rounds
 
