@@ -145,3 +145,22 @@ def test_mnist_needs_a_data_dir(monkeypatch):
     monkeypatch.delenv("METAFED_DATA", raising=False)
     with pytest.raises(DataNotFound, match="--data-dir"):
         load_dataset(small_config(dataset="mnist"))
+
+
+def test_digits_ship_with_the_package_byte_for_byte():
+    """digits.npz is the UCI digits test set as scikit-learn distributes it (golden digest),
+    so the package needs no scikit-learn."""
+    import hashlib
+
+    import numpy as np
+
+    from metafed.data.loaders import DIGITS_FILE, load_digits
+
+    with np.load(DIGITS_FILE) as d:
+        x, y = d["x"], d["y"]
+    assert x.shape == (1797, 64) and x.dtype == np.uint8 and int(x.max()) == 16
+    assert np.bincount(y).tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
+    digest = hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest()
+    assert digest == "87ff0c9e40dc7e2c0e34e7257799c2e3f3aec1a016363bb11cad869ec428a826"
+    xs, ys = load_digits()
+    assert xs.dtype == np.float32 and float(xs.max()) == 1.0 and ys.dtype == np.int64

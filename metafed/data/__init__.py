@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from metafed.config import RunConfig
 
 DATASETS = {
-    "digits": "scikit-learn 8x8 digits (embedded, 1,797 samples), partitioned over num_clients",
+    "digits": "8x8 handwritten digits (UCI, shipped with metafed, 1,797 samples), partitioned over num_clients",
     "mnist": "MNIST IDX files from DATA_DIR/mnist (70,000 samples), partitioned over num_clients",
     "femnist": "LEAF FEMNIST JSON from DATA_DIR/femnist, one client per writer",
     "shakespeare": "LEAF Shakespeare JSON from DATA_DIR/shakespeare, one client per speaking role",
