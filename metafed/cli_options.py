@@ -23,7 +23,7 @@ FLAG_NAMES = {
     "synthetic_iid": ("--synthetic-iid/--synthetic-non-iid",),
     "insecure_reproducible_privacy": ("--insecure-reproducible-privacy",),  # only ever switched on
 }
-LIST_KEYS = ("hidden",)  # list-valued keys: comma-separated on the command line
+LIST_KEYS = ("hidden", "loggers")  # list-valued keys: comma-separated on the command line
 
 
 def flag(key: str) -> str:
@@ -84,12 +84,19 @@ def with_config_flags(command):
 
 
 def parse_list_values(values: dict) -> dict:
-    """``--hidden 200,100`` -> [200, 100]; raises ValueError naming the flag."""
+    """``--hidden 200,100`` -> [200, 100], ``--loggers tensorboard,mlflow`` -> [...]; raises
+    ValueError naming the flag."""
     for key in LIST_KEYS:
         text = values.get(key)
-        if isinstance(text, str):
-            try:
-                values[key] = [int(v) for v in text.split(",") if v.strip()]
-            except ValueError:
-                raise ValueError(f"{flag(key)} expects integers separated by commas, got {text!r}") from None
+        if not isinstance(text, str):
+            continue
+        items = [v.strip() for v in text.split(",") if v.strip()]
+        inner = typing.get_args(RunConfig.model_fields[key].annotation)[0]  # e.g. Annotated[int, Field(ge=1)]
+        if (typing.get_args(inner)[0] if typing.get_origin(inner) is typing.Annotated else inner) is not int:
+            values[key] = items  # names: the config checks them
+            continue
+        try:
+            values[key] = [int(v) for v in items]
+        except ValueError:
+            raise ValueError(f"{flag(key)} expects integers separated by commas, got {text!r}") from None
     return values

@@ -214,6 +214,9 @@ class RunConfig(BaseModel):
     compile: bool = Field(False, description="vectorized: torch.compile the step")
     seed: int = Field(0, description="seed of everything reproducible (never of DP noise)")
     out: Optional[Path] = Field(None, description="run folder to write")
+    loggers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list, description="experiment trackers fed with each round's metrics, e.g. "
+        "tensorboard,mlflow (extras of the same names; see metafed.loggers)")
     checkpoint_every: int = Field(1, ge=1, description="checkpoint every N rounds (and at the last)")
     progress: bool = Field(True, description="progress bar on a terminal")
 

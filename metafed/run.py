@@ -25,6 +25,7 @@ from metafed.config_layout import grouped_config
 from metafed.data import DEFAULT_MODEL, load_dataset
 from metafed.data.federated import FederatedDataset
 from metafed.federation import Federation
+from metafed.loggers import Trackers, check_installed
 from metafed.losses import SampleFn, check_sample_fns, cross_entropy, top1
 from metafed.models import FunctionalModel, build_or_call
 from metafed.pools import SimulationPool
@@ -189,6 +190,7 @@ def run(cfg: RunConfig, resume: Path | None = None, overwrite: bool = False, poo
 
 def _run(cfg: RunConfig, resume, overwrite: bool, pool, own: tuple, held: ExitStack) -> RunResult:
     run_dir = Path(resume) if resume else (Path(cfg.out) if cfg.out else None)
+    check_installed(cfg.loggers)
     if resume is not None:
         if run_dir.is_dir() and not run_dir.is_symlink():
             held.enter_context(exclusive(run_dir))
@@ -210,6 +212,8 @@ def _run(cfg: RunConfig, resume, overwrite: bool, pool, own: tuple, held: ExitSt
         tracker.resume_from(start)
     else:
         tracker.start()
+    trackers = Trackers(cfg.loggers, run_dir, config_dump(cfg), DP_RELEASED if fed.dp is not None else None)
+    held.callback(trackers.close)
     _privacy_notice(cfg, run_dir)
     elapsed = tracker.rows[-1].get("wall_time_s", 0.0) if tracker.rows else 0.0
     per_client: dict = {}
@@ -233,6 +237,7 @@ def _run(cfg: RunConfig, resume, overwrite: bool, pool, own: tuple, held: ExitSt
             # one row per round: training loss, bytes and (under DP) epsilon every round, the
             # evaluation's metrics every --eval-every rounds
             tracker.log(row)
+            trackers.log(row)
             if run_dir and (rnd % cfg.checkpoint_every == 0 or rnd == cfg.rounds):
                 save_checkpoint(run_dir, rnd, fed.state, fed.clients, {"wall_time_s": elapsed})
             if bar is not None:
