@@ -29,6 +29,7 @@ from metafed.loggers import Trackers, check_installed
 from metafed.losses import SampleFn, check_sample_fns, cross_entropy, top1
 from metafed.models import FunctionalModel, build_or_call
 from metafed.pools import SimulationPool
+from metafed.privacy.accountant import PrivacyAccountant
 from metafed.tracking import RunTracker
 from metafed.run_folder import RunFolderError, check_target, create, exclusive, write_text_atomic
 from metafed.types import Params
@@ -191,6 +192,8 @@ def run(cfg: RunConfig, resume: Path | None = None, overwrite: bool = False, poo
 def _run(cfg: RunConfig, resume, overwrite: bool, pool, own: tuple, held: ExitStack) -> RunResult:
     run_dir = Path(resume) if resume else (Path(cfg.out) if cfg.out else None)
     check_installed(cfg.loggers)
+    if cfg.dp is not None:
+        PrivacyAccountant.require()
     if resume is not None:
         if run_dir.is_dir() and not run_dir.is_symlink():
             held.enter_context(exclusive(run_dir))

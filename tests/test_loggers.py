@@ -74,3 +74,10 @@ def test_a_missing_tracker_package_fails_before_anything_is_written(tmp_path, mo
     with pytest.raises(ImportError, match="needs the wandb extra"):
         run(small_config(loggers=["wandb"], out=tmp_path / "w"))
     assert not (tmp_path / "w").exists()
+
+
+def test_dp_without_dp_accounting_fails_before_anything_is_written(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "dp_accounting", None)
+    with pytest.raises(ImportError, match="needs the dp extra"):
+        run(small_config(dp="central", dp_noise_multiplier=1.0, out=tmp_path / "dp"))
+    assert not (tmp_path / "dp").exists()

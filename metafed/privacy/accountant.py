@@ -59,6 +59,15 @@ class PrivacyAccountant:
             raise ValueError("the PLD accountant has no fixed-size sampling: use --dp-accountant rdp "
                              "or --client-sampling poisson")
 
+    @staticmethod
+    def require() -> None:
+        """dp-accounting is the extra ``[dp]``: say so before a DP run writes anything."""
+        try:
+            import dp_accounting  # noqa: F401
+        except ImportError:
+            raise ImportError('--dp needs the dp extra (dp-accounting): pip install -c constraints.txt -e ".[dp]"') \
+                from None
+
     def event(self, z: float):
         """(one round's DpEvent, adjacency) at noise multiplier z."""
         import dp_accounting as dpa
