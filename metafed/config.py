@@ -147,6 +147,12 @@ class RunConfig(BaseModel):
     sample_weight_cap: Optional[float] = Field(10.0, ge=1, description="cap each reported sample count at this "
                                                "multiple of the round's median count (None: no relative cap)")
 
+    # communication
+    compress: Optional[str] = Field(None, description="compress client uploads: identity, randk:F, topk:F "
+                                    "(fraction F of coordinates), qsgd:S (S levels), q8, q4 (metafed.compression)")
+    error_feedback: bool = Field(False, description="keep what compression did not send as client state and add it "
+                                 "to the next upload (Karimireddy et al. 2019)")
+
     # secure aggregation
     secure_aggregation: bool = Field(False,
         description="pairwise-masked secure aggregation: the server sees only the sum")
@@ -266,6 +272,7 @@ class RunConfig(BaseModel):
             if self.dp == "local" and self.aggregator == "attention" and self.attention_score == "loss":
                 raise ValueError("under --dp local clients send no raw losses: use --attention-score cosine")
         self._refuse_ignored()
+        self._check_compression()
         self._check_algorithm_settings()
         if self.aggregator in ("krum", "multi-krum", "trimmed-mean", "bulyan") and self.byzantine_f is None \
                 and self.attack is None:
@@ -288,6 +295,22 @@ class RunConfig(BaseModel):
             raise ValueError("dataset 'shakespeare' is text: use model 'lstm'")
         return self
 
+
+    def _check_compression(self) -> None:
+        if self.compress is None:
+            if self.error_feedback:
+                raise ValueError("--error-feedback keeps what compression left out: it needs --compress")
+            return
+        from metafed.compression.encoders import parse_compressor
+
+        parse_compressor(self.compress)
+        if self.secure_aggregation:
+            raise ValueError(f"--compress {self.compress} with --secure-aggregation: the secure sum runs on dense "
+                             "fixed-point vectors (top-k keeps different coordinates per client, quantizers decode "
+                             "non-linearly); compressed secure aggregation is not supported yet")
+        if self.dp is not None:
+            raise ValueError(f"--compress {self.compress} with --dp: the DP guarantee is calibrated to the dense "
+                             "clipped update; compressed DP uploads are not supported yet")
 
     def _check_algorithm_settings(self) -> None:
         if self.meta_formulation == "delta" and self.meta_order == "second":

@@ -16,6 +16,7 @@ from metafed.aggregate import RoundSkipped, cap_sample_weights
 from metafed.attacks import DEFAULT_SCALE, backdoor_accuracy, corrupt_updates
 from metafed.backends.base import Backend, ClientTask
 from metafed.client_store import ClientStore
+from metafed.compression import make_compression
 from metafed.config import RunConfig
 from metafed.data.federated import FederatedDataset
 from metafed.data.schedule import poisson_sample_clients, program_schedule, sample_clients
@@ -56,7 +57,8 @@ class Federation:
 
     def __post_init__(self):
         if self.pool is None:
-            self.pool = SimulationPool(self.cfg, self.dataset, self.algorithm, self.backend)
+            self.pool = SimulationPool(self.cfg, self.dataset, self.algorithm, self.backend,
+                                       compression=make_compression(self.cfg.compress, self.cfg.error_feedback))
         if self.pool.num_clients < 1:
             raise ValueError("the dataset has no training clients")
         self.evaluator = Evaluator.from_config(self.algorithm, self.backend, self.cfg)
@@ -197,7 +199,9 @@ class Federation:
         client_loss = outputs.get("metrics", {}).get("val_loss", losses)[used]
         self._warn_unstable_inner_solve(outputs.get("metrics", {}).get("inner_increase"), rnd)
         kept = tree.nested_index(sent, used) if sent else None
-        metrics.update(clients_used=len(used_ids), bytes_up=tree.nested_bytes(kept) if kept is not None else 0,
+        encoded = outputs.get("metrics", {}).get("upload_bytes")  # compressed uploads: their encoded sizes
+        up = int(encoded[used].sum()) if encoded is not None else tree.nested_bytes(kept) if kept is not None else 0
+        metrics.update(clients_used=len(used_ids), bytes_up=up,
                        train_loss=float((losses[used].double() * weights).sum() / weights.sum()))
         return Received(used_ids, kept, weights, client_loss)
 

@@ -13,6 +13,7 @@ from metafed import tree
 from metafed.algorithms.base import FederatedAlgorithm, LocalProgram
 from metafed.backends.base import Backend, ClientTask
 from metafed.client_store import ClientStore
+from metafed.compression import RESIDUAL, UploadCompression
 from metafed.config import RunConfig
 from metafed.data.federated import FederatedDataset
 from metafed.data.schedule import program_schedule, straggler_steps
@@ -34,7 +35,9 @@ class SimulationPool:
     algorithm: FederatedAlgorithm
     backend: Backend
     clients: ClientStore = field(default_factory=ClientStore)
+    compression: UploadCompression | None = None
     _identities: dict = field(default_factory=dict, repr=False)  # client -> (signing key, public key)
+    _pending_residuals: dict = field(default_factory=dict, repr=False)  # client -> residual, kept if accepted
 
     @property
     def num_clients(self) -> int:
@@ -62,10 +65,29 @@ class SimulationPool:
         if not tasks:
             return RoundReplies.empty()
         outputs, losses = self.backend.run(program, broadcast, tasks)
+        if self.compression is not None:
+            outputs = self._compress(outputs, ids, rnd)
         if upload is not None:
             outputs = self._finish_uploads(outputs, ids, upload, rnd)
         reported = torch.tensor([float(t.inputs["num_samples"]) for t in tasks], dtype=torch.float64)
         return RoundReplies(ids, outputs, losses, reported)
+
+    def _compress(self, outputs: dict, ids: list[int], rnd: int) -> dict:
+        """Each client encodes its upload (with its residual under error feedback); the server
+        gets the decoded rows and, per client, the encoded size (``metrics.upload_bytes``)."""
+        comp = self.compression
+        sent = {k: v for k, v in outputs.items() if k not in ("state", "metrics")}
+        residuals = None
+        if comp.error_feedback:
+            d = sum(v[0].numel() for v in tree.nested_leaves(sent))
+            zero = torch.zeros(d, dtype=torch.float64)
+            residuals = torch.stack([self.clients.private(c, RESIDUAL) if self.clients.private(c, RESIDUAL)
+                                     is not None else zero for c in ids])
+        decoded, new_residuals, size = comp.apply(sent, residuals, comp.round_generator(self.cfg.seed, rnd))
+        if new_residuals is not None:
+            self._pending_residuals = {c: new_residuals[i] for i, c in enumerate(ids)}
+        metrics = {**outputs.get("metrics", {}), "upload_bytes": torch.full((len(ids),), float(size))}
+        return {**outputs, **decoded, "metrics": metrics}
 
     def _finish_uploads(self, outputs: dict, ids: list[int], upload: UploadTransform, rnd: int) -> dict:
         """Each client's upload stage (local DP), on the client's behalf with its own randomness."""
@@ -92,6 +114,10 @@ class SimulationPool:
         return torch.stack([torch.bincount(self.dataset.clients[c].train_y, minlength=k) for c in ids])
 
     def keep_states(self, ids: list[int], states: dict, accepted: Tensor) -> None:
+        pending, self._pending_residuals = self._pending_residuals, {}
+        for i, cid in enumerate(ids):  # a rejected update changes nothing, its residual included
+            if accepted[i] and cid in pending:
+                self.clients.put_private(cid, RESIDUAL, pending[cid])
         if not states:
             return
         for i, cid in enumerate(ids):
