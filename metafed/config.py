@@ -153,6 +153,20 @@ class RunConfig(BaseModel):
     error_feedback: bool = Field(False, description="keep what compression did not send as client state and add it "
                                  "to the next upload (Karimireddy et al. 2019)")
 
+    # asynchrony (metafed.asynchrony)
+    mode: Literal["sync", "async"] = Field("sync", description="sync rounds, or async: clients train on a virtual "
+                                           "clock and the server applies updates as they arrive")
+    async_rule: Literal["fedasync", "fedbuff"] = Field("fedbuff", description="async: FedAsync (mix in each arrival) "
+                                                       "or FedBuff (apply the mean of every K arrivals)")
+    async_alpha: float = Field(0.6, gt=0, le=1, description="FedAsync: mixing weight a of an arriving model")
+    staleness: str = Field("poly:0.5", description="async: staleness weight s(tau): constant, poly:A ((1+tau)^-A), "
+                           "hinge:A,B")
+    buffer_size: Optional[int] = Field(None, ge=1, description="FedBuff: K arrivals per server update (default: "
+                                       "clients-per-round)")
+    client_speed: str = Field("lognormal:0.5", description="async: per-client time per local step: constant or "
+                              "lognormal:SIGMA")
+    slow_clients: float = Field(0.0, ge=0, le=1, description="async: fraction of clients 10x slower")
+
     # secure aggregation
     secure_aggregation: bool = Field(False,
         description="pairwise-masked secure aggregation: the server sees only the sum")
@@ -273,6 +287,7 @@ class RunConfig(BaseModel):
                 raise ValueError("under --dp local clients send no raw losses: use --attention-score cosine")
         self._refuse_ignored()
         self._check_compression()
+        self._check_async()
         self._check_algorithm_settings()
         if self.aggregator in ("krum", "multi-krum", "trimmed-mean", "bulyan") and self.byzantine_f is None \
                 and self.attack is None:
@@ -295,6 +310,36 @@ class RunConfig(BaseModel):
             raise ValueError("dataset 'shakespeare' is text: use model 'lstm'")
         return self
 
+
+    def _check_async(self) -> None:
+        keys = ("async_rule", "async_alpha", "staleness", "buffer_size", "client_speed", "slow_clients")
+        if self.mode == "sync":
+            given = [k for k in keys if getattr(self, k) != type(self).model_fields[k].default]
+            if given:
+                raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in given)}: settings of --mode async")
+            return
+        from metafed.asynchrony import parse_speed, staleness_weight
+
+        staleness_weight(self.staleness)
+        parse_speed(self.client_speed)
+        if self.algorithm not in ("fedavg", "fedprox"):
+            raise ValueError(f"--mode async runs FedAsync / FedBuff over local SGD: use --algorithm fedavg or fedprox, "
+                             f"not {self.algorithm!r}")
+        unsupported = {"--dp": self.dp is not None, "--secure-aggregation": self.secure_aggregation,
+                       "--attack": self.attack is not None, "--dropout": self.dropout > 0,
+                       "--stragglers": self.stragglers > 0, "--compress": self.compress is not None,
+                       f"--aggregator {self.aggregator}": self.aggregator != "mean",
+                       "--client-sampling poisson": self.client_sampling == "poisson"}
+        bad = [k for k, on in unsupported.items() if on]
+        if bad:
+            raise ValueError(f"--mode async does not combine with {', '.join(bad)} yet (slow clients are simulated "
+                             "by --client-speed and --slow-clients)")
+        if self.async_rule == "fedasync":
+            if self.server_optimizer != "sgd" or self.server_lr is not None or self.server_momentum:
+                raise ValueError("FedAsync mixes models with --async-alpha: it has no server optimizer (remove "
+                                 "--server-optimizer, --server-lr, --server-momentum)")
+            if self.buffer_size is not None:
+                raise ValueError("--buffer-size is FedBuff's: use --async-rule fedbuff")
 
     def _check_compression(self) -> None:
         if self.compress is None:

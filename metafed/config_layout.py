@@ -60,6 +60,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "Server optimizer": ("server_optimizer", "server_lr", "server_momentum", "server_beta1", "server_beta2",
                          "server_tau"),
     "Communication": ("compress", "error_feedback"),
+    "Asynchrony": ("mode", "async_rule", "async_alpha", "staleness", "buffer_size", "client_speed", "slow_clients"),
     "Aggregation and attacks": ("aggregator", "byzantine_f", "clip_tau", "fltrust_root_size", "attention_score",
                                 "attention_temperature", "max_sample_weight", "sample_weight_cap", "attack",
                                 "malicious_fraction", "attack_scale", "backdoor_target"),

@@ -13,6 +13,7 @@ import torch
 from metafed import tree
 from metafed.algorithms.base import FederatedAlgorithm, ServerState
 from metafed.aggregate import RoundSkipped, cap_sample_weights
+from metafed.asynchrony import AsyncServer
 from metafed.attacks import DEFAULT_SCALE, backdoor_accuracy, corrupt_updates
 from metafed.backends.base import Backend, ClientTask
 from metafed.client_store import ClientStore
@@ -154,6 +155,10 @@ class Federation:
     def run_round(self, rnd: int) -> dict:
         """Train one round: sample -> pool (clients run the program and their per-client
         upload stage) -> validate -> aggregation pipeline -> server update."""
+        if self.cfg.mode == "async":  # one server update of FedAsync / FedBuff on the virtual clock
+            if getattr(self, "_async", None) is None:
+                self._async = AsyncServer(self)
+            return self._async.step(rnd)
         alg = self.algorithm
         broadcast = alg.broadcast(self.state, rnd)
         program = alg.client_program(rnd)

@@ -124,6 +124,8 @@ def check_deployable(cfg: RunConfig) -> None:
         raise ConfigError("--secagg-dropout is simulated: in deployment dropouts are real, remove it")
     if cfg.attack or cfg.dropout or cfg.stragglers:
         raise ConfigError("attacks, dropout and stragglers are simulated: in deployment they are real, remove them")
+    if cfg.mode == "async":
+        raise ConfigError("--mode async runs on a simulated clock for now: deployment rounds are synchronous")
     if cfg.compress is not None:
         raise ConfigError("--compress is simulated for now: in deployment uploads travel as dense float32 (remove it)")
     if cfg.aggregator == "fltrust":

@@ -1,0 +1,214 @@
+"""Asynchronous FL on a virtual clock (``--mode async``): FedAsync and FedBuff.
+
+- FedAsync (Xie, Koyejo, Gupta 2019, arXiv:1903.03934): every arriving client model x_i,
+  trained from a model ``tau`` versions old, is mixed in at once:
+  x <- (1 - a s(tau)) x + a s(tau) x_i, with a = ``--async-alpha``.
+- FedBuff (Nguyen et al., AISTATS 2022, arXiv:2106.06639): arriving updates Delta_i wait in
+  a buffer; every K = ``--buffer-size`` of them the server applies their sample-weighted
+  mean of s(tau_i) Delta_i with its server optimizer (``--server-lr`` is eta_g).
+- Staleness weights s (``--staleness``): ``constant`` (1), ``poly:A`` = (1 + tau)^-A (A = 1
+  is the seed documents' 1/(1 + staleness)), ``hinge:A,B`` = 1 if tau <= B else
+  1 / (A (tau - B) + 1).
+
+The clock: ``--clients-per-round`` M clients train at once. A client's job takes its local
+steps times its per-step time: exp(sigma z_c) with z_c ~ N(0, 1) fixed per client
+(``--client-speed lognormal:SIGMA``, or ``constant``), times 10 for a seeded
+``--slow-clients`` fraction. Training happens when a job starts (its result does not depend
+on time); the server sees it when it finishes. Arrivals at one instant are handled
+together; freed slots are refilled after the server update, with clients sampled among the
+idle ones, so clients that start together train as one vectorized batch. One "round" of
+the run loop is one server update: rows carry ``virtual_time``, the staleness of what was
+applied, and the number of updates consumed. In-flight jobs, the buffer and the clock live
+in the server state and are checkpointed, so a resumed run continues exactly.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+import torch
+
+from metafed import tree
+from metafed.aggregate import cap_sample_weights
+from metafed.data.schedule import sample_clients
+
+if TYPE_CHECKING:
+    from metafed.federation import Federation
+
+SLOW_FACTOR = 10.0
+FIELDS = ("client", "start_version", "finish", "samples", "loss")  # a job's numbers, in its record row
+
+
+def staleness_weight(spec: str) -> Callable[[int], float]:
+    """``constant`` | ``poly:A`` | ``hinge:A,B`` -> s(tau); raises ValueError naming the problem."""
+    name, _, arg = spec.partition(":")
+    try:
+        if name == "constant" and not arg:
+            return lambda tau: 1.0
+        if name == "poly":
+            a = float(arg)
+            if a >= 0:
+                return lambda tau: (1.0 + tau) ** -a
+        if name == "hinge":
+            a, b = (float(v) for v in arg.split(","))
+            if a >= 0 and b >= 0:
+                return lambda tau: 1.0 if tau <= b else 1.0 / (a * (tau - b) + 1.0)
+    except ValueError:
+        pass
+    raise ValueError(f"--staleness {spec!r}: expected constant, poly:A or hinge:A,B (A, B >= 0)")
+
+
+def parse_speed(spec: str) -> float:
+    """``constant`` -> 0, ``lognormal:SIGMA`` -> sigma."""
+    name, _, arg = spec.partition(":")
+    try:
+        if name == "constant" and not arg:
+            return 0.0
+        if name == "lognormal" and float(arg) >= 0:
+            return float(arg)
+    except ValueError:
+        pass
+    raise ValueError(f"--client-speed {spec!r}: expected constant or lognormal:SIGMA (SIGMA >= 0)")
+
+
+@dataclass
+class Job:
+    client: int
+    start_version: int
+    finish: float
+    samples: float
+    loss: float
+    payload: dict  # FedAsync: the client's trained model; FedBuff: its update Delta
+
+    def record(self) -> list[float]:
+        return [float(getattr(self, f)) for f in FIELDS]
+
+
+@dataclass
+class AsyncServer:
+    fed: "Federation"
+    clock: float = 0.0
+    version: int = 0
+    events: int = 0  # dispatch events so far (seeds replacement sampling)
+    jobs: list[Job] = field(default_factory=list)
+    buffer: list[Job] = field(default_factory=list)
+    loaded: bool = False
+
+    # ------------------------------------------------------------------ the clock
+    def step_time(self, cid: int) -> float:
+        cfg = self.fed.cfg
+        sigma = parse_speed(cfg.client_speed)
+        z = float(np.random.default_rng([cfg.seed, 18, cid]).standard_normal())
+        slow = np.random.default_rng([cfg.seed, 19]).random(self.fed.pool.num_clients) < cfg.slow_clients
+        return math.exp(sigma * z) * (SLOW_FACTOR if slow[cid] else 1.0)
+
+    def duration(self, cid: int, steps: int) -> float:
+        return steps * self.step_time(cid)
+
+    # ------------------------------------------------------------------ jobs
+    def dispatch(self, clients: list[int], schedule_round: int) -> int:
+        """Start ``clients`` on the current model: train them now (one batch), deliver later."""
+        fed = self.fed
+        alg, state = fed.algorithm, fed.state
+        broadcast = alg.broadcast(state, self.version + 1)
+        program = alg.client_program(self.version + 1)
+        replies = fed.pool.train(schedule_round, np.asarray(clients), program, broadcast)
+        self.events += 1
+        params = alg.global_params(state)
+        for i, cid in enumerate(replies.ids):
+            delta = tree.nested_index(replies.outputs["update"], i)
+            payload = {k: params[k] + delta[k] for k in params} if fed.cfg.async_rule == "fedasync" else delta
+            steps = len(fed.pool.task(cid, schedule_round, program, broadcast).schedule)
+            self.jobs.append(Job(cid, self.version, self.clock + self.duration(cid, steps),
+                                 float(replies.num_samples[i]), float(replies.losses[i]), payload))
+        return tree.nested_bytes(broadcast) * len(clients)
+
+    def refill(self, free: int) -> int:
+        """Start ``free`` idle clients; when every slot is free, the cohort synchronous FedAvg
+        would sample this round (so FedBuff with K = M and equal speeds is FedAvg)."""
+        cfg, n = self.fed.cfg, self.fed.pool.num_clients
+        m = min(cfg.clients_per_round, n)
+        busy = {j.client for j in self.jobs}
+        if free == m and not busy:
+            clients, schedule_round = sample_clients(n, m, self.version + 1, cfg.seed).tolist(), self.version + 1
+        else:
+            idle = [c for c in range(n) if c not in busy]
+            rng = np.random.default_rng([cfg.seed, 17, self.events])
+            clients = rng.choice(idle, min(free, len(idle)), replace=False).tolist()
+            schedule_round = 10 ** 6 + self.events  # a fresh batch schedule, never a synchronous round's
+        return self.dispatch(sorted(clients), schedule_round) if clients else 0
+
+    # ------------------------------------------------------------------ one server update
+    def step(self, rnd: int) -> dict:
+        fed, cfg = self.fed, self.fed.cfg
+        if not self.loaded:
+            self.load(fed.state.extra)
+        bytes_down = 0
+        if not self.jobs and not self.buffer:
+            bytes_down += self.refill(min(cfg.clients_per_round, fed.pool.num_clients))
+        need = 1 if cfg.async_rule == "fedasync" else (cfg.buffer_size or cfg.clients_per_round)
+        consumed: list[Job] = []
+        while True:
+            t = min(j.finish for j in self.jobs)
+            arrived = sorted((j for j in self.jobs if j.finish == t), key=lambda j: j.client)
+            take = arrived[: need - len(self.buffer)]
+            self.clock = t
+            self.jobs = [j for j in self.jobs if j not in take]
+            self.buffer += take
+            consumed += take
+            if len(self.buffer) >= need:
+                break
+            bytes_down += self.refill(len(take))  # the buffer waits: refill the freed slots now
+        staleness = [self.version - j.start_version for j in self.buffer]
+        self.apply(self.buffer, staleness, rnd)
+        self.buffer, self.version = [], self.version + 1
+        bytes_down += self.refill(min(cfg.clients_per_round, fed.pool.num_clients) - len(self.jobs))
+        self.save()
+        return {"round": rnd, "clients_sampled": len(consumed), "clients_used": len(consumed),
+                "bytes_up": sum(tree.nested_bytes(j.payload) for j in consumed), "bytes_down": bytes_down,
+                "train_loss": float(np.mean([j.loss for j in consumed])), "virtual_time": self.clock,
+                "staleness_mean": float(np.mean(staleness)), "staleness_max": int(max(staleness)),
+                "updates": self.version}
+
+    def apply(self, jobs: list[Job], staleness: list[int], rnd: int) -> None:
+        fed, cfg = self.fed, self.fed.cfg
+        s = staleness_weight(cfg.staleness)
+        state = fed.state
+        if cfg.async_rule == "fedasync":
+            (job,), w = jobs, cfg.async_alpha * s(staleness[0])
+            params = {k: (1 - w) * v + w * job.payload[k] for k, v in state.params.items()}
+            fed.state = replace(state, params=params)
+            return
+        weights = cap_sample_weights(torch.tensor([j.samples for j in jobs], dtype=torch.float64),
+                                     cfg.sample_weight_cap, cfg.max_sample_weight)
+        if cfg.weighting == "uniform":
+            weights = torch.ones_like(weights)
+        scaled = [{k: v * s(tau) for k, v in j.payload.items()} for j, tau in zip(jobs, staleness)]
+        aggregate = fed.aggregator({"update": tree.nested_stack(scaled)}, weights, None)
+        fed.state = fed.algorithm.server_update(state, aggregate, rnd)
+
+    # ------------------------------------------------------------------ checkpoint
+    def save(self) -> None:
+        """In-flight jobs, the buffer and the clock into the server state (checkpointed)."""
+        extra = {k: v for k, v in self.fed.state.extra.items() if not k.startswith("async/")}
+        extra["async/clock"] = torch.tensor([self.clock, self.version, self.events], dtype=torch.float64)
+        for name, jobs in (("jobs", self.jobs), ("buffer", self.buffer)):
+            extra[f"async/{name}"] = torch.tensor([j.record() for j in jobs], dtype=torch.float64).reshape(-1, 5)
+            for k in self.fed.state.params:
+                extra[f"async/{name}/{k}"] = torch.stack([j.payload[k] for j in jobs]) if jobs else \
+                    self.fed.state.params[k].new_zeros((0, *self.fed.state.params[k].shape))
+        self.fed.state = replace(self.fed.state, extra=extra)
+
+    def load(self, extra: dict) -> None:
+        self.loaded = True
+        if "async/clock" not in extra:
+            return
+        clock, version, events = extra["async/clock"].tolist()
+        self.clock, self.version, self.events = clock, int(version), int(events)
+        for name in ("jobs", "buffer"):
+            rows = extra[f"async/{name}"].tolist()
+            jobs = [Job(int(r[0]), int(r[1]), r[2], r[3], r[4],
+                        {k: extra[f"async/{name}/{k}"][i] for k in self.fed.state.params}) for i, r in enumerate(rows)]
+            setattr(self, name, jobs)
