@@ -23,7 +23,6 @@ in the server state and are checkpointed, so a resumed run continues exactly.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable
 
@@ -73,6 +72,15 @@ def parse_speed(spec: str) -> float:
     raise ValueError(f"--client-speed {spec!r}: expected constant or lognormal:SIGMA (SIGMA >= 0)")
 
 
+def client_step_times(num_clients: int, speed: str, slow_fraction: float, seed: int) -> np.ndarray:
+    """Each client's time per local step [N]: exp(sigma z_c), z_c ~ N(0, 1) seeded per client,
+    times 10 for a seeded ``slow_fraction`` of the clients."""
+    sigma = parse_speed(speed)
+    z = np.array([np.random.default_rng([seed, 18, c]).standard_normal() for c in range(num_clients)])
+    slow = np.random.default_rng([seed, 19]).random(num_clients) < slow_fraction
+    return np.exp(sigma * z) * np.where(slow, SLOW_FACTOR, 1.0)
+
+
 @dataclass
 class Job:
     client: int
@@ -98,11 +106,11 @@ class AsyncServer:
 
     # ------------------------------------------------------------------ the clock
     def step_time(self, cid: int) -> float:
-        cfg = self.fed.cfg
-        sigma = parse_speed(cfg.client_speed)
-        z = float(np.random.default_rng([cfg.seed, 18, cid]).standard_normal())
-        slow = np.random.default_rng([cfg.seed, 19]).random(self.fed.pool.num_clients) < cfg.slow_clients
-        return math.exp(sigma * z) * (SLOW_FACTOR if slow[cid] else 1.0)
+        if not hasattr(self, "_step_times"):
+            cfg = self.fed.cfg
+            self._step_times = client_step_times(self.fed.pool.num_clients, cfg.client_speed, cfg.slow_clients,
+                                                 cfg.seed)
+        return float(self._step_times[cid])
 
     def duration(self, cid: int, steps: int) -> float:
         return steps * self.step_time(cid)
