@@ -13,11 +13,11 @@
 The clock: ``--clients-per-round`` M clients train at once. A client's job takes its local
 steps times its per-step time: exp(sigma z_c) with z_c ~ N(0, 1) fixed per client
 (``--client-speed lognormal:SIGMA``, or ``constant``), times 10 for a seeded
-``--slow-clients`` fraction. Training happens when a job starts (its result does not depend
-on time); the server sees it when it finishes. Arrivals at one instant are handled
-together; freed slots are refilled after the server update, with clients sampled among the
-idle ones, so clients that start together train as one vectorized batch. One "round" of
-the run loop is one server update: rows carry ``virtual_time``, the staleness of what was
+``--slow-clients`` fraction. A job's result depends on its start model and its client, not
+on time, so it is computed when the first job started from the same model version arrives,
+for all of them as one vectorized batch; the server sees each when it finishes. Arrivals at
+one instant are handled together; freed slots are refilled after the server update, with
+clients sampled among the idle ones. One "round" of the run loop is one server update: rows carry ``virtual_time``, the staleness of what was
 applied, and the number of updates consumed. In-flight jobs, the buffer and the clock live
 in the server state and are checkpointed, so a resumed run continues exactly.
 """
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from metafed.federation import Federation
 
 SLOW_FACTOR = 10.0
-FIELDS = ("client", "start_version", "finish", "samples", "loss")  # a job's numbers, in its record row
+FIELDS = ("client", "start_version", "finish", "samples", "loss", "schedule_round", "trained")  # a job's record
 
 
 def staleness_weight(spec: str) -> Callable[[int], float]:
@@ -87,8 +87,13 @@ class Job:
     start_version: int
     finish: float
     samples: float
-    loss: float
-    payload: dict  # FedAsync: the client's trained model; FedBuff: its update Delta
+    schedule_round: int  # seeds the client's batch order (pool.task)
+    loss: float = float("nan")
+    payload: dict | None = None  # once trained. FedAsync: the client's model; FedBuff: its update Delta
+
+    @property
+    def trained(self) -> bool:
+        return self.payload is not None
 
     def record(self) -> list[float]:
         return [float(getattr(self, f)) for f in FIELDS]
@@ -102,6 +107,7 @@ class AsyncServer:
     events: int = 0  # dispatch events so far (seeds replacement sampling)
     jobs: list[Job] = field(default_factory=list)
     buffer: list[Job] = field(default_factory=list)
+    models: dict[int, dict] = field(default_factory=dict)  # version -> params, while untrained jobs start from it
     loaded: bool = False
 
     # ------------------------------------------------------------------ the clock
@@ -117,21 +123,35 @@ class AsyncServer:
 
     # ------------------------------------------------------------------ jobs
     def dispatch(self, clients: list[int], schedule_round: int) -> int:
-        """Start ``clients`` on the current model: train them now (one batch), deliver later."""
+        """Start ``clients`` on the current model. Training waits until the first of the jobs
+        that start from this model version is needed: then all of them train as one batch
+        (their results do not depend on when they run)."""
         fed = self.fed
-        alg, state = fed.algorithm, fed.state
-        broadcast = alg.broadcast(state, self.version + 1)
-        program = alg.client_program(self.version + 1)
-        replies = fed.pool.train(schedule_round, np.asarray(clients), program, broadcast)
+        broadcast = fed.algorithm.broadcast(fed.state, self.version + 1)
+        program = fed.algorithm.client_program(self.version + 1)
+        self.models.setdefault(self.version, fed.algorithm.global_params(fed.state))
         self.events += 1
-        params = alg.global_params(state)
-        for i, cid in enumerate(replies.ids):
-            delta = tree.nested_index(replies.outputs["update"], i)
-            payload = {k: params[k] + delta[k] for k in params} if fed.cfg.async_rule == "fedasync" else delta
+        for cid in clients:
             steps = len(fed.pool.task(cid, schedule_round, program, broadcast).schedule)
             self.jobs.append(Job(cid, self.version, self.clock + self.duration(cid, steps),
-                                 float(replies.num_samples[i]), float(replies.losses[i]), payload))
+                                 float(fed.dataset.clients[cid].num_train), schedule_round))
         return tree.nested_bytes(broadcast) * len(clients)
+
+    def train(self, version: int) -> None:
+        """Train every untrained job that starts from ``version``, one batch per batch seed."""
+        fed = self.fed
+        params = self.models.pop(version)
+        state = replace(fed.state, params=params)
+        program = fed.algorithm.client_program(version + 1)
+        broadcast = fed.algorithm.broadcast(state, version + 1)
+        waiting = [j for j in [*self.jobs, *self.buffer] if j.start_version == version and not j.trained]
+        for schedule_round in sorted({j.schedule_round for j in waiting}):
+            group = sorted((j for j in waiting if j.schedule_round == schedule_round), key=lambda j: j.client)
+            replies = fed.pool.train(schedule_round, np.asarray([j.client for j in group]), program, broadcast)
+            for i, job in enumerate(group):
+                delta = tree.nested_index(replies.outputs["update"], i)
+                job.payload = {k: params[k] + delta[k] for k in params} if fed.cfg.async_rule == "fedasync" else delta
+                job.loss = float(replies.losses[i])
 
     def refill(self, free: int) -> int:
         """Start ``free`` idle clients; when every slot is free, the cohort synchronous FedAvg
@@ -145,7 +165,7 @@ class AsyncServer:
             idle = [c for c in range(n) if c not in busy]
             rng = np.random.default_rng([cfg.seed, 17, self.events])
             clients = rng.choice(idle, min(free, len(idle)), replace=False).tolist()
-            schedule_round = 10 ** 6 + self.events  # a fresh batch schedule, never a synchronous round's
+            schedule_round = 10 ** 6 + self.version  # one batch seed per version: its jobs train together
         return self.dispatch(sorted(clients), schedule_round) if clients else 0
 
     # ------------------------------------------------------------------ one server update
@@ -162,6 +182,8 @@ class AsyncServer:
             t = min(j.finish for j in self.jobs)
             arrived = sorted((j for j in self.jobs if j.finish == t), key=lambda j: j.client)
             take = arrived[: need - len(self.buffer)]
+            for version in sorted({j.start_version for j in take if not j.trained}):
+                self.train(version)
             self.clock = t
             self.jobs = [j for j in self.jobs if j not in take]
             self.buffer += take
@@ -202,11 +224,14 @@ class AsyncServer:
         """In-flight jobs, the buffer and the clock into the server state (checkpointed)."""
         extra = {k: v for k, v in self.fed.state.extra.items() if not k.startswith("async/")}
         extra["async/clock"] = torch.tensor([self.clock, self.version, self.events], dtype=torch.float64)
+        params = self.fed.state.params
         for name, jobs in (("jobs", self.jobs), ("buffer", self.buffer)):
-            extra[f"async/{name}"] = torch.tensor([j.record() for j in jobs], dtype=torch.float64).reshape(-1, 5)
-            for k in self.fed.state.params:
-                extra[f"async/{name}/{k}"] = torch.stack([j.payload[k] for j in jobs]) if jobs else \
-                    self.fed.state.params[k].new_zeros((0, *self.fed.state.params[k].shape))
+            extra[f"async/{name}"] = torch.tensor([j.record() for j in jobs], dtype=torch.float64).reshape(-1, 7)
+            for k, v in params.items():  # untrained jobs: zeros, their "trained" field says so
+                extra[f"async/{name}/{k}"] = torch.stack([j.payload[k] if j.trained else torch.zeros_like(v)
+                                                          for j in jobs]) if jobs else v.new_zeros((0, *v.shape))
+        for version, model in self.models.items():
+            extra.update({f"async/models/{version}/{k}": v.clone() for k, v in model.items()})  # own storage
         self.fed.state = replace(self.fed.state, extra=extra)
 
     def load(self, extra: dict) -> None:
@@ -217,6 +242,9 @@ class AsyncServer:
         self.clock, self.version, self.events = clock, int(version), int(events)
         for name in ("jobs", "buffer"):
             rows = extra[f"async/{name}"].tolist()
-            jobs = [Job(int(r[0]), int(r[1]), r[2], r[3], r[4],
-                        {k: extra[f"async/{name}/{k}"][i] for k in self.fed.state.params}) for i, r in enumerate(rows)]
+            jobs = [Job(int(r[0]), int(r[1]), r[2], r[3], int(r[5]), r[4],
+                        {k: extra[f"async/{name}/{k}"][i] for k in self.fed.state.params} if r[6] else None)
+                    for i, r in enumerate(rows)]
             setattr(self, name, jobs)
+        versions = {int(k.split("/")[2]) for k in extra if k.startswith("async/models/")}
+        self.models = {v: {k: extra[f"async/models/{v}/{k}"] for k in self.fed.state.params} for v in versions}
