@@ -189,6 +189,9 @@ class Federation:
         fixed-point range bounds what each can contribute."""
         ids, outputs, losses = replies.ids, self._attack(replies.outputs, replies.ids, rnd), replies.losses
         sent = {k: v for k, v in outputs.items() if k not in ("state", "metrics")}  # what clients upload
+        # what travelled, rejected replies included: the encoded sizes of compressed uploads
+        encoded = outputs.get("metrics", {}).get("upload_bytes")
+        metrics["bytes_up"] = int(encoded.sum()) if encoded is not None else tree.nested_bytes(sent) if sent else 0
         ok = self._finite_rows(sent, ids) if sent else torch.ones(len(ids), dtype=torch.bool)
         self.pool.keep_states(ids, outputs.get("state", {}), ok)
         used = torch.nonzero(ok).flatten()
@@ -204,9 +207,7 @@ class Federation:
         client_loss = outputs.get("metrics", {}).get("val_loss", losses)[used]
         self._warn_unstable_inner_solve(outputs.get("metrics", {}).get("inner_increase"), rnd)
         kept = tree.nested_index(sent, used) if sent else None
-        encoded = outputs.get("metrics", {}).get("upload_bytes")  # compressed uploads: their encoded sizes
-        up = int(encoded[used].sum()) if encoded is not None else tree.nested_bytes(kept) if kept is not None else 0
-        metrics.update(clients_used=len(used_ids), bytes_up=up,
+        metrics.update(clients_used=len(used_ids),
                        train_loss=float((losses[used].double() * weights).sum() / weights.sum()))
         return Received(used_ids, kept, weights, client_loss)
 
