@@ -81,7 +81,7 @@ def client_step_times(num_clients: int, speed: str, slow_fraction: float, seed: 
     return np.exp(sigma * z) * np.where(slow, SLOW_FACTOR, 1.0)
 
 
-@dataclass
+@dataclass(eq=False)  # jobs are compared by identity (their payloads are tensors)
 class Job:
     client: int
     start_version: int
