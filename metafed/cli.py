@@ -128,7 +128,7 @@ def run(
                f"personalized_accuracy={final.get('personalized_accuracy', float('nan')):.4f}")
 
 
-app.command()(with_config_flags(run))
+app.command(short_help="Run a federated job (or resume one) into a run folder.")(with_config_flags(run))
 
 
 def _run_seeds(cfg, seeds: str, resume: Optional[Path], overwrite: bool) -> None:
@@ -184,7 +184,7 @@ def sweep(
     typer.echo(f"done: {Path(out) / 'compare.md'}")
 
 
-app.command()(with_config_flags(sweep))
+app.command(short_help="Run a config over a grid of values, then compare the runs.")(with_config_flags(sweep))
 
 
 config_app = typer.Typer(no_args_is_help=True, help="Inspect run configurations.")
@@ -210,7 +210,8 @@ def config_show(
         typer.echo(show_config(cfg), nl=False)
 
 
-config_app.command("show")(with_config_flags(config_show))
+config_app.command("show", short_help="Print the resolved config as loadable YAML.")(
+    with_config_flags(config_show))
 
 
 @app.command()
@@ -227,7 +228,7 @@ def compare(run_dirs: list[Path] = typer.Argument(..., help="run folders written
         typer.echo(str(path))
 
 
-@app.command("deploy-local")
+@app.command("deploy-local", short_help="A real Flower deployment on this machine (SuperLink + N SuperNodes).")
 def deploy_local_cmd(
     clients: int = typer.Option(..., "--clients", help="SuperNodes to start, one data partition each"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML run config (any `metafed run` key)"),
@@ -258,7 +259,7 @@ def deploy_local_cmd(
         typer.echo(f"done: {out}")
 
 
-@app.command("secagg-keys")
+@app.command("secagg-keys", short_help="Identity keys and roster for secure aggregation in deployment.")
 def secagg_keys(
     clients: int = typer.Option(..., "--clients", help="number of clients (ids 0..N-1)"),
     out: Path = typer.Option(..., "--out", help="folder for roster.json and client-<i>.key"),
