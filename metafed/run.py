@@ -38,7 +38,8 @@ log = logging.getLogger("metafed")
 CONFIG_FILE = "config.yaml"
 PRIVACY_NOTICE = "PRIVACY_NOT_GUARANTEED.txt"
 # a resumed run must match the original in everything but these
-RESUMABLE_CHANGES = {"rounds", "out", "progress", "backend", "chunk_size", "compile"}
+RESUMABLE_CHANGES = {"rounds", "out", "progress", "backend", "chunk_size", "compile", "loggers", "eval_every",
+                     "checkpoint_every"}  # what the model's trajectory does not depend on
 # what a DP run releases under its (epsilon, delta) guarantee: the model, and the privacy
 # bookkeeping; every other metric is computed from clients' data without noise
 DP_RELEASED = {"round", "epsilon", "dp_delta", "dp_noise_multiplier", "dp_clip", "dp_unclipped_fraction_noisy"}

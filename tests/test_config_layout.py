@@ -93,7 +93,7 @@ def test_run_folder_config_is_grouped_and_rewritten_on_resume(tmp_path):
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["algorithm"] == {"name": "ditto", "lambda": 0.5, "personal_lr": None}
     assert "pfedme_lambda" not in saved and "mu" not in saved
-    res = runner.invoke(app, ["run", "--resume", str(out), "--rounds", "2", "-q"])
+    res = runner.invoke(app, ["run", "--resume", str(out), "--rounds", "2", "--eval-every", "2", "-q"])
     assert res.exit_code == 0, res.output
     assert yaml.safe_load((out / "config.yaml").read_text())["rounds"] == 2
     assert json.loads((out / "summary.json").read_text())["rounds"] == 2
