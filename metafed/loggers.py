@@ -24,17 +24,18 @@ log = logging.getLogger("metafed")
 
 LOGGERS = ("tensorboard", "mlflow", "wandb")
 IDS_FILE = "loggers.json"
-EXTRA = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
+MODULES = {"tensorboard": "torch.utils.tensorboard", "mlflow": "mlflow", "wandb": "wandb"}  # extras: same names
 
 
-def _need(module: str, name: str):
+def _need(name: str):
+    """The tracker's module, or an ImportError naming the extra that installs it."""
     import importlib
 
     try:
-        return importlib.import_module(module)
+        return importlib.import_module(MODULES[name])
     except ImportError:
-        raise ImportError(f"--loggers {name} needs the {EXTRA[name]} extra: pip install -c constraints.txt "
-                          f"-e \".[{EXTRA[name]}]\"") from None
+        raise ImportError(f"--loggers {name} needs the {name} extra: pip install -c constraints.txt "
+                          f"-e \".[{name}]\"") from None
 
 
 def _numbers(row: dict) -> dict[str, float]:
@@ -44,7 +45,7 @@ def _numbers(row: dict) -> dict[str, float]:
 
 class TensorBoardLogger:
     def __init__(self, run_dir: Path, config: dict, run_id: str | None):
-        writer = _need("torch.utils.tensorboard", "tensorboard").SummaryWriter
+        writer = _need("tensorboard").SummaryWriter
         self.writer = writer(log_dir=str(run_dir / "tensorboard"))
         self.run_id = run_id or "tensorboard"
         if run_id is None:
@@ -60,7 +61,7 @@ class TensorBoardLogger:
 
 class MLflowLogger:
     def __init__(self, run_dir: Path, config: dict, run_id: str | None):
-        self.mlflow = _need("mlflow", "mlflow")
+        self.mlflow = _need("mlflow")
         if not os.environ.get("MLFLOW_TRACKING_URI"):
             # MLflow 3 keeps its file store read-only: a SQLite file in the run folder instead
             self.mlflow.set_tracking_uri(f"sqlite:///{(run_dir / 'mlflow.db').resolve()}")
@@ -80,7 +81,7 @@ class MLflowLogger:
 
 class WandbLogger:
     def __init__(self, run_dir: Path, config: dict, run_id: str | None):
-        wandb = _need("wandb", "wandb")
+        wandb = _need("wandb")
         self.run = wandb.init(project="metafed", name=run_dir.name, dir=str(run_dir), config=config, id=run_id,
                               resume="allow" if run_id else None, mode=os.environ.get("WANDB_MODE", "offline"))
         self.run_id = self.run.id
@@ -93,13 +94,10 @@ class WandbLogger:
 
 
 ADAPTERS = {"tensorboard": TensorBoardLogger, "mlflow": MLflowLogger, "wandb": WandbLogger}
-MODULES = {"tensorboard": "torch.utils.tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
-
-
 def check_installed(names: Iterable[str]) -> None:
     """Fail before anything is written when a tracker's package is missing."""
     for name in names:
-        _need(MODULES[name], name)
+        _need(name)
 
 
 class Trackers:
