@@ -33,6 +33,7 @@ NEEDS = {
     "attention_temperature": ("aggregator", "--aggregator attention"),
     "fltrust_root_size": ("aggregator", "--aggregator fltrust"),
     "clip_tau": ("aggregator", "--aggregator centered-clipping"),
+    "ray_address": ("backend", "--backend ray"), "ray_workers": ("backend", "--backend ray"),
 }
 
 
@@ -228,10 +229,15 @@ class RunConfig(BaseModel):
     eval_batch_size: int = Field(10, ge=1, description="batch size of the adaptation steps")
 
     # execution
-    backend: Literal["loop", "vectorized"] = Field("vectorized",
-        description="loop (one client at a time) or vectorized (torch.func over clients)")
-    chunk_size: int = Field(128, ge=1, description="vectorized: clients per chunk")
-    compile: bool = Field(False, description="vectorized: torch.compile the step")
+    backend: Literal["loop", "vectorized", "ray"] = Field("vectorized",
+        description="loop (one client at a time), vectorized (torch.func over clients) or ray (parts of "
+        "each cohort on Ray workers, each vectorized; extra metafed[ray])")
+    chunk_size: int = Field(128, ge=1, description="vectorized and ray: clients per chunk")
+    compile: bool = Field(False, description="vectorized and ray: torch.compile the step")
+    ray_address: Optional[str] = Field(None, description="ray: join the cluster at this address (ray start "
+                                       "--head prints it; default: start Ray on this machine)")
+    ray_workers: Optional[int] = Field(None, ge=1, description="ray: parts each cohort is cut into, one Ray "
+                                       "task each (default: the cluster's CPUs)")
     seed: int = Field(0, description="seed of everything reproducible (never of DP noise)")
     out: Optional[Path] = Field(None, description="run folder to write")
     loggers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
@@ -396,7 +402,8 @@ class RunConfig(BaseModel):
                              "attention_score": self.aggregator == "attention",
                              "attention_temperature": self.aggregator == "attention",
                              "fltrust_root_size": self.aggregator == "fltrust",
-                             "clip_tau": self.aggregator == "centered-clipping"}}
+                             "clip_tau": self.aggregator == "centered-clipping"},
+              "backend": {"ray_address": self.backend == "ray", "ray_workers": self.backend == "ray"}}
         for key, (switch, flag) in NEEDS.items():
             if key not in self.model_fields_set or getattr(self, key) == type(self).model_fields[key].default:
                 continue  # left at its default: nothing is being ignored

@@ -38,8 +38,8 @@ log = logging.getLogger("metafed")
 CONFIG_FILE = "config.yaml"
 PRIVACY_NOTICE = "PRIVACY_NOT_GUARANTEED.txt"
 # a resumed run must match the original in everything but these
-RESUMABLE_CHANGES = {"rounds", "out", "progress", "backend", "chunk_size", "compile", "loggers", "eval_every",
-                     "checkpoint_every"}  # what the model's trajectory does not depend on
+RESUMABLE_CHANGES = {"rounds", "out", "progress", "backend", "chunk_size", "compile", "ray_address", "ray_workers",
+                     "loggers", "eval_every", "checkpoint_every"}  # what the model's trajectory does not depend on
 # what a DP run releases under its (epsilon, delta) guarantee: the model, and the privacy
 # bookkeeping; every other metric is computed from clients' data without noise
 DP_RELEASED = {"round", "epsilon", "dp_delta", "dp_noise_multiplier", "dp_clip", "dp_unclipped_fraction_noisy"}
@@ -69,7 +69,8 @@ def build_federation(cfg: RunConfig, pool=None, model=None, data: FederatedDatas
         dataset = data if data is not None else load_dataset(cfg)
         malicious = choose_malicious(dataset.num_clients, cfg.malicious_fraction, cfg.seed) if cfg.attack else set()
         dataset = poison_dataset(dataset, malicious, cfg.attack, cfg.backdoor_target) if cfg.attack else dataset
-        backend, num_clients = make_backend(cfg.backend, cfg.chunk_size, cfg.compile), dataset.num_clients
+        backend = make_backend(cfg.backend, cfg.chunk_size, cfg.compile, dataset, cfg.ray_address, cfg.ray_workers)
+        num_clients = dataset.num_clients
     else:
         check_deployable(cfg)
         dataset, malicious = FederatedDataset(cfg.dataset, [], pool.input_shape, pool.num_classes), set()

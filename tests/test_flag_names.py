@@ -37,8 +37,8 @@ def _message_strings(tree: ast.AST):
                     yield sub.lineno, sub.value
 
 
-# flags of other programs that messages name: click's own, Flower's flower-supernode
-EXTERNAL = {"--help", "--node-config"}
+# flags of other programs that messages name: click's own, Flower's flower-supernode, `ray start`
+EXTERNAL = {"--help", "--node-config", "--head"}
 
 
 def test_every_flag_named_in_a_message_exists():

@@ -1,16 +1,26 @@
-"""Where client work runs. ``loop`` is the reference; ``vectorized`` must agree with it."""
+"""Where client work runs. ``loop`` is the reference; ``vectorized`` and ``ray`` must agree with it."""
 from metafed.backends.base import Backend, ClientTask
 from metafed.backends.loop import LoopBackend
 from metafed.backends.vectorized import VectorizedBackend
 
-BACKENDS = ("loop", "vectorized")
+BACKENDS = ("loop", "vectorized", "ray")
 
 
-def make_backend(name: str, chunk_size: int = 128, compile: bool = False) -> Backend:
+def make_backend(name: str, chunk_size: int = 128, compile: bool = False, dataset=None,
+                 ray_address: str | None = None, ray_workers: int | None = None) -> Backend:
+    """``dataset`` (a FederatedDataset): the training data the ``ray`` backend puts in the
+    object store once, so that tasks name clients instead of carrying their data."""
     if name == "loop":
         return LoopBackend()
     if name == "vectorized":
         return VectorizedBackend(chunk_size=chunk_size, compile=compile)
+    if name == "ray":
+        from metafed.backends.ray_cluster import PackedClients, RayBackend
+
+        if dataset is None:
+            raise ValueError("the ray backend needs the federation's dataset")
+        packed = PackedClients.of([c.train_x for c in dataset.clients], [c.train_y for c in dataset.clients])
+        return RayBackend(packed, chunk_size, compile, ray_address, ray_workers)
     raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 

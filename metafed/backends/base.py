@@ -18,6 +18,8 @@ class ClientTask:
     x, y: the client's training data [n, ...], [n]. schedule: sample indices [S, k, B], -1 = padding.
     active_steps: steps actually run (< S for a straggler); steps after it change nothing.
     inputs: per-client program inputs ({"state": ..., "num_samples": ...}).
+    client: the training client's id when x, y are its training data (a backend that holds
+    the data elsewhere, like Ray's object store, may look it up instead of shipping it).
     """
 
     x: Tensor
@@ -25,6 +27,7 @@ class ClientTask:
     schedule: np.ndarray
     active_steps: int
     inputs: dict
+    client: int | None = None
 
 
 class Backend(Protocol):

@@ -107,7 +107,7 @@ class SimulationPool:
                                  rng=np.random.default_rng([cfg.seed, 3, rnd, cid]))
         inputs = {"state": self.clients.get(cid, lambda: self.algorithm.client_init(broadcast)),
                   "num_samples": torch.tensor(float(data.num_train))}
-        return ClientTask(data.train_x, data.train_y, sched, len(sched), inputs)
+        return ClientTask(data.train_x, data.train_y, sched, len(sched), inputs, client=cid)
 
     def label_counts(self, ids: list[int]) -> Tensor:
         k = self.dataset.num_classes
