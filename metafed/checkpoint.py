@@ -6,6 +6,12 @@ pointer is atomically replaced, so a run killed at any moment resumes from the l
 committed round. The pointer is untrusted input when read back: its file name must be
 exactly ``checkpoint-<round>.safetensors`` inside the folder, the checksum must match, and
 every tensor name must belong to a known group.
+
+Client states (personal models, residuals) are not in that file when the store lives in the
+run folder (``clients/``, see :mod:`metafed.client_store`): the checkpoint commits the
+store's manifest instead (``client_segments`` in the pointer), so a round writes only the
+states that changed since the last checkpoint. A memory-only store (the Python API without
+a run folder, older checkpoints) is saved in the tensor file as ``client/<id>/<path>``.
 """
 from __future__ import annotations
 
@@ -21,10 +27,11 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
 from metafed.algorithms.base import ServerState
-from metafed.client_store import ClientStore
+from metafed.client_store import ClientStore, ClientStoreError
 from metafed.run_folder import write_text_atomic
 
 POINTER = "checkpoint.json"
+CLIENTS_DIR = "clients"  # the client store's segments, inside the run folder
 GROUPS = ("params", "opt", "extra", "client")
 _NAME = re.compile(r"checkpoint-(\d+)\.safetensors")
 
@@ -45,19 +52,26 @@ def _flatten(state: ServerState, clients: ClientStore) -> dict:
     flat = {f"params/{k}": v for k, v in state.params.items()}
     flat.update({f"opt/{k}": v for k, v in state.opt_state.items()})
     flat.update({f"extra/{k}": v for k, v in state.extra.items()})
-    flat.update({f"client/{k}": v for k, v in clients.to_tensors().items()})
+    if clients.folder is None:
+        flat.update({f"client/{k}": v for k, v in clients.to_tensors().items()})
     return {k: v.contiguous() for k, v in flat.items()}
 
 
 def save_checkpoint(run_dir: Path, rnd: int, state: ServerState, clients: ClientStore, meta: dict) -> None:
+    """Commit round ``rnd``: the tensor file, the client store's new segments (only what
+    changed), then the pointer naming both, atomically; superseded files go last."""
     name = f"checkpoint-{rnd}.safetensors"
     blob = save_bytes(_flatten(state, clients))
     write_text_atomic(run_dir / name, blob)
+    segments = {"client_segments": clients.commit()} if clients.folder is not None else {}
     previous = _previous_file(run_dir)
     write_text_atomic(run_dir / POINTER, json.dumps({"round": rnd, "file": name,
-                                                     "sha256": hashlib.sha256(blob).hexdigest(), **meta}, indent=1))
+                                                     "sha256": hashlib.sha256(blob).hexdigest(), **segments, **meta},
+                                                    indent=1))
     if previous and previous != name:
         (run_dir / previous).unlink(missing_ok=True)
+    if clients.folder is not None:
+        clients.collect()
 
 
 def _previous_file(run_dir: Path) -> str | None:
@@ -114,7 +128,15 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
         groups[head][rest] = v
     state = ServerState(groups["params"], groups["opt"], groups["extra"])
     try:
-        clients = ClientStore.from_tensors(groups["client"])
+        if "client_segments" in meta:
+            folder = run_dir / CLIENTS_DIR
+            if folder.is_symlink() or not folder.is_dir():
+                raise ClientStoreError(f"{folder} (the clients' states) is missing")
+            clients = ClientStore.open(folder, meta["client_segments"])
+        else:
+            clients = ClientStore.from_tensors(groups["client"])
+    except ClientStoreError as e:
+        raise CheckpointError(f"checkpoint in {run_dir}: {e}") from None
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"checkpoint file {path} has malformed client states: {e}") from None
     return Checkpoint(rnd, state, clients, meta)

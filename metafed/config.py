@@ -48,7 +48,7 @@ class RunConfig(BaseModel):
 
     # what to train
     algorithm: str = Field("fedavg", description="the federated algorithm (list: `metafed algorithms`)")
-    dataset: Literal["digits", "mnist", "femnist", "shakespeare", "synthetic"] = Field("digits",
+    dataset: Literal["digits", "mnist", "femnist", "shakespeare", "synthetic", "w1"] = Field("digits",
         description="the federation to train on (list: `metafed datasets`)")
     data_dir: Optional[Path] = Field(None,
         description="folder holding mnist/, femnist/, shakespeare/ (default: $METAFED_DATA)")
@@ -233,6 +233,9 @@ class RunConfig(BaseModel):
         description="loop (one client at a time), vectorized (torch.func over clients) or ray (parts of "
         "each cohort on Ray workers, each vectorized; extra metafed[ray])")
     chunk_size: int = Field(128, ge=1, description="vectorized and ray: clients per chunk")
+    client_memory_mb: Optional[float] = Field(None, gt=0,
+        description="memory for per-client states (personal models, residuals; MB); past it the least recently "
+                    "used spill to RUN_DIR/clients/ (a temporary folder without --out) (default: no cap)")
     compile: bool = Field(False, description="vectorized and ray: torch.compile the step")
     ray_address: Optional[str] = Field(None, description="ray: join the cluster at this address (ray start "
                                        "--head prints it; default: start Ray on this machine)")
@@ -309,9 +312,9 @@ class RunConfig(BaseModel):
         if self.client_sampling == "fixed" and self.min_clients > min(self.clients_per_round, self.num_clients):
             raise ValueError(f"--min-clients {self.min_clients} exceeds the clients sampled per round "
                              f"({min(self.clients_per_round, self.num_clients)}): no round could commit")
-        if self.standardize and self.dataset in ("shakespeare", "synthetic"):
+        if self.standardize and self.dataset in ("shakespeare", "synthetic", "w1"):
             raise ValueError(f"--standardize rescales pixel features: dataset {self.dataset!r} has none "
-                             "(synthetic is already standardised, shakespeare is text)")
+                             "(synthetic and w1 are already standardised, shakespeare is text)")
         if self.dataset == "shakespeare" and self.model not in (None, "lstm"):
             raise ValueError("dataset 'shakespeare' is text: use model 'lstm'")
         return self

@@ -141,7 +141,7 @@ def _label_distribution(counts: list[list[int]], name: str, path: Path) -> Path:
         ax.bar(range(len(table)), shares[:, c], bottom=bottom, width=1.0, color=colors(c), linewidth=0)
         bottom += shares[:, c]
     ax.set(xlabel="client", ylabel="share of training labels", xlim=(-0.5, len(table) - 0.5), ylim=(0, 1),
-           title=f"{name}: label distribution per client ({table.shape[1]} classes)")
+           title=f"{name}: label distribution, clients 0-{len(table) - 1} ({table.shape[1]} classes)")
     ax.xaxis.get_major_locator().set_params(integer=True)
     return save_figure(fig, path)
 

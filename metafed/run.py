@@ -19,7 +19,8 @@ from metafed.aggregate import make_aggregator
 from metafed.algorithms import make_algorithm
 from metafed.attacks import choose_malicious, poison_dataset
 from metafed.backends import make_backend
-from metafed.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from metafed.checkpoint import CLIENTS_DIR, CheckpointError, load_checkpoint, save_checkpoint
+from metafed.client_store import ClientStore
 from metafed.config import ConfigError, RunConfig
 from metafed.config_layout import grouped_config
 from metafed.data import DEFAULT_MODEL, load_dataset
@@ -38,8 +39,8 @@ log = logging.getLogger("metafed")
 CONFIG_FILE = "config.yaml"
 PRIVACY_NOTICE = "PRIVACY_NOT_GUARANTEED.txt"
 # a resumed run must match the original in everything but these
-RESUMABLE_CHANGES = {"rounds", "out", "progress", "backend", "chunk_size", "compile", "ray_address", "ray_workers",
-                     "loggers", "eval_every", "checkpoint_every"}  # what the model's trajectory does not depend on
+RESUMABLE_CHANGES = {"rounds", "out", "progress", "backend", "chunk_size", "client_memory_mb", "compile", "ray_address",
+                     "ray_workers", "loggers", "eval_every", "checkpoint_every"}  # what the model's trajectory does not depend on
 # what a DP run releases under its (epsilon, delta) guarantee: the model, and the privacy
 # bookkeeping; every other metric is computed from clients' data without noise
 DP_RELEASED = {"round", "epsilon", "dp_delta", "dp_noise_multiplier", "dp_clip", "dp_unclipped_fraction_noisy"}
@@ -211,6 +212,8 @@ def _run(cfg: RunConfig, resume, overwrite: bool, pool, own: tuple, held: ExitSt
         if run_dir:
             create(run_dir, overwrite)
             held.enter_context(exclusive(run_dir))
+        if isinstance(fed.pool, SimulationPool):
+            fed.clients = _client_store(fed.cfg, run_dir)
     cfg = fed.cfg
     if run_dir:  # on resume too: rounds (or another resumable setting) may have changed
         write_text_atomic(run_dir / CONFIG_FILE, yaml.safe_dump(grouped_config(cfg), sort_keys=False))
@@ -332,19 +335,39 @@ def _restore(cfg: RunConfig, run_dir: Path, pool=None, own: tuple = ()) -> tuple
     order = list(fed.state.params)  # the model's parameter order (safetensors returns keys sorted)
     fed.state = replace(ckpt.state, params={k: ckpt.state.params[k] for k in order})
     fed.clients = ckpt.clients
+    if ckpt.clients.folder is None and isinstance(fed.pool, SimulationPool):  # an older checkpoint's states
+        fed.clients = ckpt.clients.moved_to(run_dir / CLIENTS_DIR, _cap_bytes(resumed_cfg))
+    fed.clients.memory_cap = _cap_bytes(resumed_cfg) if fed.clients.folder is not None else None
     fed.resume_privacy()
     return fed, ckpt.round
 
 
+LABEL_CLIENTS = 200  # label histograms kept in summary.json and plotted: the first clients by id
+
+
+def _cap_bytes(cfg: RunConfig) -> int | None:
+    return None if cfg.client_memory_mb is None else int(cfg.client_memory_mb * 2**20)
+
+
+def _client_store(cfg: RunConfig, run_dir: Path | None) -> ClientStore:
+    """Where a simulation's per-client states live: segments in ``RUN_DIR/clients`` (so that
+    checkpoints write only what changed); without a run folder, in memory, spilling to a
+    temporary folder past ``--client-memory-mb``."""
+    return ClientStore(run_dir / CLIENTS_DIR if run_dir is not None else None, _cap_bytes(cfg))
+
+
 def _label_counts(fed: Federation) -> list[list[int]] | None:
-    """Each training client's label histogram [clients][classes], for the label plot; None in
-    deployment (the server holds no data), for text (the labels are next characters), and
-    under DP (the counts are raw data statistics, outside the guarantee)."""
+    """The label histograms [clients][classes] of the first ``LABEL_CLIENTS`` training clients
+    (all of a small federation; a bounded, cheap sample of a huge one, whose clients may be
+    built on demand), for the label plot; None in deployment (the server holds no data), for
+    text (the labels are next characters), and under DP (the counts are raw data statistics,
+    outside the guarantee)."""
     if not isinstance(fed.pool, SimulationPool) or fed.cfg.dataset == "shakespeare" or fed.dp is not None \
             or fed.dataset.clients[0].train_y.is_floating_point():
         return None
     k = fed.dataset.num_classes
-    return [torch.bincount(c.train_y, minlength=k).tolist() for c in fed.dataset.clients]
+    first = range(min(LABEL_CLIENTS, fed.dataset.num_clients))
+    return [torch.bincount(fed.dataset.clients[c].train_y, minlength=k).tolist() for c in first]
 
 
 def _write_outputs(run_dir: Path, tracker: RunTracker, params: Params, per_client: dict, cfg: RunConfig,

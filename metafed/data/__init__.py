@@ -11,6 +11,7 @@ import torch
 from metafed.data.federated import ClientData, FederatedDataset, hold_out_partitions, split_client
 from metafed.data.loaders import DataNotFound, load_digits, load_leaf, load_mnist
 from metafed.data.partition import PARTITIONS, partition
+from metafed.data.lazy import W1_CLASSES, W1_DIM, LazyClients, w1_clients
 from metafed.data.synthetic import synthetic_clients
 
 if TYPE_CHECKING:
@@ -22,8 +23,11 @@ DATASETS = {
     "femnist": "LEAF FEMNIST JSON from DATA_DIR/femnist, one client per writer",
     "shakespeare": "LEAF Shakespeare JSON from DATA_DIR/shakespeare, one client per speaking role",
     "synthetic": "Synthetic(alpha, beta) of the FedProx paper, generated (or its IID variant)",
+    "w1": "the W1 speed workload (Synthetic(1,1)-style, 50-200 samples per client), each client generated "
+          "when sampled: federations of 10^5+ clients in bounded memory",
 }
-DEFAULT_MODEL = {"digits": "mlp", "mnist": "mlp", "femnist": "cnn", "shakespeare": "lstm", "synthetic": "logistic"}
+DEFAULT_MODEL = {"digits": "mlp", "mnist": "mlp", "femnist": "cnn", "shakespeare": "lstm", "synthetic": "logistic",
+                 "w1": "mlp"}
 
 
 def resolve_data_dir(data_dir: Path | None) -> Path:
@@ -108,13 +112,17 @@ def load_dataset(cfg: "RunConfig") -> FederatedDataset:
         clients = [split_client(torch.from_numpy(x), torch.from_numpy(y), cfg.test_fraction, rng, f"synthetic-{k}")
                    for k, (x, y) in enumerate(gen)]
         shape, classes = (60,), 10
+    elif name == "w1":
+        clients = w1_clients(cfg.num_clients, cfg.seed, cfg.test_fraction)
+        shape, classes = (W1_DIM,), W1_CLASSES
     else:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     heldout: list[ClientData] = []
     kept, out = tuple(range(len(clients))), ()
     if cfg.heldout_fraction > 0:
         kept, out = hold_out_partitions(len(clients), cfg.heldout_fraction, rng)
-        clients, heldout = [clients[i] for i in kept], [clients[i] for i in out]
+        heldout = [clients[i] for i in out]
+        clients = clients.subset(kept) if isinstance(clients, LazyClients) else [clients[i] for i in kept]
     if cfg.aggregator == "fltrust" and root is None:
         root = _heldout_root(heldout, cfg.fltrust_root_size, cfg.seed)
     return FederatedDataset(name, clients, shape, classes, heldout, root, kept, out)

@@ -33,7 +33,7 @@ class FederatedDataset:
     """Clients that train, plus held-out clients that never train (new-client evaluation)."""
 
     name: str
-    clients: list[ClientData]
+    clients: list[ClientData]  # or a lazy sequence (metafed.data.lazy.LazyClients) for huge federations
     input_shape: tuple[int, ...]
     num_classes: int
     heldout: list[ClientData] = field(default_factory=list)
@@ -57,6 +57,8 @@ class FederatedDataset:
         return len(self.clients)
 
     def train_sizes(self) -> np.ndarray:
+        if hasattr(self.clients, "train_sizes"):  # a lazy federation knows its sizes without building clients
+            return self.clients.train_sizes()
         return np.array([c.num_train for c in self.clients], dtype=np.int64)
 
     def describe(self) -> str:
