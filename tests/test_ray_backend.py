@@ -121,3 +121,15 @@ def test_unreachable_cluster_is_a_clear_error():
             " address='127.0.0.1:1');\ntry:\n b._connect()\nexcept ConnectionError as e:\n print('ERR', e)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "ERR cannot join the Ray cluster at 127.0.0.1:1" in out.stdout, out.stdout + out.stderr[-2000:]
+
+
+def test_clients_built_on_demand_travel_as_a_recipe():
+    """A W1 federation of 50,000 clients on Ray: workers build the clients they train (the
+    driver packs nothing), and the round equals the vectorized backend's."""
+    from metafed.data.lazy import LazyClients
+
+    cfg = dict(dataset="w1", num_clients=50_000, clients_per_round=12, rounds=2, model="mlp", eval_clients=5)
+    vec = run(small_config(backend="vectorized", **cfg))
+    on_ray = run(small_config(backend="ray", ray_workers=2, **cfg))
+    assert isinstance(on_ray.federation.backend.packed, LazyClients)
+    _assert_same(vec.params, on_ray.params)

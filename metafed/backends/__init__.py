@@ -9,7 +9,8 @@ BACKENDS = ("loop", "vectorized", "ray")
 def make_backend(name: str, chunk_size: int = 128, compile: bool = False, dataset=None,
                  ray_address: str | None = None, ray_workers: int | None = None) -> Backend:
     """``dataset`` (a FederatedDataset): the training data the ``ray`` backend puts in the
-    object store once, so that tasks name clients instead of carrying their data."""
+    object store once, so that tasks name clients instead of carrying their data (for clients
+    built on demand, :class:`~metafed.data.lazy.LazyClients`, only their recipe travels)."""
     if name == "loop":
         return LoopBackend()
     if name == "vectorized":
@@ -19,8 +20,11 @@ def make_backend(name: str, chunk_size: int = 128, compile: bool = False, datase
 
         if dataset is None:
             raise ValueError("the ray backend needs the federation's dataset")
-        packed = PackedClients.of([c.train_x for c in dataset.clients], [c.train_y for c in dataset.clients])
-        return RayBackend(packed, chunk_size, compile, ray_address, ray_workers)
+        if hasattr(dataset.clients, "client"):  # clients built on demand: workers get the recipe, not the data
+            source = dataset.clients
+        else:
+            source = PackedClients.of([c.train_x for c in dataset.clients], [c.train_y for c in dataset.clients])
+        return RayBackend(source, chunk_size, compile, ray_address, ray_workers)
     raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 

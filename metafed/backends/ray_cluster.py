@@ -6,7 +6,9 @@ across a cluster) run each part with the vectorized backend.
   [clients + 1]) and put into Ray's object store once per run. A worker process fetches
   it on its first task and keeps it (``_WORKER_DATA``); a task then names clients by id and
   carries only their batch schedules and states. Tasks without a client id (evaluation on
-  held-out or test data) carry their data with them.
+  held-out or test data) carry their data with them. A federation whose clients are built on
+  demand (:class:`~metafed.data.lazy.LazyClients`, e.g. 10^5 W1 clients) sends its recipe
+  instead: each worker builds the clients its parts name, keeping a bounded cache.
 - **Parts are balanced.** Clients are sorted by their number of steps and dealt round-robin
   to the parts, so every part has the same mix of long and short clients; inside a part the
   vectorized backend sorts and chunks again.

@@ -53,6 +53,11 @@ class LazyClients(Sequence):
                 self._cache.popitem(last=False)
         return client
 
+    def client(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Client k's training data (x, y): the interface a Ray worker reads clients through."""
+        data = self[k]
+        return data.train_x, data.train_y
+
     def train_sizes(self) -> np.ndarray:
         return self._sizes.copy()
 
