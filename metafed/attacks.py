@@ -36,6 +36,12 @@ def choose_malicious(num_clients: int, fraction: float, seed: int) -> set[int]:
     return set(np.random.default_rng([seed, 9]).choice(num_clients, n_bad, replace=False).tolist())
 
 
+def choose_free_riders(num_clients: int, fraction: float, seed: int) -> set[int]:
+    """The simulated free-riders (``--free-riders``): stream ``default_rng([seed, 23])``."""
+    n = int(round(fraction * num_clients))
+    return set(np.random.default_rng([seed, 23]).choice(num_clients, n, replace=False).tolist()) if n else set()
+
+
 def add_trigger(x: Tensor, input_shape: tuple[int, ...]) -> Tensor:
     """Stamp the backdoor trigger: a bright square in the bottom-right corner of square
     images, otherwise the last 8 features set to the data maximum."""

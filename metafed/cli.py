@@ -284,6 +284,49 @@ def _echo_progress(line: str) -> None:
         typer.echo(line)
 
 
+ledger_app = typer.Typer(no_args_is_help=True, help="Check and read a run's incentive ledger.")
+app.add_typer(ledger_app, name="ledger")
+
+
+@ledger_app.command("verify", short_help="Check every entry's chain link, hash and signature.")
+def ledger_verify(run_dir: Path = typer.Argument(..., help="a run folder written with --contribution"),
+                  public_key: Optional[str] = typer.Option(None, "--public-key",
+                      help="the server's Ed25519 public key (hex) to pin; default: the ledger header's")) -> None:
+    """Exit 0 if every entry links to the one before, matches its hash and carries the server's
+    signature; otherwise name each problem and exit 1."""
+    from metafed.incentive.ledger import LEDGER_FILE, LedgerError, verify
+
+    with _one_line_errors():
+        try:
+            result = verify(run_dir / LEDGER_FILE, public_key)
+        except LedgerError as e:
+            _fail(str(e))
+    if result.ok:
+        typer.echo(f"ok: {result.entries} entries, head {result.head}, signed by {result.public_key}")
+        return
+    for problem in result.problems:
+        typer.echo(f"TAMPERED: {problem}", err=True)
+    raise typer.Exit(code=1)
+
+
+@ledger_app.command("show", short_help="Print each client's balance and the chain head.")
+def ledger_show(run_dir: Path = typer.Argument(..., help="a run folder written with --contribution")) -> None:
+    """Balances from the ledger (total reward, total contribution, rounds paid, rounds flagged),
+    highest reward first; then the chain head to publish (see docs/incentives.md)."""
+    from metafed.incentive.ledger import LEDGER_FILE, LedgerError, balances, verify
+
+    with _one_line_errors():
+        try:
+            result, table = verify(run_dir / LEDGER_FILE), balances(run_dir / LEDGER_FILE)
+        except LedgerError as e:
+            _fail(str(e))
+    typer.echo(f"{'client':>10} {'reward':>12} {'contribution':>14} {'rounds':>7} {'flagged':>8}")
+    for client, b in sorted(table.items(), key=lambda kv: -kv[1]["reward"]):
+        typer.echo(f"{client:>10} {b['reward']:12.3f} {b['contribution']:14.5f} {b['rounds']:7d} {b['flagged']:8d}")
+    status = "verified" if result.ok else f"DOES NOT VERIFY ({len(result.problems)} problems: metafed ledger verify)"
+    typer.echo(f"{result.entries} entries, head {result.head} ({status})")
+
+
 @app.command()
 def plot(run_dir: Path = typer.Argument(..., help="a run folder written by `metafed run`")) -> None:
     """(Re)draw a run folder's PNG plots."""

@@ -34,6 +34,9 @@ NEEDS = {
     "fltrust_root_size": ("aggregator", "--aggregator fltrust"),
     "clip_tau": ("aggregator", "--aggregator centered-clipping"),
     "ray_address": ("backend", "--backend ray"), "ray_workers": ("backend", "--backend ray"),
+    "validation_size": ("contribution", "--contribution"), "shapley_permutations": ("contribution", "--contribution"),
+    "reward_budget": ("contribution", "--contribution"), "reward_floor": ("contribution", "--contribution"),
+    "ledger_key": ("contribution", "--contribution"), "free_ride": ("free_riders", "--free-riders"),
 }
 
 
@@ -183,6 +186,25 @@ class RunConfig(BaseModel):
     malicious_fraction: float = Field(0.0, ge=0, lt=1, description="fraction of clients that attack")
     attack_scale: Optional[float] = Field(None, gt=0, description="strength of the attack (default per attack)")
     backdoor_target: int = Field(0, ge=0, description="backdoor: the label triggered inputs are pushed to")
+
+    # incentives: contributions, rewards, the ledger (metafed.incentive)
+    contribution: Optional[Literal["size", "loo", "shapley", "shapley-exact"]] = Field(None,
+        description="measure each client's contribution every round, pay rewards by it and keep a signed ledger "
+                    "(RUN_DIR/ledger.jsonl): size (sample share), loo (leave-one-out), shapley (GTG-Shapley), "
+                    "shapley-exact (<= 14 clients per round)")
+    validation_size: int = Field(500, ge=10, description="samples in the server's validation split that "
+                                 "contributions are measured on")
+    shapley_permutations: Optional[int] = Field(None, ge=1,
+        description="GTG-Shapley: most permutations per round (default max(50, 10 x clients))")
+    reward_budget: float = Field(100.0, ge=0, description="reward paid out each round, split by contribution")
+    reward_floor: float = Field(0.0, ge=0, le=1,
+        description="share of the budget split equally among the clients not flagged as free-riders")
+    ledger_key: Optional[Path] = Field(None, description="the server's Ed25519 ledger key (PEM; created if absent) "
+                                       "(default: RUN_DIR/ledger_key.pem)")
+    free_riders: float = Field(0.0, ge=0, lt=1, description="simulated fraction of clients that free-ride")
+    free_ride: Literal["zero", "noise", "replay", "copy"] = Field("zero",
+        description="how simulated free-riders free-ride: send zeros, Gaussian noise of an honest update's norm, the "
+                    "previous global update, or a copy of another client's update")
     attention_score: Literal["loss", "cosine", "labels"] = Field("loss",
         description="attention: loss (held-out validation loss), cosine (agreement with the mean), labels "
                     "(label-distribution similarity)")
@@ -272,6 +294,18 @@ class RunConfig(BaseModel):
             raise ValueError(f"unknown algorithm {name!r}; choose one of {', '.join(ALGORITHMS)}")
         return name
 
+    def _check_incentives(self) -> None:
+        if self.contribution is None:
+            return
+        if self.secure_aggregation or self.dp is not None:
+            raise ValueError("--contribution measures each client's own update: the server does not see them under "
+                             "--secure-aggregation, and under --dp they are outside the guarantee (remove one)")
+        if self.mode == "async":
+            raise ValueError("--contribution settles synchronous rounds: not with --mode async")
+        if self.contribution == "shapley-exact" and min(self.clients_per_round, self.num_clients) > 14:
+            raise ValueError("--contribution shapley-exact needs 2^C utilities per round: at most 14 clients per "
+                             "round (use --contribution shapley)")
+
     @model_validator(mode="after")
     def _check_consistency(self) -> "RunConfig":
         if self.model == "lstm" and self.dataset != "shakespeare":
@@ -295,6 +329,7 @@ class RunConfig(BaseModel):
             if self.dp == "local" and self.aggregator == "attention" and self.attention_score == "loss":
                 raise ValueError("under --dp local clients send no raw losses: use --attention-score cosine")
         self._refuse_ignored()
+        self._check_incentives()
         self._check_compression()
         self._check_async()
         self._check_algorithm_settings()

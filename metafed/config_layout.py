@@ -64,13 +64,16 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "Aggregation and attacks": ("aggregator", "byzantine_f", "clip_tau", "fltrust_root_size", "attention_score",
                                 "attention_temperature", "max_sample_weight", "sample_weight_cap", "attack",
                                 "malicious_fraction", "attack_scale", "backdoor_target"),
+    "Incentives": ("contribution", "validation_size", "shapley_permutations", "reward_budget", "reward_floor",
+                   "ledger_key", "free_riders", "free_ride"),
     "Privacy": ("dp", "dp_clip", "dp_noise_multiplier", "target_epsilon", "dp_delta", "dp_accountant",
                 "dp_adaptive_clip", "dp_target_quantile", "dp_clip_lr", "dp_count_noise",
                 "insecure_reproducible_privacy", "secure_aggregation", "secagg_threshold", "secagg_neighbours",
                 "secagg_dropout", "secagg_range", "secagg_bits"),
     "Evaluation": ("eval_every", "eval_clients", "eval_train_loss", "personalize_steps", "personalize_lr",
                    "personal_eval", "eval_batch_size"),
-    "Execution": ("backend", "chunk_size", "client_memory_mb", "compile", "ray_address", "ray_workers", "seed", "out", "checkpoint_every", "progress", "loggers"),
+    "Execution": ("backend", "chunk_size", "client_memory_mb", "compile", "ray_address", "ray_workers", "seed", "out",
+                  "checkpoint_every", "progress", "loggers"),
 }
 ALGORITHM_SECTION = "Algorithm"
 

@@ -14,7 +14,8 @@ from metafed import tree
 from metafed.algorithms.base import FederatedAlgorithm, ServerState
 from metafed.aggregate import RoundSkipped, cap_sample_weights
 from metafed.asynchrony import AsyncServer
-from metafed.attacks import DEFAULT_SCALE, backdoor_accuracy, corrupt_updates
+from metafed.aggregate.robust import flatten_messages, unflatten_message
+from metafed.attacks import DEFAULT_SCALE, backdoor_accuracy, choose_free_riders, corrupt_updates
 from metafed.backends.base import Backend, ClientTask
 from metafed.client_store import ClientStore
 from metafed.compression import make_compression
@@ -22,6 +23,7 @@ from metafed.config import RunConfig
 from metafed.data.federated import FederatedDataset
 from metafed.data.schedule import poisson_sample_clients, program_schedule, sample_clients
 from metafed.eval import HELDOUT_ADAPT_STEPS, Evaluator, evaluation_sample
+from metafed.incentive.contribution import PREVIOUS_STEP, ContributionMeter, validation_split
 from metafed.pools import ClientPool, RoundReplies, SimulationPool
 from metafed.privacy.accountant import PrivacyAccountant, calibrate_noise
 from metafed.privacy.dp import ClientDP
@@ -70,6 +72,16 @@ class Federation:
                              f"clients per round; raise --clients-per-round or lower --byzantine-f")
         self._run_id = os.urandom(16)  # binds secure-aggregation sessions to this run
         self._cohort: list[int] = []
+        self.meter, self.settlement = self._contribution_meter(), None
+        self.free_riders = choose_free_riders(self.pool.num_clients, self.cfg.free_riders, self.cfg.seed)
+
+    def _contribution_meter(self) -> ContributionMeter | None:
+        cfg = self.cfg
+        if cfg.contribution is None:
+            return None
+        validation = validation_split(self.dataset, cfg.validation_size, cfg.seed)
+        return ContributionMeter(cfg.contribution, self.algorithm, validation, cfg.reward_budget, cfg.reward_floor,
+                                 cfg.seed, cfg.shapley_permutations)
 
     def _privacy(self) -> tuple[ClientDP | None, PrivacyAccountant | None]:
         cfg = self.cfg
@@ -176,8 +188,13 @@ class Federation:
             log.warning("round %d skipped, the model is unchanged: %s", rnd, e)
             metrics["round_skipped"] = 1
             aggregate = None
+        self.settlement = None
         if aggregate is not None:
+            if self.meter is not None:
+                self._settle(received, rnd, metrics)
             self.state = alg.server_update(self.state, aggregate, rnd)
+            if self.meter is not None or self.free_riders:
+                self._remember_step(received)
         if self.dp is not None:
             self._charge_round(metrics)  # a sampled cohort was charged whatever happened next
         return metrics
@@ -188,6 +205,7 @@ class Federation:
         protocol masks them (``replies.outputs`` has no upload): nothing to check here, the
         fixed-point range bounds what each can contribute."""
         ids, outputs, losses = replies.ids, self._attack(replies.outputs, replies.ids, rnd), replies.losses
+        outputs = self._free_ride(outputs, ids, rnd)
         sent = {k: v for k, v in outputs.items() if k not in ("state", "metrics")}  # what clients upload
         # what travelled, rejected replies included: the encoded sizes of compressed uploads
         encoded = outputs.get("metrics", {}).get("upload_bytes")
@@ -259,6 +277,49 @@ class Federation:
         sent = {k: v for k, v in outputs.items() if k not in ("state", "metrics")}
         corrupted = corrupt_updates(self.cfg.attack, sent, bad, scale, self._round_generator(rnd, 10))
         return {**outputs, **corrupted}
+
+    # ------------------------------------------------------------------ incentives
+    def _previous_step(self) -> torch.Tensor | None:
+        """[D] the last round's mean accepted upload (float64), kept in the server state."""
+        step = self.state.extra.get(PREVIOUS_STEP)
+        return None if step is None else step.double()
+
+    def _remember_step(self, got: "Received") -> None:
+        rows, _ = flatten_messages(got.kept)  # [n, D]
+        w = got.weights.to(torch.float64)
+        step = (w[:, None] * rows).sum(0) / w.sum()
+        self.state = replace(self.state, extra={**self.state.extra, PREVIOUS_STEP: step.float()})
+
+    def _settle(self, got: "Received", rnd: int, metrics: dict) -> None:
+        """Contributions, free-rider flags and rewards of the round's accepted uploads,
+        measured against the state the round started from (metafed.incentive)."""
+        self.meter.previous_step = self._previous_step()
+        self.settlement = self.meter.settle(self.state, got.kept, got.ids, got.weights, rnd)
+        metrics.update(rewards_paid=float(self.settlement.rewards.sum()),
+                       free_riders_flagged=sum(bool(f) for f in self.settlement.flags),
+                       contribution_evaluations=self.settlement.evaluations)
+
+    def _free_ride(self, outputs: dict, ids: list[int], rnd: int) -> dict:
+        """Simulated free-riders replace what they send (``--free-riders``, ``--free-ride``)."""
+        riders = [i for i, c in enumerate(ids) if c in self.free_riders]
+        if not riders:
+            return outputs
+        sent = {k: v for k, v in outputs.items() if k not in ("state", "metrics")}
+        x, layout = flatten_messages(sent)  # [C, D] float64
+        honest = [i for i in range(len(ids)) if i not in riders]
+        how, gen = self.cfg.free_ride, self._round_generator(rnd, 24)
+        for i in riders:
+            if how == "zero" or (how in ("copy", "noise") and not honest):
+                x[i] = 0.0
+            elif how == "noise":
+                scale = float(x[honest].norm(dim=1).median()) / x.shape[1] ** 0.5
+                x[i] = torch.randn(x.shape[1], generator=gen, dtype=x.dtype) * scale
+            elif how == "replay":
+                previous = self._previous_step()
+                x[i] = previous if previous is not None else 0.0
+            else:  # copy an honest client of this round
+                x[i] = x[honest[int(torch.randint(len(honest), (1,), generator=gen))]]
+        return {**outputs, **unflatten_message(x, layout, tree.nested_leaves(sent)[0].dtype)}
 
     def _root_update(self, program, broadcast: dict, rnd: int) -> dict:
         """FLTrust: the server's own update on its small root dataset. The root set is a

@@ -131,6 +131,9 @@ def check_deployable(cfg: RunConfig) -> None:
         raise ConfigError("--mode async runs on a simulated clock for now: deployment rounds are synchronous")
     if cfg.compress is not None:
         raise ConfigError("--compress is simulated for now: in deployment uploads travel as dense float32 (remove it)")
+    if cfg.contribution is not None or cfg.free_riders:
+        raise ConfigError("--contribution and --free-riders run in simulation for now: the deployment keeps no "
+                          "ledger yet (remove them)")
     if cfg.aggregator == "fltrust":
         raise ConfigError("fltrust needs a root dataset held by the server; in deployment the server holds no "
                           "data: choose another robust aggregator")
@@ -215,6 +218,7 @@ def _run(cfg: RunConfig, resume, overwrite: bool, pool, own: tuple, held: ExitSt
         if isinstance(fed.pool, SimulationPool):
             fed.clients = _client_store(fed.cfg, run_dir)
     cfg = fed.cfg
+    ledger = _open_ledger(cfg, run_dir, resume is not None) if fed.meter is not None and run_dir else None
     if run_dir:  # on resume too: rounds (or another resumable setting) may have changed
         write_text_atomic(run_dir / CONFIG_FILE, yaml.safe_dump(grouped_config(cfg), sort_keys=False))
     if cfg.progress and isinstance(fed.pool, SimulationPool):
@@ -242,6 +246,8 @@ def _run(cfg: RunConfig, resume, overwrite: bool, pool, own: tuple, held: ExitSt
                 metrics, per_client = fed.evaluate(rnd)
                 row.update(metrics)
                 tracker.log_clients(rnd, per_client)
+            if ledger is not None and fed.settlement is not None:
+                ledger.append(rnd, fed.settlement.records())
             elapsed += time.perf_counter() - t0
             row.update(wall_time_s=round(elapsed, 4), bytes_up_total=bytes_up, bytes_down_total=bytes_down)
             if fed.dp is not None:
@@ -251,7 +257,10 @@ def _run(cfg: RunConfig, resume, overwrite: bool, pool, own: tuple, held: ExitSt
             tracker.log(row)
             trackers.log(row)
             if run_dir and (rnd % cfg.checkpoint_every == 0 or rnd == cfg.rounds):
-                save_checkpoint(run_dir, rnd, fed.state, fed.clients, {"wall_time_s": elapsed})
+                meta = {"wall_time_s": elapsed}
+                if ledger is not None:
+                    meta.update(ledger_entries=ledger.count, ledger_head=ledger.head)
+                save_checkpoint(run_dir, rnd, fed.state, fed.clients, meta)
             if bar is not None:
                 bar.update(bar.task_id, completed=rnd, description=_describe(row))
     params = fed.algorithm.global_params(fed.state)
@@ -343,6 +352,22 @@ def _restore(cfg: RunConfig, run_dir: Path, pool=None, own: tuple = ()) -> tuple
 
 
 LABEL_CLIENTS = 200  # label histograms kept in summary.json and plotted: the first clients by id
+
+
+def _open_ledger(cfg: RunConfig, run_dir: Path, resumed: bool):
+    """The run's ledger (metafed.incentive.ledger); on resume it continues after the entries
+    the last checkpoint committed (later ones belong to a round that did not commit)."""
+    from metafed.checkpoint import read_pointer
+    from metafed.incentive.ledger import KEY_FILE, Ledger, LedgerError, load_or_create_key
+
+    try:
+        ledger = Ledger(run_dir, load_or_create_key(Path(cfg.ledger_key) if cfg.ledger_key else run_dir / KEY_FILE))
+        if resumed:
+            meta = read_pointer(run_dir)
+            ledger.resume(int(meta.get("ledger_entries", 0)), str(meta.get("ledger_head", "")))
+    except LedgerError as e:
+        raise CheckpointError(str(e)) from None
+    return ledger
 
 
 def _cap_bytes(cfg: RunConfig) -> int | None:

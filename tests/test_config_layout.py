@@ -29,7 +29,7 @@ def test_every_config_key_is_a_flag_with_its_help_and_default():
         assert param.show_default not in (None, False, ""), key
         assert param.default is None, f"{key}: a flag must default to 'not given' so the YAML file applies"
     assert params["lr"].show_default == "0.1" and params["hidden"].show_default == "200"
-    assert params["dataset"].help.endswith("(digits | mnist | femnist | shakespeare | synthetic)")
+    assert params["dataset"].help.endswith("(digits | mnist | femnist | shakespeare | synthetic | w1)")
 
 
 def test_every_key_is_in_exactly_one_section_and_algorithm_params_match_the_registry():
