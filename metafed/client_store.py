@@ -98,6 +98,10 @@ class ClientStore:
     def __len__(self) -> int:
         return len(set(self._mem) | set(self._where))
 
+    def ids(self) -> list[int]:
+        """The clients with a stored state, in id order."""
+        return sorted(set(self._mem) | set(self._where))
+
     def __contains__(self, client_id: int) -> bool:
         return client_id in self._mem or client_id in self._where
 
@@ -251,9 +255,8 @@ class ClientStore:
     # ------------------------------------------------------------------ whole-store views
     def to_tensors(self) -> dict[str, Tensor]:
         """Every client's state as flat tensors ``<client id>/<path>`` (reads spilled ones)."""
-        ids = sorted(set(self._mem) | set(self._where))
         return tree.nested_flatten({str(c): self._mem[c] if c in self._mem else self._read(self._where[c], c)
-                                    for c in ids})
+                                    for c in self.ids()})
 
     def moved_to(self, folder: Path, memory_cap: int | None = None) -> "ClientStore":
         """This store's states in a store on ``folder`` (all of them to be written at the next

@@ -34,7 +34,7 @@ NEEDS = {
     "fltrust_root_size": ("aggregator", "--aggregator fltrust"),
     "clip_tau": ("aggregator", "--aggregator centered-clipping"),
     "ray_address": ("backend", "--backend ray"), "ray_workers": ("backend", "--backend ray"),
-    "validation_size": ("contribution", "--contribution"), "shapley_permutations": ("contribution", "--contribution"),
+    "validation_size": ("contribution", "--contribution"), "contribution_utility": ("contribution", "--contribution"), "shapley_permutations": ("contribution", "--contribution"),
     "reward_budget": ("contribution", "--contribution"), "reward_floor": ("contribution", "--contribution"),
     "ledger_key": ("contribution", "--contribution"), "free_ride": ("free_riders", "--free-riders"),
 }
@@ -192,6 +192,9 @@ class RunConfig(BaseModel):
         description="measure each client's contribution every round, pay rewards by it and keep a signed ledger "
                     "(RUN_DIR/ledger.jsonl): size (sample share), loo (leave-one-out), shapley (GTG-Shapley), "
                     "shapley-exact (<= 14 clients per round)")
+    contribution_utility: Literal["accuracy", "loss"] = Field("accuracy",
+        description="what a coalition's model is worth: its accuracy on the server's validation split, or minus "
+                    "its mean loss there (smoother: fewer ties between coalitions)")
     validation_size: int = Field(500, ge=10, description="samples in the server's validation split that "
                                  "contributions are measured on")
     shapley_permutations: Optional[int] = Field(None, ge=1,

@@ -64,7 +64,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "Aggregation and attacks": ("aggregator", "byzantine_f", "clip_tau", "fltrust_root_size", "attention_score",
                                 "attention_temperature", "max_sample_weight", "sample_weight_cap", "attack",
                                 "malicious_fraction", "attack_scale", "backdoor_target"),
-    "Incentives": ("contribution", "validation_size", "shapley_permutations", "reward_budget", "reward_floor",
+    "Incentives": ("contribution", "contribution_utility", "validation_size", "shapley_permutations", "reward_budget", "reward_floor",
                    "ledger_key", "free_riders", "free_ride"),
     "Privacy": ("dp", "dp_clip", "dp_noise_multiplier", "target_epsilon", "dp_delta", "dp_accountant",
                 "dp_adaptive_clip", "dp_target_quantile", "dp_clip_lr", "dp_count_noise",

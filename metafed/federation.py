@@ -81,7 +81,7 @@ class Federation:
             return None
         validation = validation_split(self.dataset, cfg.validation_size, cfg.seed)
         return ContributionMeter(cfg.contribution, self.algorithm, validation, cfg.reward_budget, cfg.reward_floor,
-                                 cfg.seed, cfg.shapley_permutations)
+                                 cfg.seed, cfg.shapley_permutations, value=cfg.contribution_utility)
 
     def _privacy(self) -> tuple[ClientDP | None, PrivacyAccountant | None]:
         cfg = self.cfg

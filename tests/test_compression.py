@@ -68,7 +68,7 @@ def test_bytes_up_is_the_encoded_size_and_resume_keeps_the_residuals(tmp_path):
     d = sum(v.numel() for v in full.params.values())
     assert full.rows[0]["bytes_up"] == full.rows[0]["clients_used"] * 8 * math.ceil(0.05 * d)
     store = full.federation.clients
-    assert all(store.private(c, RESIDUAL) is not None for c in store._states)
+    assert all(store.private(c, RESIDUAL) is not None for c in store.ids())
     out = tmp_path / "run"
     run(cfg.model_copy(update={"rounds": 2, "out": out}))
     resumed = run(small_config(rounds=4), resume=out)

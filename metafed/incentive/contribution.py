@@ -1,8 +1,8 @@
 """Measuring each client's contribution to a round, and settling the round: contributions,
 free-rider flags, rewards (``--contribution size|loo|shapley|shapley-exact``).
 
-The utility of a coalition S of the round's accepted clients is the score (accuracy by
-default) on the server's validation split of the model the server would hold had it
+The utility of a coalition S of the round's accepted clients is the score (accuracy, or
+minus the mean loss with ``--contribution-utility loss``) on the server's validation split of the model the server would hold had it
 aggregated only S's updates: the sample-weighted (or uniform, per ``--weighting``) mean
 of their updates, passed through the algorithm's own server update (server optimizer,
 Reptile step, ...). The empty coalition is the current global model. No retraining: every
@@ -88,12 +88,12 @@ class ContributionMeter:
     """Settles rounds for a federation: see the module docstring."""
 
     def __init__(self, kind: str, algorithm, validation: tuple[Tensor, Tensor], budget: float, floor: float,
-                 seed: int, max_permutations: int | None = None, eps: float = 1e-3):
+                 seed: int, max_permutations: int | None = None, eps: float = 1e-3, value: str = "accuracy"):
         if kind not in CONTRIBUTIONS:
             raise ValueError(f"unknown contribution measure {kind!r}; choose one of {', '.join(CONTRIBUTIONS)}")
         self.kind, self.algorithm, self.validation = kind, algorithm, validation
         self.budget, self.floor, self.seed = budget, floor, seed
-        self.max_permutations, self.eps = max_permutations, eps
+        self.max_permutations, self.eps, self.value = max_permutations, eps, value
         self.previous_step: Tensor | None = None  # [D] last round's aggregated upload (replay detection)
 
     def utility(self, state, rows: Tensor, weights: Tensor, layout, reference: dict, rnd: int):
@@ -110,7 +110,10 @@ class ContributionMeter:
                 mean = (w[:, None] * rows[idx]).sum(0) / w.sum()  # [D]
                 params = alg.global_params(alg.server_update(state, unflatten_like(mean, layout, reference), rnd))
             with torch.no_grad():
-                return float(model.sample_score(model.apply(params, vx), vy).double().mean())
+                outputs = model.apply(params, vx)
+                if self.value == "loss":
+                    return -float(model.sample_loss(outputs, vy).double().mean())
+                return float(model.sample_score(outputs, vy).double().mean())
 
         return CachedUtility(u)
 
