@@ -129,8 +129,6 @@ def check_deployable(cfg: RunConfig) -> None:
         raise ConfigError("attacks, dropout and stragglers are simulated: in deployment they are real, remove them")
     if cfg.mode == "async":
         raise ConfigError("--mode async runs on a simulated clock for now: deployment rounds are synchronous")
-    if cfg.compress is not None:
-        raise ConfigError("--compress is simulated for now: in deployment uploads travel as dense float32 (remove it)")
     if cfg.contribution is not None or cfg.free_riders:
         raise ConfigError("--contribution and --free-riders run in simulation for now: the deployment keeps no "
                           "ledger yet (remove them)")

@@ -36,7 +36,7 @@ def test_error_feedback_conserves_what_clients_computed():
     residual, sent, truth = None, torch.zeros(3, 50, dtype=torch.float64), torch.zeros(3, 50, dtype=torch.float64)
     for t in range(6):
         x = torch.randn(3, 50, generator=_gen(t), dtype=torch.float64)
-        decoded, residual, _ = comp.apply({"update": {"w": x}}, residual, _gen(99))
+        decoded, residual, _ = comp.apply({"update": {"w": x}}, residual, 99, t, [0, 1, 2])
         sent += decoded["update"]["w"].double()
         truth += x
         assert int((decoded["update"]["w"] != 0).sum(1).max()) <= 5  # k = 10 % of 50 per client
@@ -93,5 +93,32 @@ def test_combinations_that_cannot_work_are_refused():
         build_config(error_feedback=True)
     with pytest.raises(ConfigError, match="expected identity, randk:F"):
         build_config(compress="topk:2")
-    with pytest.raises(ConfigError, match="simulated for now"):
-        check_deployable(build_config(compress="q8"))
+    check_deployable(build_config(compress="q8"))  # compressed uploads run in deployment too
+
+
+@pytest.mark.parametrize("spec", ["identity", "randk:0.1", "topk:0.05", "qsgd:3", "qsgd:16", "q8", "q4"])
+def test_a_client_encodes_alone_what_the_batch_encodes_and_the_server_decodes_its_bytes(spec):
+    """Deployment: one client's bytes (encode_one, with its residual) decode at the server
+    (decode_one) to exactly its row of the simulation's batched apply; new residuals equal."""
+    comp = UploadCompression(parse_compressor(spec), error_feedback=True)
+    x = torch.randn(3, 120, generator=_gen(5), dtype=torch.float64)
+    residuals = torch.randn(3, 120, generator=_gen(6), dtype=torch.float64) * 0.1
+    decoded, new_residuals, size = comp.apply({"u": x}, residuals, 7, 4, [10, 11, 12])
+    for i, client in enumerate((10, 11, 12)):
+        blob, residual = comp.encode_one(x[i], residuals[i], 7, 4, client)
+        assert len(blob) == size
+        torch.testing.assert_close(comp.decode_one(blob, 120, 7, 4).float(), decoded["u"][i], atol=0, rtol=0)
+        torch.testing.assert_close(residual, new_residuals[i], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("spec, corrupt, problem", [
+    ("topk:0.05", lambda b: b[:-1], "expected"),
+    ("topk:0.05", lambda b: b[:-4] + (10**6).to_bytes(4, "little"), "distinct coordinates"),
+    ("q8", lambda b: b"\x00\x00\xc0\x7f" + b[4:], "NaN or Inf"),
+    ("qsgd:4", lambda b: b[:4] + b"\xff" * (len(b) - 4), "levels must lie"),
+])
+def test_a_malformed_encoded_upload_is_refused(spec, corrupt, problem):
+    comp = UploadCompression(parse_compressor(spec))
+    blob, _ = comp.encode_one(torch.randn(100, generator=_gen(1), dtype=torch.float64), None, 0, 1, 0)
+    with pytest.raises(ValueError, match=problem):
+        comp.decode_one(corrupt(blob), 100, 0, 1)

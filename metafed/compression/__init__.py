@@ -4,8 +4,9 @@
 send last time (its residual, kept as client state and checkpointed) before encoding, and
 keeps the new difference: over rounds, everything a client computed is eventually sent.
 
-Simulation only for now: in deployment the Flower messages still carry dense float32 (the
-config refuses the combination), and compression is refused with DP and secure
+In deployment the ClientApp encodes (:meth:`UploadCompression.encode_one`, the residual on
+the node's disk) and the reply carries the encoded bytes; the server checks and decodes
+them (:meth:`UploadCompression.decode_one`). Compression is refused with DP and secure
 aggregation, whose guarantees are stated for the dense message.
 """
 from __future__ import annotations
@@ -28,17 +29,52 @@ class UploadCompression:
     error_feedback: bool = False
 
     def round_generator(self, seed: int, rnd: int) -> torch.Generator:
-        """Seeded per round (stream 15): random-k's shared coordinates, QSGD's rounding."""
-        return torch.Generator().manual_seed(int(np.random.default_rng([seed, 15, rnd]).integers(2 ** 62)))
+        """Seeded per round (stream 15): random-k's coordinates, shared by every client."""
+        return _generator(np.random.default_rng([seed, 15, rnd]))
 
-    def apply(self, sent: dict, residuals: Tensor | None, gen: torch.Generator) -> tuple[dict, Tensor | None, int]:
-        """Stacked uploads [C, ...] -> (what the server decodes [C, ...], the new residuals
-        [C, D] with error feedback, the encoded bytes of one client's message)."""
+    def client_generator(self, seed: int, rnd: int, client: int) -> torch.Generator:
+        """The randomness an encoder draws for one client's message: the round's shared
+        stream for random-k, the client's own (stream 16) for QSGD's stochastic rounding,
+        so that a client encodes the same bits in simulation and on its own node."""
+        if isinstance(self.encoder, QSGD):
+            return _generator(np.random.default_rng([seed, 16, rnd, client]))
+        return self.round_generator(seed, rnd)
+
+    def apply(self, sent: dict, residuals: Tensor | None, seed: int, rnd: int,
+              clients: list[int]) -> tuple[dict, Tensor | None, int]:
+        """Stacked uploads [C, ...] of ``clients`` -> (what the server decodes [C, ...], the
+        new residuals [C, D] with error feedback, the encoded bytes of one client's message).
+        Encoders without per-client randomness run batched over the C rows."""
         x, layout = flatten_messages(sent)  # [C, D] float64
+        d = x.shape[1]
         target = x + residuals if residuals is not None else x
-        decoded = self.encoder.decode(self.encoder.encode(target, gen), x.shape[1])  # [C, D]
+        if isinstance(self.encoder, QSGD):
+            decoded = torch.cat([self.encoder.decode(self.encoder.encode(
+                target[i:i + 1], self.client_generator(seed, rnd, c)), d) for i, c in enumerate(clients)])
+        else:
+            decoded = self.encoder.decode(self.encoder.encode(target, self.round_generator(seed, rnd)), d)  # [C, D]
         new_residuals = target - decoded if self.error_feedback else None
-        return unflatten_message(decoded, layout), new_residuals, self.encoder.packed_bytes(x.shape[1])
+        return unflatten_message(decoded, layout), new_residuals, self.encoder.packed_bytes(d)
+
+    def encode_one(self, x: Tensor, residual: Tensor | None, seed: int, rnd: int,
+                   client: int) -> tuple[bytes, Tensor | None]:
+        """Where a client runs (deployment): its flat upload x [D] (float64) -> (the bytes it
+        sends, its new residual [D] under error feedback). Same bits as :meth:`apply`'s row."""
+        target = (x + residual if residual is not None else x)[None]  # [1, D]
+        payload = self.encoder.encode(target, self.client_generator(seed, rnd, client))
+        decoded = self.encoder.decode(payload, x.shape[0])[0]
+        return self.encoder.pack(payload, 0), (target[0] - decoded if self.error_feedback else None)
+
+    def decode_one(self, blob: bytes, d: int, seed: int, rnd: int) -> Tensor:
+        """At the server: one client's bytes -> its decoded upload [D] (float64). Raises
+        ValueError on a message of the wrong size or with out-of-range content."""
+        if len(blob) != self.encoder.packed_bytes(d):
+            raise ValueError(f"encoded upload of {len(blob)} bytes, expected {self.encoder.packed_bytes(d)}")
+        return self.encoder.decode(self.encoder.unpack(blob, d, self.round_generator(seed, rnd)), d)[0]
+
+
+def _generator(rng: np.random.Generator) -> torch.Generator:
+    return torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
 
 
 def make_compression(spec: str | None, error_feedback: bool) -> UploadCompression | None:

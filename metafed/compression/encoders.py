@@ -1,7 +1,9 @@
 """Update compressors, batched over clients: ``encode`` runs where the clients run (rows of
 x [C, D], one flattened upload per client), ``decode`` at the server, and ``packed_bytes``
 is the exact size of one client's encoded message. ``pack`` writes that message as bytes
-(numpy bit packing), so the count is a tested fact, not an estimate.
+(numpy bit packing), so the count is a tested fact, not an estimate; ``unpack`` reads one
+back at the server (deployment), checking what it can (finite values, index and level
+ranges) and raising ValueError on a malformed message.
 
 - ``identity``: float32 values, 4 D bytes.
 - ``randk:F`` (random-k): k = ceil(F D) coordinates drawn from a per-round seed that every
@@ -48,6 +50,9 @@ class Identity:
     def pack(self, payload: dict, i: int) -> bytes:
         return payload["values"][i].numpy().astype("<f4").tobytes()
 
+    def unpack(self, blob: bytes, d: int, gen: torch.Generator) -> dict:
+        return {"values": _floats(blob, 0, d)[None]}
+
 
 @dataclass(frozen=True)
 class RandomK:
@@ -74,6 +79,10 @@ class RandomK:
     def pack(self, payload: dict, i: int) -> bytes:
         return payload["values"][i].numpy().astype("<f4").tobytes()
 
+    def unpack(self, blob: bytes, d: int, gen: torch.Generator) -> dict:
+        """The coordinates are not sent: the server draws the round's shared ones itself."""
+        return {"values": _floats(blob, 0, _k(self.fraction, d))[None], "idx": self.indices(d, gen)}
+
 
 @dataclass(frozen=True)
 class TopK:
@@ -94,6 +103,13 @@ class TopK:
 
     def pack(self, payload: dict, i: int) -> bytes:
         return payload["values"][i].numpy().astype("<f4").tobytes() + payload["idx"][i].numpy().astype("<i4").tobytes()
+
+    def unpack(self, blob: bytes, d: int, gen: torch.Generator) -> dict:
+        k = _k(self.fraction, d)
+        idx = torch.from_numpy(np.frombuffer(blob, dtype="<i4", count=k, offset=4 * k).astype(np.int32))
+        if bool((idx < 0).any() | (idx >= d).any()) or len(torch.unique(idx)) != k:
+            raise ValueError(f"top-k indices must be {k} distinct coordinates in [0, {d})")
+        return {"values": _floats(blob, 0, k)[None], "idx": idx[None]}
 
 
 @dataclass(frozen=True)
@@ -127,6 +143,17 @@ class QSGD:
         fields = np.concatenate([payload["negative"][i].numpy()[:, None], bits.astype(bool)], axis=1)
         return payload["norm"][i].numpy().astype("<f4").tobytes() + np.packbits(fields.reshape(-1)).tobytes()
 
+    def unpack(self, blob: bytes, d: int, gen: torch.Generator) -> dict:
+        norm = _floats(blob, 0, 1)
+        if float(norm[0]) < 0:
+            raise ValueError("QSGD norm must be non-negative")
+        fields = _bits(blob, 4, d * (1 + self.level_bits)).reshape(d, 1 + self.level_bits)
+        level = (fields[:, 1:].astype(np.uint32) << np.arange(self.level_bits, dtype=np.uint32)).sum(1)
+        if int(level.max(initial=0)) > self.levels:
+            raise ValueError(f"QSGD levels must lie in 0..{self.levels}")
+        return {"norm": norm, "level": torch.from_numpy(level.astype(np.int32))[None],
+                "negative": torch.from_numpy(fields[:, 0].astype(bool))[None]}
+
 
 @dataclass(frozen=True)
 class Uniform:
@@ -152,6 +179,27 @@ class Uniform:
         bits = ((code[:, None] >> np.arange(self.bits, dtype=np.uint32)) & 1).astype(bool)
         head = np.array([payload["lo"][i].item(), payload["hi"][i].item()], dtype="<f4").tobytes()
         return head + np.packbits(bits.reshape(-1)).tobytes()
+
+    def unpack(self, blob: bytes, d: int, gen: torch.Generator) -> dict:
+        lo_hi = _floats(blob, 0, 2)
+        if float(lo_hi[0]) > float(lo_hi[1]):
+            raise ValueError("quantization range: min above max")
+        bits = _bits(blob, 8, d * self.bits).reshape(d, self.bits).astype(np.uint32)
+        code = (bits << np.arange(self.bits, dtype=np.uint32)).sum(1)
+        return {"lo": lo_hi[:1], "hi": lo_hi[1:], "code": torch.from_numpy(code.astype(np.int32))[None]}
+
+
+def _floats(blob: bytes, offset: int, count: int) -> Tensor:
+    """``count`` little-endian float32 at ``offset``, checked finite."""
+    values = torch.from_numpy(np.frombuffer(blob, dtype="<f4", count=count, offset=offset).astype(np.float32))
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError("encoded values hold NaN or Inf")
+    return values
+
+
+def _bits(blob: bytes, offset: int, count: int) -> np.ndarray:
+    """The first ``count`` bits after ``offset`` bytes (numpy's big-endian bit order, as packed)."""
+    return np.unpackbits(np.frombuffer(blob, dtype=np.uint8, offset=offset))[:count]
 
 
 def parse_compressor(spec: str):

@@ -6,7 +6,9 @@ Messages (``message_type`` / content):
   ``LocalProgram`` with the loop backend exactly as the simulation would (same seeded
   schedule), keep the personal state on the node's disk, reply the uploaded arrays.
   With ``upload`` (local DP) the client clips and noises before replying; with ``hold``
-  (secure aggregation) it keeps the upload in node memory and replies only its metadata.
+  (secure aggregation) it keeps the upload in node memory and replies only its metadata;
+  under ``--compress`` it replies the encoded bytes (``encoded``), its error-feedback
+  residual kept on the node's disk.
 - ``query.secagg`` {"config", "secagg"}: one stage of secure aggregation (``secagg_wire``).
 - ``evaluate`` {"config", "broadcast"}: score the global and personalized model on the
   node's test split; reply counts only.
@@ -99,6 +101,9 @@ class MetafedClient:
         if bool(msg.content["config"].get("hold", False)):  # secure aggregation: masked later, sent only masked
             hold_upload(context.state, rnd, sent)
             return Message(RecordDict({"meta": MetricRecord(metrics)}), reply_to=msg)
+        if node.cfg.compress is not None:  # encode here; only the encoded bytes travel
+            return Message(RecordDict({"encoded": _encode(node, sent, rnd), "meta": MetricRecord(metrics)}),
+                           reply_to=msg)
         return Message(RecordDict({"upload": to_records(sent), "meta": MetricRecord(metrics)}), reply_to=msg)
 
     def secagg(self, msg: Message, context: Context) -> Message:
@@ -126,6 +131,24 @@ class MetafedClient:
                                          node.load_state(broadcast), steps, node.cfg.eval_train_loss)
         return Message(RecordDict({"scores": MetricRecord({"round": rnd, "client": node.client_id, **scores})}),
                        reply_to=msg)
+
+
+def _encode(node: Node, sent: dict, rnd: int):
+    """The client's compressed upload (``--compress``), with its error-feedback residual kept
+    on the node's disk: one uint8 array holding exactly the encoder's packed bytes."""
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+
+    from metafed.aggregate.robust import flatten_messages
+    from metafed.compression import make_compression
+
+    comp = make_compression(node.cfg.compress, node.cfg.error_feedback)
+    x, _ = flatten_messages(tree.nested_map(lambda v: v[None], sent))  # [1, D] float64
+    residual = node.load_residual() if comp.error_feedback else None
+    blob, new_residual = comp.encode_one(x[0], residual, node.cfg.seed, rnd, node.client_id)
+    if new_residual is not None:
+        node.save_residual(new_residual)
+    return ArrayRecord({"bytes": Array(np.frombuffer(blob, dtype=np.uint8).copy())})
 
 
 def make_client_app(load: Callable[[str, Context], Node] = builtin_node) -> ClientApp:

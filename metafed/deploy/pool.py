@@ -18,6 +18,7 @@ from metafed.backends.loop import LoopBackend
 from metafed.client_store import ClientStore
 from metafed.config import RunConfig
 from metafed.aggregate.robust import unflatten_like
+from metafed.compression import make_compression
 from metafed.deploy.secagg_wire import bound_session, read_reply, round_setup, stage_request, sum_layout
 from metafed.deploy.wire import BadReply, finite_number, from_records, layout, to_records
 from metafed.eval import (HELDOUT_ADAPT_STEPS, combine_client_evaluations, combine_new_client_evaluations,
@@ -43,6 +44,7 @@ class FlowerPool:
         self.config_json = cfg.model_dump_json()
         self.clients = ClientStore()  # stays empty: personal states live on the nodes' disks
         self.algorithm: FederatedAlgorithm | None = None  # set by the round loop's builder
+        self.compression = make_compression(cfg.compress, cfg.error_feedback)  # uploads arrive encoded
         self._layouts: dict[LocalProgram, dict] = {}
         self._register(num_nodes, connect_timeout)
 
@@ -201,9 +203,42 @@ class FlowerPool:
             raise BadReply(f"node {_src(r)} answers for client {cid}, which it did not register as")
         loss = finite_number(meta["loss"], "loss")
         n = finite_number(meta["num_samples"], "num_samples", 1.0)
-        upload = from_records(r.content["upload"], expected) if expected is not None else {}
+        if expected is None:
+            upload = {}
+        elif self.compression is not None:
+            upload = self._decode(r.content["encoded"], expected, rnd)
+        else:
+            upload = from_records(r.content["upload"], expected)
         metrics = {k.removeprefix("metric/"): finite_number(v, k) for k, v in meta.items() if k.startswith("metric/")}
+        if expected is not None and self.compression is not None:
+            metrics["upload_bytes"] = float(self._encoded_bytes)  # what travelled: bytes_up counts it
         return cid, upload, loss, n, metrics
+
+    def _decode(self, record, expected: dict, rnd: int) -> dict:
+        """A compressed reply: exactly the encoder's byte count, decoded to the upload's
+        layout (``expected``, flat key -> (shape, dtype)); its size goes to ``bytes_up``."""
+        from flwr.app import ArrayRecord
+
+        items = dict(record.items()) if isinstance(record, ArrayRecord) else {}
+        if set(items) != {"bytes"}:
+            raise BadReply("a compressed reply carries one array, 'bytes'")
+        blob = items["bytes"].numpy()
+        if blob.dtype != np.uint8 or blob.ndim != 1:
+            raise BadReply(f"encoded upload must be a uint8 vector, got {blob.dtype} {blob.shape}")
+        order = sorted(expected)
+        d = sum(int(np.prod(expected[k][0])) for k in order)
+        try:
+            x = self.compression.decode_one(blob.tobytes(), d, self.cfg.seed, rnd)
+        except ValueError as e:
+            raise BadReply(f"encoded upload: {e}") from None
+        out, pos = {}, 0
+        for k in order:  # flatten_messages' layout: sorted flat keys
+            shape, dtype = expected[k]
+            size = int(np.prod(shape))
+            out[k] = x[pos: pos + size].reshape(shape).to(dtype)
+            pos += size
+        self._encoded_bytes = len(blob)  # read by the caller for this reply's metrics
+        return tree.nested_unflatten(out)
 
     # ------------------------------------------------------------------ secure aggregation
     def secure_sum(self, rnd: int, run_id: bytes, cohort: list[int], ids: list[int], rows, transform: UploadTransform,

@@ -83,7 +83,7 @@ class SimulationPool:
             zero = torch.zeros(d, dtype=torch.float64)
             residuals = torch.stack([self.clients.private(c, RESIDUAL) if self.clients.private(c, RESIDUAL)
                                      is not None else zero for c in ids])
-        decoded, new_residuals, size = comp.apply(sent, residuals, comp.round_generator(self.cfg.seed, rnd))
+        decoded, new_residuals, size = comp.apply(sent, residuals, self.cfg.seed, rnd, ids)
         if new_residuals is not None:
             self._pending_residuals = {c: new_residuals[i] for i, c in enumerate(ids)}
         metrics = {**outputs.get("metrics", {}), "upload_bytes": torch.full((len(ids),), float(size))}
