@@ -36,6 +36,7 @@ NEEDS = {
     "ray_address": ("backend", "--backend ray"), "ray_workers": ("backend", "--backend ray"),
     "validation_size": ("contribution", "--contribution"), "contribution_utility": ("contribution", "--contribution"), "shapley_permutations": ("contribution", "--contribution"),
     "reward_budget": ("contribution", "--contribution"), "reward_floor": ("contribution", "--contribution"),
+    "reward_memory": ("contribution", "--contribution"),
     "ledger_key": ("contribution", "--contribution"), "free_ride": ("free_riders", "--free-riders"),
 }
 
@@ -200,6 +201,9 @@ class RunConfig(BaseModel):
     shapley_permutations: Optional[int] = Field(None, ge=1,
         description="GTG-Shapley: most permutations per round (default max(50, 10 x clients))")
     reward_budget: float = Field(100.0, ge=0, description="reward paid out each round, split by contribution")
+    reward_memory: float = Field(0.8, ge=0, lt=1,
+        description="rewards follow each client's reputation, a moving average of its contributions: r <- m r + "
+                    "(1 - m) contribution per round taken part in (0: this round's contribution alone)")
     reward_floor: float = Field(0.0, ge=0, le=1,
         description="share of the budget split equally among the clients not flagged as free-riders")
     ledger_key: Optional[Path] = Field(None, description="the server's Ed25519 ledger key (PEM; created if absent) "

@@ -23,7 +23,8 @@ from metafed.config import RunConfig
 from metafed.data.federated import FederatedDataset
 from metafed.data.schedule import poisson_sample_clients, program_schedule, sample_clients
 from metafed.eval import HELDOUT_ADAPT_STEPS, Evaluator, evaluation_sample
-from metafed.incentive.contribution import PREVIOUS_STEP, ContributionMeter, validation_split
+from metafed.incentive.contribution import (COPY_COUNTS, PREVIOUS_STEP, REPUTATION, ContributionMeter,
+                                            validation_split)
 from metafed.pools import ClientPool, RoundReplies, SimulationPool
 from metafed.privacy.accountant import PrivacyAccountant, calibrate_noise
 from metafed.privacy.dp import ClientDP
@@ -81,7 +82,8 @@ class Federation:
             return None
         validation = validation_split(self.dataset, cfg.validation_size, cfg.seed)
         return ContributionMeter(cfg.contribution, self.algorithm, validation, cfg.reward_budget, cfg.reward_floor,
-                                 cfg.seed, cfg.shapley_permutations, value=cfg.contribution_utility)
+                                 cfg.seed, cfg.shapley_permutations, value=cfg.contribution_utility,
+                                 memory=cfg.reward_memory)
 
     def _privacy(self) -> tuple[ClientDP | None, PrivacyAccountant | None]:
         cfg = self.cfg
@@ -288,12 +290,20 @@ class Federation:
         rows, _ = flatten_messages(got.kept)  # [n, D]
         w = got.weights.to(torch.float64)
         step = (w[:, None] * rows).sum(0) / w.sum()
-        self.state = replace(self.state, extra={**self.state.extra, PREVIOUS_STEP: step.float()})
+        extra = {**self.state.extra, PREVIOUS_STEP: step.float()}
+        if self.meter is not None and self.meter.copies is not None:
+            extra[COPY_COUNTS] = torch.from_numpy(self.meter.copies.copy())
+            extra[REPUTATION] = torch.from_numpy(self.meter.reputation.copy())
+        self.state = replace(self.state, extra=extra)
 
     def _settle(self, got: "Received", rnd: int, metrics: dict) -> None:
         """Contributions, free-rider flags and rewards of the round's accepted uploads,
         measured against the state the round started from (metafed.incentive)."""
         self.meter.previous_step = self._previous_step()
+        counts, reputation = self.state.extra.get(COPY_COUNTS), self.state.extra.get(REPUTATION)
+        n = self.pool.num_clients
+        self.meter.copies = counts.numpy().copy() if counts is not None else np.zeros(n, np.int64)
+        self.meter.reputation = reputation.numpy().copy() if reputation is not None else np.zeros(n)
         self.settlement = self.meter.settle(self.state, got.kept, got.ids, got.weights, rnd)
         metrics.update(rewards_paid=float(self.settlement.rewards.sum()),
                        free_riders_flagged=sum(bool(f) for f in self.settlement.flags),
