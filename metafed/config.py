@@ -261,6 +261,9 @@ class RunConfig(BaseModel):
     backend: Literal["loop", "vectorized", "ray"] = Field("vectorized",
         description="loop (one client at a time), vectorized (torch.func over clients) or ray (parts of "
         "each cohort on Ray workers, each vectorized; extra metafed[ray])")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto",
+        description="where clients' local work runs: cuda when visible (auto), cpu, or cuda (an error without a "
+                    "GPU); seeded results agree across devices within float tolerance")
     chunk_size: int = Field(128, ge=1, description="vectorized and ray: clients per chunk")
     client_memory_mb: Optional[float] = Field(None, gt=0,
         description="memory for per-client states (personal models, residuals; MB); past it the least recently "

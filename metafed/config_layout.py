@@ -72,8 +72,8 @@ SECTIONS: dict[str, tuple[str, ...]] = {
                 "secagg_dropout", "secagg_range", "secagg_bits"),
     "Evaluation": ("eval_every", "eval_clients", "eval_train_loss", "personalize_steps", "personalize_lr",
                    "personal_eval", "eval_batch_size"),
-    "Execution": ("backend", "chunk_size", "client_memory_mb", "compile", "ray_address", "ray_workers", "seed", "out",
-                  "checkpoint_every", "progress", "loggers"),
+    "Execution": ("backend", "device", "chunk_size", "client_memory_mb", "compile", "ray_address", "ray_workers",
+                  "seed", "out", "checkpoint_every", "progress", "loggers"),
 }
 ALGORITHM_SECTION = "Algorithm"
 

@@ -19,6 +19,7 @@ from metafed.aggregate import make_aggregator
 from metafed.algorithms import make_algorithm
 from metafed.attacks import choose_malicious, poison_dataset
 from metafed.backends import make_backend
+from metafed.backends.device import resolve_device
 from metafed.checkpoint import CLIENTS_DIR, CheckpointError, load_checkpoint, save_checkpoint
 from metafed.client_store import ClientStore
 from metafed.config import ConfigError, RunConfig
@@ -39,8 +40,9 @@ log = logging.getLogger("metafed")
 CONFIG_FILE = "config.yaml"
 PRIVACY_NOTICE = "PRIVACY_NOT_GUARANTEED.txt"
 # a resumed run must match the original in everything but these
-RESUMABLE_CHANGES = {"rounds", "out", "progress", "backend", "chunk_size", "client_memory_mb", "compile", "ray_address",
-                     "ray_workers", "loggers", "eval_every", "checkpoint_every"}  # what the model's trajectory does not depend on
+# what the model's trajectory does not depend on (device: up to float summation order)
+RESUMABLE_CHANGES = {"rounds", "out", "progress", "backend", "device", "chunk_size", "client_memory_mb", "compile",
+                     "ray_address", "ray_workers", "loggers", "eval_every", "checkpoint_every"}
 # what a DP run releases under its (epsilon, delta) guarantee: the model, and the privacy
 # bookkeeping; every other metric is computed from clients' data without noise
 DP_RELEASED = {"round", "epsilon", "dp_delta", "dp_noise_multiplier", "dp_clip", "dp_unclipped_fraction_noisy"}
@@ -70,7 +72,9 @@ def build_federation(cfg: RunConfig, pool=None, model=None, data: FederatedDatas
         dataset = data if data is not None else load_dataset(cfg)
         malicious = choose_malicious(dataset.num_clients, cfg.malicious_fraction, cfg.seed) if cfg.attack else set()
         dataset = poison_dataset(dataset, malicious, cfg.attack, cfg.backdoor_target) if cfg.attack else dataset
-        backend = make_backend(cfg.backend, cfg.chunk_size, cfg.compile, dataset, cfg.ray_address, cfg.ray_workers)
+        device = cfg.device if cfg.backend == "ray" else resolve_device(cfg.device)  # ray: each worker resolves
+        backend = make_backend(cfg.backend, cfg.chunk_size, cfg.compile, dataset, cfg.ray_address, cfg.ray_workers,
+                               device=device)
         num_clients = dataset.num_clients
     else:
         check_deployable(cfg)

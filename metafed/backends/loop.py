@@ -6,20 +6,29 @@ import torch
 from metafed import tree
 from metafed.algorithms.base import LocalProgram
 from metafed.backends.base import ClientTask, step_batch
+from metafed.backends.device import resolve_device, to_cpu, to_device
 
 
 class LoopBackend:
+    """``device``: where the steps run (:mod:`metafed.backends.device`); outputs come back on the CPU."""
+
     name = "loop"
 
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = resolve_device(device)
+
     def run(self, program: LocalProgram, shared: dict, tasks: list[ClientTask]):
+        dev = self.device
+        shared = to_device(shared, dev)
         outputs, losses = [], []
         for task in tasks:
-            schedule = torch.from_numpy(task.schedule)
-            carry = program.init(shared, task.inputs)
-            total = torch.zeros(())
+            schedule = torch.from_numpy(task.schedule).to(dev)
+            x, y, inputs = task.x.to(dev), task.y.to(dev), to_device(task.inputs, dev)
+            carry = to_device(program.init(shared, inputs), dev)  # states made on the CPU join the device
+            total = torch.zeros((), device=dev)
             for s in range(task.active_steps):
-                carry, loss = program.step(shared, carry, step_batch(task.x, task.y, schedule[s]))
+                carry, loss = program.step(shared, carry, step_batch(x, y, schedule[s]))
                 total = total + loss.detach()
-            outputs.append(tree.nested_map(torch.Tensor.detach, program.final(shared, carry, task.inputs)))
-            losses.append(total / max(task.active_steps, 1))
+            outputs.append(tree.nested_map(torch.Tensor.detach, to_cpu(program.final(shared, carry, inputs))))
+            losses.append((total / max(task.active_steps, 1)).cpu())
         return tree.nested_stack(outputs), torch.stack(losses)

@@ -34,7 +34,7 @@ from metafed.backends.vectorized import VectorizedBackend
 
 log = logging.getLogger(__name__)
 
-# per worker process: object-store key -> PackedClients, and (chunk size, compile) -> backend
+# per worker process: object-store key -> PackedClients, and (chunk size, compile, device) -> backend
 _WORKER_DATA: dict[str, "PackedClients"] = {}
 _WORKER_BACKENDS: dict[tuple, VectorizedBackend] = {}
 
@@ -70,7 +70,7 @@ def _import_ray():
 
 
 def _run_part(data_ref: list, program: LocalProgram, shared: dict, tasks: list[ClientTask],
-              chunk_size: int, compile: bool) -> tuple[dict, Tensor]:
+              chunk_size: int, compile: bool, device: str = "cpu") -> tuple[dict, Tensor]:
     """One part of a cohort, in a Ray worker. ``data_ref`` is the packed data's ObjectRef
     wrapped in a list, so that Ray does not fetch it for every task: the worker fetches it
     once and keeps it."""
@@ -82,7 +82,10 @@ def _run_part(data_ref: list, program: LocalProgram, shared: dict, tasks: list[C
     data = _WORKER_DATA[key]
     tasks = [replace(t, x=data.client(t.client)[0], y=data.client(t.client)[1]) if t.client is not None else t
              for t in tasks]
-    backend = _WORKER_BACKENDS.setdefault((chunk_size, compile), VectorizedBackend(chunk_size, compile))
+    key = (chunk_size, compile, device)
+    if key not in _WORKER_BACKENDS:  # "auto" resolves on the worker's machine
+        _WORKER_BACKENDS[key] = VectorizedBackend(chunk_size, compile, device=device)
+    backend = _WORKER_BACKENDS[key]
     return backend.run(program, shared, tasks)
 
 
@@ -113,8 +116,8 @@ class RayBackend:
     name = "ray"
 
     def __init__(self, packed: PackedClients, chunk_size: int = 128, compile: bool = False,
-                 address: str | None = None, workers: int | None = None, max_retries: int = 3):
-        self.packed = packed
+                 address: str | None = None, workers: int | None = None, max_retries: int = 3, device: str = "cpu"):
+        self.packed, self.device = packed, device
         self.chunk_size, self.compile = chunk_size, compile
         self.address, self.workers, self.max_retries = address, workers, max_retries
         self._data_ref = None
@@ -153,7 +156,8 @@ class RayBackend:
         for part in parts:
             # clients the object store knows travel by id; the rest carry their data
             sent = [replace(tasks[i], x=empty, y=empty) if tasks[i].client is not None else tasks[i] for i in part]
-            refs.append(self._remote.remote([self._data_ref], program, shared, sent, self.chunk_size, self.compile))
+            refs.append(self._remote.remote([self._data_ref], program, shared, sent, self.chunk_size, self.compile,
+                                            self.device))
         results = ray.get(refs)
         outputs = tree.nested_cat([out for out, _ in results])
         losses = torch.cat([loss for _, loss in results])

@@ -16,6 +16,7 @@ from torch import Tensor
 from metafed import tree
 from metafed.algorithms.base import LocalProgram
 from metafed.backends.base import ClientTask, step_batch
+from metafed.backends.device import resolve_device, to_device
 
 
 def _masked_step(program: LocalProgram):
@@ -54,7 +55,8 @@ class VectorizedBackend:
     name = "vectorized"
 
     def __init__(self, chunk_size: int = 128, compile: bool = False, memory_budget_bytes: float = 2e9,
-                 unroll: int | None = None):
+                 unroll: int | None = None, device: torch.device | str = "cpu"):
+        self.device = resolve_device(device)  # where the steps run; outputs come back on the CPU
         self.chunk_size = chunk_size
         self.compile = compile
         # steps fused per compiled call; eager runs gain nothing from unrolling
@@ -85,6 +87,7 @@ class VectorizedBackend:
         # near-equal chunks (1000 clients, limit 128 -> 8 x 125): fewer distinct shapes to compile
         n_chunks = -(-len(tasks) // self._chunk_limit(shared))
         limit = -(-len(tasks) // n_chunks)
+        shared = to_device(shared, self.device)
         step_fn = self._step_fn(program)
         init_fn = torch.vmap(program.init, in_dims=(None, 0))
         final_fn = torch.vmap(program.final, in_dims=(None, 0, 0))
@@ -109,29 +112,31 @@ class VectorizedBackend:
         # sees identical strides in every chunk (no recompiles)
         # a fresh copy with canonical strides: a permuted view (or NumPy's arbitrary strides on
         # size-1 dims) would change the layout with S and C and make the compiled step recompile
-        idx_t = torch.from_numpy(idx).permute(1, 0, 2, 3).clone(memory_format=torch.contiguous_format)  # [S, C, k, B]
-        active = torch.arange(steps)[:, None] < torch.tensor([t.active_steps for t in chunk])[None, :]  # [S, C]
-        x = _pad_stack([t.x for t in chunk])  # [C, n_max, ...]
-        y = _pad_stack([t.y for t in chunk])
-        rows = torch.arange(len(chunk)).view(1, -1, 1, 1)
+        dev = self.device
+        idx_t = torch.from_numpy(idx).permute(1, 0, 2, 3).clone(memory_format=torch.contiguous_format).to(dev)
+        # idx_t: [S, C, k, B]; active: [S, C]
+        active = (torch.arange(steps)[:, None] < torch.tensor([t.active_steps for t in chunk])[None, :]).to(dev)
+        x = _pad_stack([t.x for t in chunk]).to(dev)  # [C, n_max, ...]
+        y = _pad_stack([t.y for t in chunk]).to(dev)
+        rows = torch.arange(len(chunk), device=dev).view(1, -1, 1, 1)
         safe = idx_t.clamp_min(0)
         # advanced indexing may lay the result out client-major; force step-major strides so that
         # every compiled call sees the same layout whatever the chunk's step count
         xb, yb = x[rows, safe].contiguous(), y[rows, safe].contiguous()  # [S, C, k, B, ...]
         mb = (idx_t >= 0).to(torch.float32)
-        inputs = tree.nested_stack([t.inputs for t in chunk])
-        # materialise broadcast (stride-0, expanded) leaves so every step sees one memory layout
-        carry = tree.nested_map(torch.Tensor.contiguous, init_fn(shared, inputs))
-        total = torch.zeros(len(chunk))
+        inputs = to_device(tree.nested_stack([t.inputs for t in chunk]), dev)
+        # materialise broadcast (stride-0, expanded) leaves so every step sees one memory layout;
+        # states a program makes on the CPU (scalars, counters) join the device
+        carry = tree.nested_map(lambda v: v.to(dev).contiguous(), init_fn(shared, inputs))
+        total = torch.zeros(len(chunk), device=dev)
         for s in range(0, steps, self.unroll):
             window = slice(s, s + self.unroll)
             batch = {"x": xb[window], "y": yb[window], "mask": mb[window]}
             carry, loss = step_fn(shared, carry, batch, active[window])
             total = total + loss.detach()
-        out = final_fn(shared, carry, inputs)
-        out = tree.nested_map(torch.Tensor.detach, out)
+        out = tree.nested_map(lambda v: v.detach().cpu(), final_fn(shared, carry, inputs))
         counts = torch.tensor([max(t.active_steps, 1) for t in chunk], dtype=total.dtype)
-        return out, total / counts
+        return out, total.cpu() / counts
 
 
 __all__ = ["VectorizedBackend", "step_batch"]

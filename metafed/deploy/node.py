@@ -49,7 +49,7 @@ class Node:
 
     @functools.cached_property
     def evaluator(self) -> Evaluator:
-        return Evaluator.from_config(self.algorithm, LoopBackend(), self.cfg)
+        return Evaluator.from_config(self.algorithm, LoopBackend(self.cfg.device), self.cfg)
 
     def pool(self) -> SimulationPool:
         """A one-client view of the simulation pool: the exact task the simulation would run."""
@@ -57,7 +57,7 @@ class Node:
 
         clients = [self.data if i == self.client_id else None for i in range(self.client_id + 1)]
         ds = FederatedDataset(self.cfg.dataset, clients, self.input_shape, self.num_classes)
-        return SimulationPool(self.cfg, ds, self.algorithm, LoopBackend())
+        return SimulationPool(self.cfg, ds, self.algorithm, LoopBackend(self.cfg.device))
 
     # ------------------------------------------------------------------ personal state on disk
     def _state_path(self) -> Path:
