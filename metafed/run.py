@@ -267,7 +267,9 @@ def _run(cfg: RunConfig, resume, overwrite: bool, pool, own: tuple, held: ExitSt
                 bar.update(bar.task_id, completed=rnd, description=_describe(row))
     params = fed.algorithm.global_params(fed.state)
     if run_dir:
-        _write_outputs(run_dir, tracker, params, per_client, cfg, _label_counts(fed))
+        ledger_head = None if ledger is None else {"entries": ledger.count, "head": ledger.head,
+                                                   "public_key": ledger.public_key}
+        _write_outputs(run_dir, tracker, params, per_client, cfg, _label_counts(fed), ledger_head)
     return RunResult(params, tracker.rows, run_dir, fed)
 
 
@@ -398,7 +400,7 @@ def _label_counts(fed: Federation) -> list[list[int]] | None:
 
 
 def _write_outputs(run_dir: Path, tracker: RunTracker, params: Params, per_client: dict, cfg: RunConfig,
-                   label_counts: list[list[int]] | None = None) -> None:
+                   label_counts: list[list[int]] | None = None, ledger: dict | None = None) -> None:
     from metafed.plots import plot_run
 
     write_text_atomic(run_dir / "final.safetensors", save_bytes({k: v.contiguous() for k, v in params.items()}))
@@ -410,6 +412,7 @@ def _write_outputs(run_dir: Path, tracker: RunTracker, params: Params, per_clien
         "weighting": "*_accuracy is sample-weighted over clients' test samples; *_accuracy_mean is unweighted",
         "torch": torch.__version__, "privacy": privacy_summary(cfg, final), **provenance(),
         "client_label_counts": label_counts,
+        "ledger": ledger,  # the chain head to publish (docs/incentives.md), when the run keeps a ledger
     })
     if tracker.rows:
         plot_run(run_dir)

@@ -217,6 +217,8 @@ def test_a_run_keeps_a_verifiable_ledger_and_resumes_it(tmp_path):
     assert all(sum(e["reward"] for e in entries if e["round"] == r) == pytest.approx(100) for r in range(1, 5))
     out = CliRunner().invoke(app, ["ledger", "verify", str(tmp_path / "a")])
     assert out.exit_code == 0 and "ok: 20 entries" in out.output
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())["ledger"]
+    assert summary["entries"] == 20 and summary["head"] == a.head and summary["public_key"] == a.public_key
     shown = CliRunner().invoke(app, ["ledger", "show", str(tmp_path / "a")])
     assert shown.exit_code == 0 and "(verified)" in shown.output
     _edit(tmp_path / "a")

@@ -95,6 +95,10 @@ class Ledger:
                 f.write(json.dumps({"ledger": "metafed", "public_key": public_hex(key), "hash": "sha256",
                                     "signature": "ed25519"}) + "\n")
 
+    @property
+    def public_key(self) -> str:
+        return public_hex(self.key)
+
     def append(self, rnd: int, records: list[dict]) -> list[dict]:
         """One entry per record ({"client", "update_sha256", "contribution", "reward",
         "flags"}), chained and signed; returns the entries (each client's receipt)."""
