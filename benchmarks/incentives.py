@@ -16,6 +16,7 @@ evaluated.
 
     METAFED_DATA=../shared/data python benchmarks/incentives.py --part ranking --rounds 20
     METAFED_DATA=../shared/data python benchmarks/incentives.py --part estimator --rounds 10
+    METAFED_DATA=../shared/data python benchmarks/incentives.py --part cost --rounds 3
 """
 from __future__ import annotations
 
@@ -140,14 +141,34 @@ def estimator(dataset: str, rounds: int, seed: int) -> None:
                       "exact_utilities": 256, "seconds": round(time.perf_counter() - t0, 1)}))
 
 
+def cost(dataset: str, rounds: int, seed: int) -> None:
+    """GTG-Shapley's cost as the cohort grows: utilities evaluated and seconds per round."""
+    import time
+
+    for n in (10, 20, 50):
+        cfg = RunConfig(dataset=dataset, num_clients=n, clients_per_round=n, partition="dirichlet", dirichlet_alpha=0.5,
+                        rounds=rounds, local_epochs=1, batch_size=32, lr=0.05, contribution="shapley", seed=seed,
+                        progress=False, hidden=[100])
+        fed = build_federation(cfg)
+        evals, secs = [], []
+        for rnd in range(1, rounds + 1):
+            t0 = time.perf_counter()
+            fed.run_round(rnd)
+            total = time.perf_counter() - t0
+            evals.append(fed.settlement.evaluations)
+            secs.append(total)
+        print(json.dumps({"clients_per_round": n, "rounds": rounds, "utilities_per_round": evals,
+                          "round_seconds_with_settlement": [round(t, 2) for t in secs]}), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=("ranking", "estimator"), required=True)
+    ap.add_argument("--part", choices=("ranking", "estimator", "cost"), required=True)
     ap.add_argument("--dataset", default="mnist")
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
-    (ranking if a.part == "ranking" else estimator)(a.dataset, a.rounds, a.seed)
+    {"ranking": ranking, "estimator": estimator, "cost": cost}[a.part](a.dataset, a.rounds, a.seed)
 
 
 if __name__ == "__main__":

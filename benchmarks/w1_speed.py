@@ -79,11 +79,13 @@ def main() -> None:
         fed.backend = VectorizedBackend(a.chunk, a.compile, unroll=a.unroll)
         fed.evaluator.backend = fed.backend
     sizes = fed.dataset.train_sizes()
-    times, samples = [], []
+    times, samples, warmup = [], [], 0.0
     for rnd in range(a.rounds + 1):
         t0 = time.perf_counter()
         fed.run_round(rnd)
         dt = time.perf_counter() - t0
+        if rnd == 0:
+            warmup = dt  # with --compile: tracing and compiling every chunk shape of the round
         if rnd > 0:
             from metafed.data.schedule import sample_clients
 
@@ -93,7 +95,8 @@ def main() -> None:
     flops = float(np.mean(samples)) * 6.0 * N_PARAMS * 5
     impl = f"metafed-{a.backend}" + (f"+compile-unroll{fed.backend.unroll}" if a.compile else "") + (f"-chunk{a.chunk}" if a.backend == "vectorized" else "")
     print(json.dumps({"impl": impl, "N": a.n, "C": a.c, "rounds": len(times), "sec_per_round_median": round(med, 4),
-                      "sec_per_round_all": [round(t, 4) for t in times], "gflops": round(flops / med / 1e9, 2),
+                      "sec_per_round_all": [round(t, 4) for t in times], "warmup_round_s": round(warmup, 2),
+                      "gflops": round(flops / med / 1e9, 2),
                       "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                       "torch_threads": torch.get_num_threads()}))
     sys.stdout.flush()

@@ -176,6 +176,13 @@ def _progress(enabled: bool, total: int, done: int):
     return bar
 
 
+def compile_would_pay(cfg: RunConfig) -> bool:
+    """Measured on W1 (docs/benchmarks.md): compiling costs ~20 s and saves ~0.7 s per round
+    at 1000 clients per round; compile stays opt-in (it needs a C++ toolchain), so large,
+    long vectorized runs get a hint instead."""
+    return cfg.backend == "vectorized" and not cfg.compile and cfg.clients_per_round >= 500 and cfg.rounds >= 50
+
+
 def describe_federation(fed: Federation) -> str:
     """One line on the data and model a simulation trains: what a user checks first."""
     params = sum(v.numel() for v in fed.state.params.values())
@@ -225,6 +232,9 @@ def _run(cfg: RunConfig, resume, overwrite: bool, pool, own: tuple, held: ExitSt
         write_text_atomic(run_dir / CONFIG_FILE, yaml.safe_dump(grouped_config(cfg), sort_keys=False))
     if cfg.progress and isinstance(fed.pool, SimulationPool):
         print(describe_federation(fed), flush=True)
+        if compile_would_pay(cfg):
+            print("hint: --compile would likely pay here (W1: ~20 s of compiling, then about 2x faster rounds at "
+                  "1000 clients per round; docs/benchmarks.md)", flush=True)
     tracker = RunTracker(run_dir)
     if resume is not None:
         tracker.resume_from(start)
