@@ -80,7 +80,9 @@ class Federation:
         cfg = self.cfg
         if cfg.contribution is None:
             return None
-        validation = validation_split(self.dataset, cfg.validation_size, cfg.seed)
+        # "size" needs no validation data (in deployment the server holds none)
+        validation = None if cfg.contribution == "size" else validation_split(self.dataset, cfg.validation_size,
+                                                                               cfg.seed)
         return ContributionMeter(cfg.contribution, self.algorithm, validation, cfg.reward_budget, cfg.reward_floor,
                                  cfg.seed, cfg.shapley_permutations, value=cfg.contribution_utility,
                                  memory=cfg.reward_memory)

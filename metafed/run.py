@@ -133,9 +133,11 @@ def check_deployable(cfg: RunConfig) -> None:
         raise ConfigError("attacks, dropout and stragglers are simulated: in deployment they are real, remove them")
     if cfg.mode == "async":
         raise ConfigError("--mode async runs on a simulated clock for now: deployment rounds are synchronous")
-    if cfg.contribution is not None or cfg.free_riders:
-        raise ConfigError("--contribution and --free-riders run in simulation for now: the deployment keeps no "
-                          "ledger yet (remove them)")
+    if cfg.free_riders:
+        raise ConfigError("--free-riders is simulated: in deployment free-riders are real, remove it")
+    if cfg.contribution not in (None, "size"):
+        raise ConfigError(f"--contribution {cfg.contribution} needs a validation split held by the server, and in "
+                          "deployment the server holds no data: use --contribution size there")
     if cfg.aggregator == "fltrust":
         raise ConfigError("fltrust needs a root dataset held by the server; in deployment the server holds no "
                           "data: choose another robust aggregator")
@@ -259,7 +261,9 @@ def _run(cfg: RunConfig, resume, overwrite: bool, pool, own: tuple, held: ExitSt
                 row.update(metrics)
                 tracker.log_clients(rnd, per_client)
             if ledger is not None and fed.settlement is not None:
-                ledger.append(rnd, fed.settlement.records())
+                receipts = ledger.append(rnd, fed.settlement.records())
+                if hasattr(fed.pool, "deliver_receipts"):  # deployment: each client gets its signed entry
+                    fed.pool.deliver_receipts(rnd, receipts, ledger.public_key)
             elapsed += time.perf_counter() - t0
             row.update(wall_time_s=round(elapsed, 4), bytes_up_total=bytes_up, bytes_down_total=bytes_down)
             if fed.dp is not None:

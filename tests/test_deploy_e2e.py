@@ -201,3 +201,26 @@ def test_secure_aggregation_between_real_processes_with_a_node_killed_mid_protoc
     deployed = load_file(str(out / "final.safetensors"))
     for k, v in expected.params.items():
         torch.testing.assert_close(deployed[k], v, atol=1e-5, rtol=0)
+
+
+def test_every_client_keeps_its_signed_ledger_receipts(tmp_path):
+    """--contribution size in deployment: the server's ledger verifies, and each SuperNode
+    received, checked and kept exactly its own entries, byte for byte the server's."""
+    from metafed.deploy.local import LocalDeployment
+    from metafed.deploy.receipts import read_receipts
+    from metafed.incentive.ledger import LEDGER_FILE, read, verify
+
+    config = tmp_path / "run.yaml"
+    config.write_text(CONFIG + "contribution: size\n")
+    cfg = build_config(config, num_clients=3, backend="loop", progress=False)
+    out, work = tmp_path / "deployed", tmp_path / "work"
+    with LocalDeployment(3, cfg.model_copy(update={"out": out}), work, insecure=True) as deployment:
+        assert deployment.submit(out, False, 120.0, print, 360.0) == 0
+    result = verify(out / LEDGER_FILE)
+    assert result.ok and result.entries == 2 * 3  # 2 rounds x 3 clients
+    _, entries = read(out / LEDGER_FILE)
+    for client in range(3):
+        kept = read_receipts(work / f"node-{client}", client)
+        assert [{k: v for k, v in r.items() if k != "public_key"} for r in kept] == \
+            [e for e in entries if e["client"] == client]
+        assert all(r["public_key"] == result.public_key for r in kept)

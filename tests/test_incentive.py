@@ -233,3 +233,25 @@ def test_incentive_settings_are_checked():
         build_config(contribution="shapley-exact", clients_per_round=20, num_clients=30)
     with pytest.raises(ConfigError, match="--reward-budget has no effect without --contribution"):
         build_config(reward_budget=5)
+
+
+def test_a_node_keeps_only_receipts_that_verify_under_one_key(tmp_path):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from metafed.deploy.receipts import ReceiptRefused, keep_receipt, read_receipts
+    from metafed.incentive.ledger import public_hex
+
+    key = load_or_create_key(tmp_path / "key.pem")
+    ledger = Ledger(tmp_path, key)
+    first = ledger.append(1, [{"client": 2, "update_sha256": "ab" * 32, "contribution": 0.5, "reward": 3.0}])[0]
+    keep_receipt(tmp_path / "node", 2, 1, first, public_hex(key))
+    second = ledger.append(2, [{"client": 2, "update_sha256": "cd" * 32, "contribution": 0.4, "reward": 2.0}])[0]
+    with pytest.raises(ReceiptRefused, match="hash or signature"):
+        keep_receipt(tmp_path / "node", 2, 2, {**second, "reward": 20.0}, public_hex(key))
+    with pytest.raises(ReceiptRefused, match="not client 3"):
+        keep_receipt(tmp_path / "node", 3, 2, second, public_hex(key))
+    other = Ed25519PrivateKey.generate()
+    with pytest.raises(ReceiptRefused, match="another ledger key"):
+        keep_receipt(tmp_path / "node", 2, 2, second, public_hex(other))
+    keep_receipt(tmp_path / "node", 2, 2, second, public_hex(key))
+    assert [r["round"] for r in read_receipts(tmp_path / "node", 2)] == [1, 2]

@@ -12,6 +12,8 @@ Messages (``message_type`` / content):
 - ``query.secagg`` {"config", "secagg"}: one stage of secure aggregation (``secagg_wire``).
 - ``evaluate`` {"config", "broadcast"}: score the global and personalized model on the
   node's test split; reply counts only.
+- ``query.receipt`` {"config"}: this client's signed ledger entry of the round
+  (``--contribution``): checked and kept in the node's ``receipts.jsonl``.
 
 Node data: :func:`builtin_node` (node config), or your own loader through
 :func:`metafed.deploy.flower_apps`. The config record carries the run config as JSON plus
@@ -20,6 +22,7 @@ ArrayRecords (numpy, never pickle). Errors are replied as Flower errors, never c
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from typing import Callable
 
@@ -30,6 +33,7 @@ from flwr.clientapp import ClientApp
 from metafed import tree
 from metafed.deploy.identity import load_identity, load_roster
 from metafed.deploy.node import Node, NodeConfigError, file_node, load_node, parse_node_config
+from metafed.deploy.receipts import ReceiptRefused, keep_receipt
 from metafed.deploy.secagg_node import StageRefused, handle_stage, hold_upload
 from metafed.deploy.wire import from_records, to_records
 from metafed.eval import evaluate_new_client, evaluate_one_client
@@ -118,6 +122,22 @@ class MetafedClient:
             return Message(Error(code=REFUSED, reason=str(e)), reply_to=msg)
         return Message(RecordDict(content), reply_to=msg)
 
+    def receipt(self, msg: Message, context: Context) -> Message:
+        """The server's signed ledger entry for this client: checked (signature, hash, that it
+        is this client's, and the same server key as every earlier receipt: the first one
+        pins it unless the node config names ``ledger-public-key``), then appended to
+        ``receipts.jsonl`` in the node's state folder."""
+        node, rnd = self._node(msg, context)
+        try:
+            entry = json.loads(str(msg.content["config"]["entry"]))
+            key = str(msg.content["config"]["public_key"])
+            keep_receipt(node.state_dir, node.client_id, rnd, entry, key,
+                         str(context.node_config.get("ledger-public-key", "")) or None)
+        except (ReceiptRefused, ValueError, KeyError, TypeError) as e:
+            log.warning("ledger receipt: client %d: %s", node.client_id, e)
+            return Message(Error(code=REFUSED, reason=f"receipt refused: {e}"), reply_to=msg)
+        return Message(RecordDict({"ack": ConfigRecord({"round": rnd, "client": node.client_id})}), reply_to=msg)
+
     def evaluate(self, msg: Message, context: Context) -> Message:
         node, rnd = self._node(msg, context)
         params = from_records(msg.content["params"])
@@ -159,6 +179,7 @@ def make_client_app(load: Callable[[str, Context], Node] = builtin_node) -> Clie
     app.train()(client.train)
     app.evaluate()(client.evaluate)
     app.query("secagg")(client.secagg)
+    app.query("receipt")(client.receipt)
     return app
 
 
@@ -174,3 +195,4 @@ def node_identity(key_path: str, roster_path: str):
 app = make_client_app()
 _builtin = MetafedClient(builtin_node)
 query, train, evaluate, secagg = _builtin.query, _builtin.train, _builtin.evaluate, _builtin.secagg
+receipt = _builtin.receipt

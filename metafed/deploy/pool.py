@@ -292,6 +292,30 @@ class FlowerPool:
     def keep_states(self, ids: list[int], states: dict, accepted) -> None:
         """Nodes keep their own personal state."""
 
+    def deliver_receipts(self, rnd: int, entries: list[dict], public_key: str) -> None:
+        """Send each client its signed ledger entry of round ``rnd`` (metafed.incentive.ledger);
+        the node checks the signature and keeps it. A node that does not acknowledge is logged:
+        the ledger itself is already committed on the server."""
+        import json
+
+        from flwr.app import ConfigRecord, Message, RecordDict
+
+        messages = []
+        for entry in entries:
+            if entry["client"] in self.node_of:
+                record = ConfigRecord({"config": self.config_json, "round": rnd, "entry": json.dumps(entry),
+                                       "public_key": public_key})
+                messages.append(Message(RecordDict({"config": record}), self.node_of[entry["client"]],
+                                        "query.receipt"))
+        acked = 0
+        for r in self._send(messages, self.round_timeout):
+            if r.has_error():
+                log.warning("round %d: node %s refused its ledger receipt: %s", rnd, _src(r), r.error.reason)
+            else:
+                acked += 1
+        if acked < len(messages):
+            log.warning("round %d: %d of %d clients acknowledged their ledger receipts", rnd, acked, len(messages))
+
     # ------------------------------------------------------------------ federated evaluation
     def evaluate(self, rnd: int, params: dict, broadcast: dict) -> dict:
         """Federated evaluation: training clients score the global and their personalized

@@ -91,7 +91,7 @@ class Settlement:
 class ContributionMeter:
     """Settles rounds for a federation: see the module docstring."""
 
-    def __init__(self, kind: str, algorithm, validation: tuple[Tensor, Tensor], budget: float, floor: float,
+    def __init__(self, kind: str, algorithm, validation: tuple[Tensor, Tensor] | None, budget: float, floor: float,
                  seed: int, max_permutations: int | None = None, eps: float = 1e-3, value: str = "accuracy",
                  memory: float = 0.0):
         if kind not in CONTRIBUTIONS:
