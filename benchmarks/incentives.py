@@ -89,14 +89,13 @@ class _Both(ContributionMeter):
 
     rows: list = []
 
-    def settle(self, state, sent, ids, weights, rnd):
+    def settle(self, state, sent, ids, weights, rnd, num_clients):
         from metafed.aggregate.robust import flatten_messages
         from metafed import tree
 
         rows, layout = flatten_messages(sent)
         u = self.utility(state, rows, weights.to(torch.float64), layout, tree.nested_index(sent, 0), rnd)
         exact = exact_shapley(len(ids), u)
-        calls_before = {}
 
         def counted(utility):
             seen = set()
@@ -116,8 +115,7 @@ class _Both(ContributionMeter):
         self.rows.append({"round": rnd, "gtg_rel_l1": round(err(gtg), 4), "gtg_utilities": len(seen),
                           "mc_rel_l1": round(err(mc), 4), "mc_utilities": len(seen_mc), "exact_utilities": 2 ** len(ids),
                           "utility_range": round(float(exact.sum()), 4)})
-        del calls_before
-        return super().settle(state, sent, ids, weights, rnd)
+        return super().settle(state, sent, ids, weights, rnd, num_clients)
 
 
 def estimator(dataset: str, rounds: int, seed: int) -> None:

@@ -25,7 +25,8 @@ from metafed.aggregate import ServerOptimizer, WeightedMean
 from metafed.algorithms.fedavg import FedAvg
 from metafed.backends import make_backend
 from metafed.config import RunConfig
-from metafed.data.federated import ClientData, FederatedDataset
+from metafed.data.federated import FederatedDataset
+from metafed.data.lazy import W1_CLASSES, W1_DIM, w1_clients
 from metafed.federation import Federation
 from metafed.models import MLP, FunctionalModel
 
@@ -33,20 +34,9 @@ N_PARAMS = 60 * 200 + 200 + 200 * 10 + 10
 
 
 def w1_dataset(n_clients: int, seed: int = 0) -> FederatedDataset:
-    """The peers' W1 clients (shared/peers/common.py), as a metafed FederatedDataset."""
-    rng = np.random.default_rng([seed, 0])
-    sizes = np.clip(np.round(rng.lognormal(np.log(100), 0.5, n_clients)), 50, 200).astype(np.int64)
-    clients = []
-    for k, n in enumerate(sizes):
-        r = np.random.default_rng([seed, 1, k])
-        u, b_mean = r.normal(0, 1.0), r.normal(0, 1.0)
-        w, b = r.normal(u, 1, (10, 60)), r.normal(u, 1, 10)
-        v = r.normal(b_mean, 1, 60)
-        x = r.normal(v, np.sqrt(np.arange(1, 61, dtype=np.float64) ** -1.2), (int(n), 60))
-        y = np.argmax(x @ w.T + b, axis=1)
-        xt, yt = torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.int64))
-        clients.append(ClientData(xt, yt, xt[:1], yt[:1], f"w1-{k}"))
-    return FederatedDataset("w1", clients, (60,), 10)
+    """The peers' W1 clients (shared/peers/common.py; metafed's ``w1`` dataset), all built up
+    front so that generating them is not timed."""
+    return FederatedDataset("w1", list(w1_clients(n_clients, seed, test_fraction=0.0, cache=0)), (W1_DIM,), W1_CLASSES)
 
 
 def build(n: int, c: int, backend: str, chunk: int, compile: bool, seed: int = 0) -> Federation:

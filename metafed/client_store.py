@@ -199,12 +199,13 @@ class ClientStore:
         stale = [n for n, s in self._segments.items() if len(s["clients"]) < COMPACT_BELOW * s["size"]]
         moving = sorted(c for n in stale for c in self._segments[n]["clients"])
         if moving:  # their newest copies, gathered into one segment; the stale ones then hold nobody
-            self._write_segment({c: self._load_for_compaction(c) for c in moving})
+            self._write_segment({c: self._peek(c) for c in moving})
         for name in [n for n, s in self._segments.items() if not s["clients"]]:
             del self._segments[name]
         return self.manifest()
 
-    def _load_for_compaction(self, cid: int) -> dict:
+    def _peek(self, cid: int) -> dict:
+        """A stored client's newest state, without touching the memory order or the cap."""
         return self._mem[cid] if cid in self._mem else self._read(self._where[cid], cid)
 
     def manifest(self) -> list[dict]:
@@ -255,8 +256,7 @@ class ClientStore:
     # ------------------------------------------------------------------ whole-store views
     def to_tensors(self) -> dict[str, Tensor]:
         """Every client's state as flat tensors ``<client id>/<path>`` (reads spilled ones)."""
-        return tree.nested_flatten({str(c): self._mem[c] if c in self._mem else self._read(self._where[c], c)
-                                    for c in self.ids()})
+        return tree.nested_flatten({str(c): self._peek(c) for c in self.ids()})
 
     def moved_to(self, folder: Path, memory_cap: int | None = None) -> "ClientStore":
         """This store's states in a store on ``folder`` (all of them to be written at the next

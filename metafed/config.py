@@ -34,10 +34,9 @@ NEEDS = {
     "fltrust_root_size": ("aggregator", "--aggregator fltrust"),
     "clip_tau": ("aggregator", "--aggregator centered-clipping"),
     "ray_address": ("backend", "--backend ray"), "ray_workers": ("backend", "--backend ray"),
-    "validation_size": ("contribution", "--contribution"), "contribution_utility": ("contribution", "--contribution"), "shapley_permutations": ("contribution", "--contribution"),
-    "reward_budget": ("contribution", "--contribution"), "reward_floor": ("contribution", "--contribution"),
-    "reward_memory": ("contribution", "--contribution"),
-    "ledger_key": ("contribution", "--contribution"), "free_ride": ("free_riders", "--free-riders"),
+    **{key: ("contribution", "--contribution") for key in ("validation_size", "contribution_utility",
+       "shapley_permutations", "reward_budget", "reward_floor", "reward_memory", "ledger_key")},
+    "free_ride": ("free_riders", "--free-riders"),
 }
 
 

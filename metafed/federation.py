@@ -23,8 +23,7 @@ from metafed.config import RunConfig
 from metafed.data.federated import FederatedDataset
 from metafed.data.schedule import poisson_sample_clients, program_schedule, sample_clients
 from metafed.eval import HELDOUT_ADAPT_STEPS, Evaluator, evaluation_sample
-from metafed.incentive.contribution import (COPY_COUNTS, PREVIOUS_STEP, REPUTATION, ContributionMeter,
-                                            validation_split)
+from metafed.incentive.contribution import PREVIOUS_STEP, ContributionMeter, validation_split, weighted_mean
 from metafed.pools import ClientPool, RoundReplies, SimulationPool
 from metafed.privacy.accountant import PrivacyAccountant, calibrate_noise
 from metafed.privacy.dp import ClientDP
@@ -194,11 +193,12 @@ class Federation:
             aggregate = None
         self.settlement = None
         if aggregate is not None:
-            if self.meter is not None:
-                self._settle(received, rnd, metrics)
+            if self.meter is not None:  # measured against the state the round started from
+                self.settlement = self.meter.settle(self.state, received.kept, received.ids, received.weights, rnd,
+                                                    self.pool.num_clients)
+                metrics.update(self.settlement.metrics())
             self.state = alg.server_update(self.state, aggregate, rnd)
-            if self.meter is not None or self.free_riders:
-                self._remember_step(received)
+            self._keep_incentive_history(received)
         if self.dp is not None:
             self._charge_round(metrics)  # a sampled cohort was charged whatever happened next
         return metrics
@@ -288,28 +288,16 @@ class Federation:
         step = self.state.extra.get(PREVIOUS_STEP)
         return None if step is None else step.double()
 
-    def _remember_step(self, got: "Received") -> None:
-        rows, _ = flatten_messages(got.kept)  # [n, D]
-        w = got.weights.to(torch.float64)
-        step = (w[:, None] * rows).sum(0) / w.sum()
-        extra = {**self.state.extra, PREVIOUS_STEP: step.float()}
-        if self.meter is not None and self.meter.copies is not None:
-            extra[COPY_COUNTS] = torch.from_numpy(self.meter.copies.copy())
-            extra[REPUTATION] = torch.from_numpy(self.meter.reputation.copy())
-        self.state = replace(self.state, extra=extra)
-
-    def _settle(self, got: "Received", rnd: int, metrics: dict) -> None:
-        """Contributions, free-rider flags and rewards of the round's accepted uploads,
-        measured against the state the round started from (metafed.incentive)."""
-        self.meter.previous_step = self._previous_step()
-        counts, reputation = self.state.extra.get(COPY_COUNTS), self.state.extra.get(REPUTATION)
-        n = self.pool.num_clients
-        self.meter.copies = counts.numpy().copy() if counts is not None else np.zeros(n, np.int64)
-        self.meter.reputation = reputation.numpy().copy() if reputation is not None else np.zeros(n)
-        self.settlement = self.meter.settle(self.state, got.kept, got.ids, got.weights, rnd)
-        metrics.update(rewards_paid=float(self.settlement.rewards.sum()),
-                       free_riders_flagged=sum(bool(f) for f in self.settlement.flags),
-                       contribution_evaluations=self.settlement.evaluations)
+    def _keep_incentive_history(self, got: "Received") -> None:
+        """What the next round's settlement (and a replaying free-rider) reads, in the server
+        state so that checkpoints carry it."""
+        if self.settlement is not None:
+            history = self.settlement.extra
+        elif self.free_riders:
+            history = {PREVIOUS_STEP: weighted_mean(flatten_messages(got.kept)[0], got.weights).float()}
+        else:
+            return
+        self.state = replace(self.state, extra={**self.state.extra, **history})
 
     def _free_ride(self, outputs: dict, ids: list[int], rnd: int) -> dict:
         """Simulated free-riders replace what they send (``--free-riders``, ``--free-ride``)."""

@@ -281,9 +281,8 @@ def _run(cfg: RunConfig, resume, overwrite: bool, pool, own: tuple, held: ExitSt
                 bar.update(bar.task_id, completed=rnd, description=_describe(row))
     params = fed.algorithm.global_params(fed.state)
     if run_dir:
-        ledger_head = None if ledger is None else {"entries": ledger.count, "head": ledger.head,
-                                                   "public_key": ledger.public_key}
-        _write_outputs(run_dir, tracker, params, per_client, cfg, _label_counts(fed), ledger_head)
+        _write_outputs(run_dir, tracker, params, per_client, cfg, _label_counts(fed),
+                       None if ledger is None else ledger.summary())
     return RunResult(params, tracker.rows, run_dir, fed)
 
 

@@ -273,3 +273,28 @@ def test_evaluation_on_a_client_sample_without_the_train_pass_equals_the_simulat
     deployed = _client_app_equals_the_simulation(cfg, tmp_path, nodes=4,
                                                  keys=("global_accuracy", "personalized_accuracy"))
     assert deployed.rows[-1]["clients_evaluated"] == 2 and "global_train_loss" not in deployed.rows[-1]
+
+
+@pytest.mark.parametrize("tamper, problem", [
+    (lambda b: b[:-1], "expected"),  # a truncated message
+    (lambda b: b + b"\x00", "expected"),  # padded
+    (lambda b: b"\x00\x00\xc0\x7f" + b[4:], "NaN or Inf"),  # a NaN smuggled into the values
+])
+def test_a_forged_compressed_reply_is_rejected_by_the_server(tamper, problem):
+    """The server decodes compressed uploads only after checking size and content: a rogue
+    ClientApp's forged bytes become a BadReply (the round goes on without them)."""
+    from metafed.compression import make_compression
+
+    comp = make_compression("topk:0.1", False)
+    expected = {"update/w": ((4, 5), torch.float32), "update/b": ((5,), torch.float32)}
+    pool = types.SimpleNamespace(compression=comp, cfg=types.SimpleNamespace(seed=0))
+    x = torch.randn(25, dtype=torch.float64)
+    blob, _ = comp.encode_one(x, None, 0, 3, 1)
+    record = ArrayRecord({"bytes": Array(np.frombuffer(blob, dtype=np.uint8).copy())})
+    upload, size = FlowerPool._decode(pool, record, expected, 3)
+    assert size == len(blob) and upload["update"]["w"].shape == (4, 5) and upload["update"]["b"].dtype == torch.float32
+    forged = ArrayRecord({"bytes": Array(np.frombuffer(tamper(blob), dtype=np.uint8).copy())})
+    with pytest.raises(BadReply, match=problem):
+        FlowerPool._decode(pool, forged, expected, 3)
+    with pytest.raises(BadReply, match="one array, 'bytes'"):
+        FlowerPool._decode(pool, ArrayRecord({"other": Array(np.zeros(3, np.uint8))}), expected, 3)

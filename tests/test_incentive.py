@@ -116,24 +116,25 @@ def _write(tmp_path, lines):
     (tmp_path / LEDGER_FILE).write_text("\n".join(lines) + "\n")
 
 
-def _edit(tmp_path):
+def _change_entry(tmp_path, change):
+    """Rewrite ledger entry 4 (reward raised to 1000) with ``change`` applied to it."""
     lines = _lines(tmp_path)
     e = json.loads(lines[4])
     e["reward"] = 1000.0
+    change(e)
     lines[4] = json.dumps(e)
     _write(tmp_path, lines)
+
+
+def _edit(tmp_path):
+    _change_entry(tmp_path, lambda e: None)
 
 
 def _edit_and_rehash(tmp_path):
     """Edit an entry and recompute its hash (without the server's key the signature fails)."""
     from metafed.incentive.ledger import entry_hash
 
-    lines = _lines(tmp_path)
-    e = json.loads(lines[4])
-    e["reward"] = 1000.0
-    e["hash"] = entry_hash(e)
-    lines[4] = json.dumps(e)
-    _write(tmp_path, lines)
+    _change_entry(tmp_path, lambda e: e.update(hash=entry_hash(e)))
 
 
 def _remove(tmp_path):
@@ -160,13 +161,11 @@ def _resign_with_another_key(tmp_path):
 
     from metafed.incentive.ledger import entry_hash
 
-    lines = _lines(tmp_path)
-    e = json.loads(lines[4])
-    e["reward"] = 1000.0
-    e["hash"] = entry_hash(e)
-    e["sig"] = Ed25519PrivateKey.generate().sign(bytes.fromhex(e["hash"])).hex()
-    lines[4] = json.dumps(e)
-    _write(tmp_path, lines)
+    def resign(e):
+        e["hash"] = entry_hash(e)
+        e["sig"] = Ed25519PrivateKey.generate().sign(bytes.fromhex(e["hash"])).hex()
+
+    _change_entry(tmp_path, resign)
 
 
 @pytest.mark.parametrize("tamper, problem", [

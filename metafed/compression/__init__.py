@@ -44,15 +44,18 @@ class UploadCompression:
               clients: list[int]) -> tuple[dict, Tensor | None, int]:
         """Stacked uploads [C, ...] of ``clients`` -> (what the server decodes [C, ...], the
         new residuals [C, D] with error feedback, the encoded bytes of one client's message).
-        Encoders without per-client randomness run batched over the C rows."""
+        Encoding and decoding run batched over the C rows."""
         x, layout = flatten_messages(sent)  # [C, D] float64
         d = x.shape[1]
         target = x + residuals if residuals is not None else x
-        if isinstance(self.encoder, QSGD):
-            decoded = torch.cat([self.encoder.decode(self.encoder.encode(
-                target[i:i + 1], self.client_generator(seed, rnd, c)), d) for i, c in enumerate(clients)])
+        gen = self.round_generator(seed, rnd)
+        if isinstance(self.encoder, QSGD):  # each client's own rounding stream; encoding stays batched
+            uniform = torch.stack([torch.rand(d, generator=self.client_generator(seed, rnd, c), dtype=torch.float64)
+                                   for c in clients])  # [C, D]
+            payload = self.encoder.encode(target, gen, uniform)
         else:
-            decoded = self.encoder.decode(self.encoder.encode(target, self.round_generator(seed, rnd)), d)  # [C, D]
+            payload = self.encoder.encode(target, gen)
+        decoded = self.encoder.decode(payload, d)  # [C, D]
         new_residuals = target - decoded if self.error_feedback else None
         return unflatten_message(decoded, layout), new_residuals, self.encoder.packed_bytes(d)
 

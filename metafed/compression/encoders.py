@@ -122,12 +122,16 @@ class QSGD:
     def level_bits(self) -> int:
         return math.ceil(math.log2(self.levels + 1))
 
-    def encode(self, x: Tensor, gen: torch.Generator) -> dict:
+    def encode(self, x: Tensor, gen: torch.Generator, uniform: Tensor | None = None) -> dict:
+        """``uniform`` [C, D]: the rounding draws, when each client has its own stream (drawn
+        from ``gen`` otherwise)."""
         x = x.double()
         norm = x.norm(dim=1, keepdim=True)  # [C, 1]
         scaled = x.abs() / norm.clamp_min(1e-300) * self.levels  # in [0, S]
         lower = scaled.floor()
-        level = lower + (torch.rand(x.shape, generator=gen, dtype=torch.float64) < scaled - lower).double()
+        if uniform is None:
+            uniform = torch.rand(x.shape, generator=gen, dtype=torch.float64)
+        level = lower + (uniform < scaled - lower).double()
         return {"norm": norm.squeeze(1).float(), "level": level.to(torch.int32), "negative": x < 0}
 
     def decode(self, payload: dict, d: int) -> Tensor:

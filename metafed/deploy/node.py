@@ -75,15 +75,17 @@ class Node:
             flat = {k: v.contiguous() for k, v in tree.nested_flatten(state).items()}
             write_text_atomic(self._state_path(), save_bytes(flat))
 
+    def _residual_path(self) -> Path:
+        return self.state_dir / f"client-{self.client_id}-residual.safetensors"
+
     def load_residual(self):
         """This client's error-feedback residual [D] (float64), or None before its first upload."""
-        path = self.state_dir / f"client-{self.client_id}-residual.safetensors"
+        path = self._residual_path()
         return load_bytes(path.read_bytes())["residual"] if path.exists() else None
 
     def save_residual(self, residual) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.state_dir / f"client-{self.client_id}-residual.safetensors",
-                          save_bytes({"residual": residual.contiguous()}))
+        write_text_atomic(self._residual_path(), save_bytes({"residual": residual.contiguous()}))
 
 
 NODE_FILE_TENSORS = ("train_x", "train_y", "test_x", "test_y")

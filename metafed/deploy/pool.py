@@ -206,17 +206,17 @@ class FlowerPool:
         if expected is None:
             upload = {}
         elif self.compression is not None:
-            upload = self._decode(r.content["encoded"], expected, rnd)
+            upload, encoded_bytes = self._decode(r.content["encoded"], expected, rnd)
         else:
             upload = from_records(r.content["upload"], expected)
         metrics = {k.removeprefix("metric/"): finite_number(v, k) for k, v in meta.items() if k.startswith("metric/")}
         if expected is not None and self.compression is not None:
-            metrics["upload_bytes"] = float(self._encoded_bytes)  # what travelled: bytes_up counts it
+            metrics["upload_bytes"] = float(encoded_bytes)  # what travelled: bytes_up counts it
         return cid, upload, loss, n, metrics
 
-    def _decode(self, record, expected: dict, rnd: int) -> dict:
+    def _decode(self, record, expected: dict, rnd: int) -> tuple[dict, int]:
         """A compressed reply: exactly the encoder's byte count, decoded to the upload's
-        layout (``expected``, flat key -> (shape, dtype)); its size goes to ``bytes_up``."""
+        layout (``expected``, flat key -> (shape, dtype)). Returns (upload, bytes received)."""
         from flwr.app import ArrayRecord
 
         items = dict(record.items()) if isinstance(record, ArrayRecord) else {}
@@ -225,20 +225,13 @@ class FlowerPool:
         blob = items["bytes"].numpy()
         if blob.dtype != np.uint8 or blob.ndim != 1:
             raise BadReply(f"encoded upload must be a uint8 vector, got {blob.dtype} {blob.shape}")
-        order = sorted(expected)
-        d = sum(int(np.prod(expected[k][0])) for k in order)
+        order = [(k, torch.Size(expected[k][0])) for k in sorted(expected)]  # flatten_messages' layout
         try:
-            x = self.compression.decode_one(blob.tobytes(), d, self.cfg.seed, rnd)
+            x = self.compression.decode_one(blob.tobytes(), sum(s.numel() for _, s in order), self.cfg.seed, rnd)
         except ValueError as e:
             raise BadReply(f"encoded upload: {e}") from None
-        out, pos = {}, 0
-        for k in order:  # flatten_messages' layout: sorted flat keys
-            shape, dtype = expected[k]
-            size = int(np.prod(shape))
-            out[k] = x[pos: pos + size].reshape(shape).to(dtype)
-            pos += size
-        self._encoded_bytes = len(blob)  # read by the caller for this reply's metrics
-        return tree.nested_unflatten(out)
+        dtypes = tree.nested_unflatten({k: torch.empty(0, dtype=dtype) for k, (_, dtype) in expected.items()})
+        return unflatten_like(x, order, dtypes), len(blob)
 
     # ------------------------------------------------------------------ secure aggregation
     def secure_sum(self, rnd: int, run_id: bytes, cohort: list[int], ids: list[int], rows, transform: UploadTransform,

@@ -72,9 +72,16 @@ def update_hashes(sent: dict, n: int) -> list[str]:
     return out
 
 
+def weighted_mean(rows: Tensor, weights: Tensor) -> Tensor:
+    """rows [n, D], weights [n] -> their weighted mean [D] (float64)."""
+    w = weights.to(torch.float64)
+    return (w[:, None] * rows).sum(0) / w.sum()
+
+
 @dataclass
 class Settlement:
-    """One round's outcome per accepted client (in the round's order)."""
+    """One round's outcome per accepted client (in the round's order), and the history the
+    next round reads (``extra``: ServerState.extra entries, checkpointed with the state)."""
 
     ids: list[int]
     hashes: list[str]
@@ -82,14 +89,21 @@ class Settlement:
     rewards: np.ndarray
     flags: list[list[str]]
     evaluations: int
+    extra: dict
 
     def records(self) -> list[dict]:
         return [{"client": c, "update_sha256": h, "contribution": float(p), "reward": float(r), "flags": f}
                 for c, h, p, r, f in zip(self.ids, self.hashes, self.contributions, self.rewards, self.flags)]
 
+    def metrics(self) -> dict:
+        return {"rewards_paid": float(self.rewards.sum()), "free_riders_flagged": sum(bool(f) for f in self.flags),
+                "contribution_evaluations": self.evaluations}
+
 
 class ContributionMeter:
-    """Settles rounds for a federation: see the module docstring."""
+    """Settles rounds for a federation: see the module docstring. Holds no state between
+    rounds: the history it needs (the previous round's mean upload, each client's copy count
+    and reputation) is read from, and returned for, the server state's ``extra``."""
 
     def __init__(self, kind: str, algorithm, validation: tuple[Tensor, Tensor] | None, budget: float, floor: float,
                  seed: int, max_permutations: int | None = None, eps: float = 1e-3, value: str = "accuracy",
@@ -98,11 +112,7 @@ class ContributionMeter:
             raise ValueError(f"unknown contribution measure {kind!r}; choose one of {', '.join(CONTRIBUTIONS)}")
         self.kind, self.algorithm, self.validation = kind, algorithm, validation
         self.budget, self.floor, self.seed = budget, floor, seed
-        self.max_permutations, self.eps, self.value = max_permutations, eps, value
-        self.previous_step: Tensor | None = None  # [D] last round's aggregated upload (replay detection)
-        self.copies: np.ndarray | None = None  # [clients] int64, see rewards.free_rider_flags
-        self.reputation: np.ndarray | None = None  # [clients] float64, see rewards (module docstring)
-        self.memory = memory
+        self.max_permutations, self.eps, self.value, self.memory = max_permutations, eps, value, memory
 
     def utility(self, state, rows: Tensor, weights: Tensor, layout, reference: dict, rnd: int):
         """U(S) for coalitions of row indices (see the module docstring)."""
@@ -114,8 +124,7 @@ class ContributionMeter:
                 params = alg.global_params(state)
             else:
                 idx = torch.tensor(sorted(coalition))
-                w = weights[idx]
-                mean = (w[:, None] * rows[idx]).sum(0) / w.sum()  # [D]
+                mean = weighted_mean(rows[idx], weights[idx])  # [D]
                 params = alg.global_params(alg.server_update(state, unflatten_like(mean, layout, reference), rnd))
             with torch.no_grad():
                 outputs = model.apply(params, vx)
@@ -125,19 +134,22 @@ class ContributionMeter:
 
         return CachedUtility(u)
 
-    def settle(self, state, sent: dict, ids: list[int], weights: Tensor, rnd: int) -> Settlement:
+    def settle(self, state, sent: dict, ids: list[int], weights: Tensor, rnd: int, num_clients: int) -> Settlement:
         """Contributions, flags and rewards of round ``rnd``'s accepted uploads ``sent``
         ([n, ...] per leaf) under the state the round started from."""
         n = len(ids)
         rows, layout = flatten_messages(sent)  # [n, D] float64
-        reference = tree.nested_index(sent, 0)
         hashes = update_hashes(sent, n)
         w = weights.to(torch.float64)
+        history = state.extra
+        previous = history[PREVIOUS_STEP].double() if PREVIOUS_STEP in history else None
+        copies = history[COPY_COUNTS].numpy().copy() if COPY_COUNTS in history else np.zeros(num_clients, np.int64)
+        reputation = history[REPUTATION].numpy().copy() if REPUTATION in history else np.zeros(num_clients)
         evaluations = 0
         if self.kind == "size":
             phi = (w / w.sum()).numpy()
         else:
-            u = self.utility(state, rows, w, layout, reference, rnd)
+            u = self.utility(state, rows, w, layout, tree.nested_index(sent, 0), rnd)
             if self.kind == "loo":
                 phi = leave_one_out(n, u)
             elif self.kind == "shapley-exact" or 2 ** n <= n * (self.max_permutations or max(50, 10 * n)):
@@ -146,15 +158,13 @@ class ContributionMeter:
                 rng = np.random.default_rng([self.seed, 20, rnd])
                 phi = gtg_shapley(n, u, rng, eps=self.eps, max_permutations=self.max_permutations)
             evaluations = u.evaluations
-        flags = free_rider_flags(rows, hashes, ids, None if self.kind == "size" else phi, self.previous_step,
-                                 self.copies)
+        phi = np.asarray(phi, dtype=float)
+        flags = free_rider_flags(rows, hashes, ids, None if self.kind == "size" else phi, previous, copies)
         flagged = np.array([bool(f) for f in flags])
-        score = np.asarray(phi, dtype=float)
-        if self.reputation is not None:
-            who = np.asarray(ids)
-            ok = who[~flagged]
-            self.reputation[ok] = self.memory * self.reputation[ok] + (1 - self.memory) * score[~flagged]
-            score = self.reputation[who]
-        rewards = split_rewards(score, flagged, self.budget, self.floor)
-        self.previous_step = (w[:, None] * rows).sum(0) / w.sum()
-        return Settlement(list(ids), hashes, np.asarray(phi, dtype=float), rewards, flags, evaluations)
+        who = np.asarray(ids)
+        ok = who[~flagged]  # flagged clients' reputation does not move
+        reputation[ok] = self.memory * reputation[ok] + (1 - self.memory) * phi[~flagged]
+        rewards = split_rewards(reputation[who], flagged, self.budget, self.floor)
+        extra = {PREVIOUS_STEP: weighted_mean(rows, w).float(), COPY_COUNTS: torch.from_numpy(copies),
+                 REPUTATION: torch.from_numpy(reputation)}
+        return Settlement(list(ids), hashes, phi, rewards, flags, evaluations, extra)

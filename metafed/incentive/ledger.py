@@ -99,6 +99,10 @@ class Ledger:
     def public_key(self) -> str:
         return public_hex(self.key)
 
+    def summary(self) -> dict:
+        """What to publish (summary.json): entries so far, the chain head, the signing key."""
+        return {"entries": self.count, "head": self.head, "public_key": self.public_key}
+
     def append(self, rnd: int, records: list[dict]) -> list[dict]:
         """One entry per record ({"client", "update_sha256", "contribution", "reward",
         "flags"}), chained and signed; returns the entries (each client's receipt)."""
