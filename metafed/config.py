@@ -138,6 +138,24 @@ class RunConfig(BaseModel):
         "learned-step", description="meta-updater: learned-step (u_i a learned step local training generalises "
         "from) or delta (the seed document as written: u_i from the model change, refined on the validation loss)")
 
+    # federated distillation (metafed.distill): FedMD, FedDF, FD
+    client_models: Optional[str] = Field(None,
+        description="heterogeneous clients: reference models and their shares, e.g. mlp:0.5,small-cnn:0.5 "
+                    "(default: every client runs --model)")
+    public_data: Literal["pool", "mnist"] = Field("pool",
+        description="unlabelled public inputs: pool (samples of this dataset no client holds: carved before "
+                    "partitioning, or held-out clients' inputs) or mnist (MNIST images from DATA_DIR)")
+    public_size: int = Field(1000, ge=10, description="public inputs the server and clients share")
+    public_subset: int = Field(500, ge=1, description="FedMD: public inputs scored per round")
+    digest_epochs: int = Field(1, ge=1, description="FedMD: passes over the subset towards the consensus")
+    distill_lr: Optional[float] = Field(None, gt=0,
+        description="FedDF: Adam rate of the server distillation (default 0.001); FedMD: SGD rate of the "
+                    "digest (default --lr)")
+    distill_steps: int = Field(100, ge=0, description="FedDF: server distillation batches per round")
+    distill_batch_size: int = Field(128, ge=1, description="FedDF: public inputs per distillation batch")
+    distill_temperature: float = Field(1.0, gt=0, description="FedDF, FD: softmax temperature of the teacher")
+    distill_weight: float = Field(1.0, ge=0, description="FD: gamma, weight of the distillation term")
+
     # aggregation
     weighting: Literal["samples", "uniform"] = Field("samples", description="average client updates by their "
                                                      "sample counts (FedAvg) or uniformly (Per-FedAvg)")
@@ -342,6 +360,7 @@ class RunConfig(BaseModel):
         self._check_compression()
         self._check_async()
         self._check_algorithm_settings()
+        self._check_distillation()
         if self.aggregator in ("krum", "multi-krum", "trimmed-mean", "bulyan") and self.byzantine_f is None \
                 and self.attack is None:
             raise ValueError(f"--aggregator {self.aggregator} needs --byzantine-f F, the number of malicious "
@@ -393,6 +412,34 @@ class RunConfig(BaseModel):
                                  "--server-optimizer, --server-lr, --server-momentum)")
             if self.buffer_size is not None:
                 raise ValueError("--buffer-size is FedBuff's: use --async-rule fedbuff")
+
+    def _check_distillation(self) -> None:
+        """The distillation algorithms exchange logits (FedMD, FD) or distil at the server
+        (FedDF): the weight-averaging chain (secure aggregation, DP, robust rules, compression,
+        contributions, attacks, asynchrony, server optimizers) does not apply to them."""
+        from metafed.distill import DISTILLATION
+
+        if self.algorithm not in DISTILLATION:
+            return
+        if self.client_models is not None:
+            from metafed.distill.groups import parse_client_models
+
+            parse_client_models(self.client_models)
+        on = {"--secure-aggregation": self.secure_aggregation, "--dp": self.dp is not None,
+              "--compress": self.compress is not None, f"--aggregator {self.aggregator}": self.aggregator != "mean",
+              "--attack": self.attack is not None, "--contribution": self.contribution is not None,
+              "--free-riders": self.free_riders > 0, "--mode async": self.mode == "async",
+              "--backend ray": self.backend == "ray", "--personal-eval stored": self.personal_eval == "stored",
+              "--server-optimizer / --server-lr / --server-momentum": self.server_optimizer != "sgd"
+              or self.server_lr is not None or self.server_momentum > 0}
+        bad = [flag for flag, given in on.items() if given]
+        if bad:
+            raise ValueError(f"--algorithm {self.algorithm} (federated distillation) does not combine with "
+                             f"{', '.join(bad)}: it exchanges logits or distils at the server, not an averaged "
+                             "update")
+        if self.public_data == "mnist" and self.dataset == "mnist":
+            raise ValueError("--public-data mnist on dataset mnist would share the clients' own images: use "
+                             "--public-data pool")
 
     def _check_compression(self) -> None:
         if self.compress is None:

@@ -40,6 +40,12 @@ ALGORITHM_PARAMS: dict[str, dict[str, str]] = {
                             "stage2_server_lr": "stage2_server_lr", **_LOCAL},
     "pfedme": {"lambda": "pfedme_lambda", "steps": "pfedme_steps", "personal_lr": "personal_lr"},
     "ditto": {"lambda": "ditto_lambda", "personal_lr": "personal_lr"},
+    "fedmd": {"client_models": "client_models", "public_data": "public_data", "public_size": "public_size",
+              "public_subset": "public_subset", "digest_epochs": "digest_epochs", "distill_lr": "distill_lr"},
+    "feddf": {"client_models": "client_models", "public_data": "public_data", "public_size": "public_size",
+              "distill_steps": "distill_steps", "distill_lr": "distill_lr", "distill_batch_size": "distill_batch_size",
+              "temperature": "distill_temperature"},
+    "fd": {"client_models": "client_models", "weight": "distill_weight", "temperature": "distill_temperature"},
     "meta-updater": {"alpha": "meta_alpha", "meta_lr": "meta_lr", "mix": "meta_mix", "val_period": "meta_val_period",
                      "order": "meta_order", "formulation": "meta_formulation"},
 }

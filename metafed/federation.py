@@ -21,6 +21,7 @@ from metafed.client_store import ClientStore
 from metafed.compression import make_compression
 from metafed.config import RunConfig
 from metafed.data.federated import FederatedDataset
+from metafed.distill.base import DistillationAlgorithm
 from metafed.data.schedule import poisson_sample_clients, program_schedule, sample_clients
 from metafed.eval import HELDOUT_ADAPT_STEPS, Evaluator, evaluation_sample
 from metafed.incentive.contribution import PREVIOUS_STEP, ContributionMeter, validation_split, weighted_mean
@@ -174,6 +175,10 @@ class Federation:
             if getattr(self, "_async", None) is None:
                 self._async = AsyncServer(self)
             return self._async.step(rnd)
+        if isinstance(self.algorithm, DistillationAlgorithm):  # distillation: per architecture group (metafed.distill)
+            from metafed.distill.round import distill_round
+
+            return distill_round(self, rnd)
         alg = self.algorithm
         broadcast = alg.broadcast(self.state, rnd)
         program = alg.client_program(rnd)
@@ -388,6 +393,10 @@ class Federation:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, rnd: int) -> tuple[dict, dict]:
+        if isinstance(self.algorithm, DistillationAlgorithm):
+            from metafed.distill.round import evaluate_groups
+
+            return evaluate_groups(self, rnd)
         broadcast = self.algorithm.broadcast(self.state, rnd)
         if hasattr(self.pool, "evaluate"):  # federated evaluation: clients score on their own data
             return self.pool.evaluate(rnd, self.algorithm.global_params(self.state), broadcast), {}

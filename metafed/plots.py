@@ -39,7 +39,7 @@ def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
 def plot_run(run_dir: Path) -> list[Path]:
     """Write the run's plots next to its metrics; returns the files written."""
     rows = read_rows(run_dir)
-    if not any("global_accuracy" in r for r in rows):
+    if not any("global_accuracy" in r or "personalized_accuracy" in r for r in rows):
         raise ValueError(f"{run_dir} has no evaluated round yet: nothing to plot (evaluation runs every "
                          "--eval-every rounds and at the last)")
     name = run_name(run_dir)

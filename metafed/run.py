@@ -84,7 +84,7 @@ def build_federation(cfg: RunConfig, pool=None, model=None, data: FederatedDatas
     model = FunctionalModel(module, loss or cross_entropy, score or top1)
     if pool is None:
         _check_task(cfg, dataset, model, custom_score=score is not None)
-    algorithm = make_algorithm(cfg, model)
+    algorithm = make_algorithm(cfg, model, dataset, cfg.model or DEFAULT_MODEL[cfg.dataset])
     if pool is not None:
         pool.algorithm = algorithm  # the Flower pool dry-runs programs to know what clients upload
     expected_cohort = min(cfg.clients_per_round, num_clients)
@@ -127,6 +127,11 @@ def make_module(cfg: RunConfig, input_shape, num_classes: int, model=None):
 
 def check_deployable(cfg: RunConfig) -> None:
     """Refuse what the deployment cannot do honestly yet, rather than run it at the server."""
+    from metafed.distill import DISTILLATION
+
+    if cfg.algorithm in DISTILLATION:
+        raise ConfigError(f"--algorithm {cfg.algorithm} runs in simulation only for now: its clients' own models "
+                          "and the public inputs are not wired into the deployment's ClientApp")
     if cfg.secagg_dropout:
         raise ConfigError("--secagg-dropout is simulated: in deployment dropouts are real, remove it")
     if cfg.attack or cfg.dropout or cfg.stragglers:
@@ -355,7 +360,7 @@ def _restore(cfg: RunConfig, run_dir: Path, pool=None, own: tuple = ()) -> tuple
                               "done: a resume can only continue")
     fed = build_federation(resumed_cfg, pool, *own)
     try:
-        fed.algorithm.model.check_params(ckpt.state.params)
+        fed.algorithm.check_params(ckpt.state.params)
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"checkpoint in {run_dir} does not fit this run's model: {e}") from None
     order = list(fed.state.params)  # the model's parameter order (safetensors returns keys sorted)

@@ -69,7 +69,8 @@ class RunTracker:
         if not self.run_dir or "client" not in per_client:
             return
         rows = [{"round": rnd, "client": name, "kind": "train", "global_accuracy": g, "personalized_accuracy": p}
-                for name, g, p in zip(per_client["client"], per_client["global"], per_client["personalized"])]
+                for name, g, p in zip(per_client["client"], per_client.get("global", [float("nan")] * len(
+                    per_client["client"])), per_client["personalized"])]
         for j, name in enumerate(per_client.get("new_client", [])):
             rows.append({"round": rnd, "client": name, "kind": "new",
                          **{f"new_k{k}": per_client[f"new_client_k{k}"][j] for k in HELDOUT_ADAPT_STEPS

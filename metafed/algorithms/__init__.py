@@ -30,7 +30,8 @@ log = logging.getLogger("metafed")
 class AlgorithmSpec:
     summary: str
     paper: str
-    build: Callable[["RunConfig", FunctionalModel, ServerOptimizer], FederatedAlgorithm]
+    # None: a distillation algorithm, built with its dataset (metafed.distill.make_distillation)
+    build: Callable[["RunConfig", FunctionalModel, ServerOptimizer], FederatedAlgorithm] | None
 
 
 def server_optimizer(cfg: "RunConfig", name: str | None = None, lr: float | None = None,
@@ -111,13 +112,33 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
         "metafed seed document 000 (design in metafed/algorithms/meta_updater.py)",
         lambda cfg, model, opt: MetaUpdater(model, opt, cfg.lr, cfg.meta_lr or cfg.lr, cfg.meta_alpha, cfg.meta_mix,
                                             cfg.meta_val_period, cfg.meta_order == "second", cfg.meta_formulation)),
+    "fedmd": AlgorithmSpec(
+        "federated distillation: own models, consensus logits on public inputs, digest then revisit "
+        "(--client-models for heterogeneous architectures)",
+        "Li and Wang, NeurIPS-W 2019, arXiv:1910.03581", None),
+    "feddf": AlgorithmSpec(
+        "FedAvg per architecture group, then server distillation of all clients' ensemble on public inputs",
+        "Lin et al., NeurIPS 2020, arXiv:2006.07242", None),
+    "fd": AlgorithmSpec(
+        "federated distillation without public data: per-label mean logits as each client's teacher",
+        "Jeong et al., NeurIPS-W 2018, arXiv:1811.11479", None),
 }
 
 
-def make_algorithm(cfg: "RunConfig", model: FunctionalModel) -> FederatedAlgorithm:
+def make_algorithm(cfg: "RunConfig", model: FunctionalModel, dataset=None,
+                   model_name: str = "") -> FederatedAlgorithm:
+    """The algorithm a config names; the distillation algorithms (:mod:`metafed.distill`)
+    also need the ``dataset`` (its clients, classes and public inputs)."""
     if cfg.algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {cfg.algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
-    return ALGORITHMS[cfg.algorithm].build(cfg, model, server_optimizer(cfg))
+    spec = ALGORITHMS[cfg.algorithm]
+    if spec.build is None:
+        from metafed.distill import make_distillation
+
+        if dataset is None:
+            raise ValueError(f"--algorithm {cfg.algorithm} builds one model per client group: it needs the dataset")
+        return make_distillation(cfg, dataset, model, model_name)
+    return spec.build(cfg, model, server_optimizer(cfg))
 
 
 __all__ = ["ALGORITHMS", "AlgorithmSpec", "FederatedAlgorithm", "LocalProgram", "ServerState", "make_algorithm",

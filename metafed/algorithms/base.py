@@ -110,6 +110,10 @@ class FederatedAlgorithm(ABC):
         """The params that 'global model' evaluation uses."""
         return state.params
 
+    def check_params(self, params: Params) -> None:
+        """Resume: the checkpoint's server params fit this algorithm (ValueError naming why)."""
+        self.model.check_params(params)
+
 
 def batch_loss(model: FunctionalModel, params: Params, batch: dict, j: int, mask: Tensor | None = None) -> Tensor:
     """Mean loss of ``params`` on minibatch ``j`` of a step's batch (optionally re-masked)."""

@@ -13,6 +13,7 @@ from metafed.data.loaders import DataNotFound, load_digits, load_leaf, load_mnis
 from metafed.data.partition import PARTITIONS, partition
 from metafed.data.lazy import W1_CLASSES, W1_DIM, LazyClients, w1_clients
 from metafed.data.synthetic import synthetic_clients
+from metafed.distill.public import carve_public, heldout_public, mnist_public
 
 if TYPE_CHECKING:
     from metafed.config import RunConfig
@@ -89,13 +90,16 @@ def load_dataset(cfg: "RunConfig") -> FederatedDataset:
     """Build the FederatedDataset a config asks for (deterministic in cfg.seed)."""
     rng = np.random.default_rng([cfg.seed, 100])
     name = cfg.dataset
-    root = None
+    root = public = None
+    wants_public = _wants_public(cfg)
     if name in ("digits", "mnist"):
         x, y = load_digits() if name == "digits" else load_mnist(resolve_data_dir(cfg.data_dir) / "mnist")
         if cfg.standardize:
             x = standardize_features(x)
         if cfg.aggregator == "fltrust":
             x, y, root = _carve_server_root(x, y, cfg.fltrust_root_size, cfg.seed)
+        if wants_public and cfg.public_data == "pool":
+            x, y, public = carve_public(x, y, cfg.public_size, cfg.seed)
         shape, classes = (x.shape[1],), 10
         clients = _partitioned(name, x, y, cfg, rng, shape)
     elif name in ("femnist", "shakespeare"):
@@ -125,7 +129,17 @@ def load_dataset(cfg: "RunConfig") -> FederatedDataset:
         clients = clients.subset(kept) if isinstance(clients, LazyClients) else [clients[i] for i in kept]
     if cfg.aggregator == "fltrust" and root is None:
         root = _heldout_root(heldout, cfg.fltrust_root_size, cfg.seed)
-    return FederatedDataset(name, clients, shape, classes, heldout, root, kept, out)
+    if wants_public and public is None:
+        public = (mnist_public(resolve_data_dir(cfg.data_dir), cfg.public_size, cfg.seed, shape, cfg.standardize)
+                  if cfg.public_data == "mnist" else heldout_public(heldout, cfg.public_size, cfg.seed))
+    return FederatedDataset(name, clients, shape, classes, heldout, root, kept, out, public)
+
+
+def _wants_public(cfg: "RunConfig") -> bool:
+    """Only FedMD and FedDF use public inputs: other runs keep every sample for the clients."""
+    from metafed.distill import NEEDS_PUBLIC
+
+    return cfg.algorithm in NEEDS_PUBLIC
 
 
 __all__ = ["ClientData", "FederatedDataset", "DataNotFound", "DATASETS", "DEFAULT_MODEL", "PARTITIONS",

@@ -42,6 +42,8 @@ class FederatedDataset:
     # the data partition each training / held-out client came from (a SuperNode's partition-id)
     partitions: tuple[int, ...] | None = None
     heldout_partitions: tuple[int, ...] | None = None
+    # unlabelled inputs no training client holds, shared by the distillation algorithms [P, ...]
+    public: Tensor | None = None
 
     def role_of_partition(self, partition: int) -> tuple[str, int]:
         """("train", client id) or ("heldout", held-out index) of a data partition."""

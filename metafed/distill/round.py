@@ -1,0 +1,106 @@
+"""The round and the evaluation of the distillation algorithms (:mod:`metafed.distill`).
+
+A round samples the cohort as every algorithm does, splits it by architecture group and
+asks the pool to train each group with that group's program and broadcast (one backend
+call per group, so each group runs vectorized). Uploads are checked (finite, per client);
+the algorithm's own server step then combines what the groups sent: logits for FedMD and
+FD, weights for FedDF. The aggregation chain of the weight-averaging algorithms (secure
+aggregation, DP, robust rules, compression) does not apply and is refused by the config.
+"""
+from __future__ import annotations
+
+import torch
+
+from metafed import tree
+from metafed.eval import ClientScores, _concat_scores, evaluation_sample, score_global, score_stacked
+
+
+def distill_round(fed, rnd: int) -> dict:
+    alg, pool = fed.algorithm, fed.pool
+    cohort = fed._sample(rnd)
+    metrics = {"round": rnd, "clients_sampled": len(cohort), "bytes_down": 0, "bytes_up": 0, "clients_used": 0,
+               "train_loss": float("nan")}
+    uploads, losses, weights = [], [], []
+    for g in range(len(alg.groups)):
+        members = cohort[[alg.group_of(int(c)) == g for c in cohort]]
+        broadcast = alg.broadcast_group(fed.state, rnd, g)
+        metrics["bytes_down"] += alg.wire_bytes(broadcast) * len(members)
+        replies = pool.train(rnd, members, alg.program_group(rnd, g), broadcast) if len(members) else None
+        if replies is None or not replies.ids:
+            uploads.append(None)
+            continue
+        sent = {k: v for k, v in replies.outputs.items() if k not in ("state", "metrics")}
+        metrics["bytes_up"] += tree.nested_bytes(sent)
+        ok = fed._finite_rows(sent, replies.ids)
+        pool.keep_states(replies.ids, replies.outputs.get("state", {}), ok)
+        used = torch.nonzero(ok).flatten()
+        if not len(used):
+            uploads.append(None)
+            continue
+        w = replies.num_samples[used]
+        uploads.append(([replies.ids[i] for i in used.tolist()], tree.nested_index(sent, used), w))
+        losses.append(replies.losses[used].double())
+        weights.append(w)
+    if losses:
+        loss, w = torch.cat(losses), torch.cat(weights)
+        metrics.update(clients_used=len(loss), train_loss=float((loss * w).sum() / w.sum()))
+        fed.state = alg.server_step(fed.state, uploads, rnd)
+    return metrics
+
+
+def evaluate_groups(fed, rnd: int) -> tuple[dict, dict]:
+    """Each evaluated client with its own group's models: the group's server model (FedDF)
+    as ``global_*`` and after fine-tuning it as ``personalized_*``; for FedMD and FD, which
+    have no global model, the client's own model as ``personalized_*``. Per-client lists
+    follow the evaluation sample's order."""
+    alg, cfg = fed.algorithm, fed.cfg
+    ids = evaluation_sample(fed.dataset.num_clients, cfg.eval_clients, cfg.seed)
+    by_group = [[c for c in ids if alg.group_of(c) == g] for g in range(len(alg.groups))]
+    order = [c for members in by_group for c in members]
+    glob, pers = [], []
+    for g, members in enumerate(by_group):
+        if not members:
+            continue
+        model, data = alg.groups[g].model, [fed.dataset.clients[c] for c in members]
+        tests = ([d.test_x for d in data], [d.test_y for d in data])
+        if alg.has_global_model:
+            params = alg.group_global(fed.state, g)
+            glob.append(score_global(model, params, *tests))
+            pers.append(_finetuned(fed, g, params, data, members, rnd) if cfg.personalize_steps > 0 else glob[-1])
+        else:
+            broadcast = alg.broadcast_group(fed.state, rnd, g)
+            states = [fed.clients.get(c, lambda: alg.client_init(broadcast)) for c in members]
+            pers.append(score_stacked(model, tree.nested_stack([s["params"] for s in states]), *tests))
+    position = {c: i for i, c in enumerate(order)}
+    back = torch.tensor([position[c] for c in ids])  # evaluation-sample order
+    metrics, per_client = {}, {"client": [fed.dataset.clients[c].name or str(c) for c in ids]}
+    for prefix, parts in (("global", glob), ("personalized", pers)):
+        if parts:
+            scores = _concat_scores(parts)
+            scores = ClientScores(scores.correct[back], scores.loss_sum[back], scores.count[back])
+            metrics.update(scores.summary(prefix))
+            per_client[prefix] = scores.accuracy.tolist()
+    return metrics, per_client
+
+
+def _finetuned(fed, g: int, params, data, members, rnd: int) -> ClientScores:
+    """FedDF's personalized score: ``--personalize-steps`` of fine-tuning the group model."""
+    from metafed.eval import Evaluator
+
+    view = _GroupView(fed.algorithm.groups[g].model)
+    evaluator = Evaluator(view, fed.backend, fed.cfg.eval_batch_size, fed.cfg.personalize_lr or fed.cfg.lr,
+                          fed.cfg.seed)
+    return evaluator.personalized({"params": params}, data, [{} for _ in data], fed.cfg.personalize_steps, rnd,
+                                  stream=5, ids=members)
+
+
+class _GroupView:
+    """What :class:`~metafed.eval.Evaluator` needs of an algorithm, for one group's model."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def personalize_program(self, steps: int, lr: float):
+        from metafed.algorithms.finetune import FineTune
+
+        return FineTune(self.model, lr)
