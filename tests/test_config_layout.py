@@ -59,7 +59,9 @@ def test_another_algorithms_setting_is_refused(key):
               "stage1_epochs": 2, "stage2_server_optimizer": "adam", "stage2_server_lr": 0.5, "personal_lr": 0.01,
               "pfedme_lambda": 10.0, "pfedme_steps": 3, "ditto_lambda": 1.0, "meta_alpha": 0.5, "meta_lr": 0.2,
               "meta_mix": 0.2, "meta_val_period": 3, "meta_order": "second", "meta_formulation": "learned-step",
-              "local_optimizer": "adam", "local_momentum": 0.5}
+              "local_optimizer": "adam", "local_momentum": 0.5, "client_models": "mlp:0.5,logistic:0.5",
+              "public_data": "mnist", "public_size": 300, "public_subset": 50, "digest_epochs": 2, "distill_lr": 0.01,
+              "distill_steps": 20, "distill_batch_size": 32, "distill_temperature": 2.0, "distill_weight": 0.5}
     outsider = next(name for name in ALGORITHM_PARAMS if name not in KEY_OWNERS[key])
     value = values[key] if values[key] != RunConfig.model_fields[key].default else "delta"
     with pytest.raises(ConfigError, match=f"--{key.replace('_', '-')} is a setting of .*'{outsider}' ignores it"):

@@ -166,5 +166,5 @@ def test_attention_aggregator_runs_with_any_algorithm():
 
 
 def test_every_algorithm_is_listed_with_a_paper():
-    assert set(PERSONALIZED) | {"fedavg", "fedprox"} == set(ALGORITHMS)
+    assert set(PERSONALIZED) | {"fedavg", "fedprox", "fedmd", "feddf", "fd"} == set(ALGORITHMS)
     assert all(spec.paper and spec.summary for spec in ALGORITHMS.values())
