@@ -174,6 +174,9 @@ class RunConfig(BaseModel):
                                     "(fraction F of coordinates), qsgd:S (S levels), q8, q4 (metafed.compression)")
     error_feedback: bool = Field(False, description="keep what compression did not send as client state and add it "
                                  "to the next upload (Karimireddy et al. 2019)")
+    compress_down: Optional[str] = Field(None, description="compress the broadcast model: the server sends each "
+                                         "round the encoded change of the clients' replica (same encoders as "
+                                         "--compress; what is left out is sent later, metafed.compression.downlink)")
 
     # asynchrony (metafed.asynchrony)
     mode: Literal["sync", "async"] = Field("sync", description="sync rounds, or async: clients train on a virtual "
@@ -426,7 +429,8 @@ class RunConfig(BaseModel):
 
             parse_client_models(self.client_models)
         on = {"--secure-aggregation": self.secure_aggregation, "--dp": self.dp is not None,
-              "--compress": self.compress is not None, f"--aggregator {self.aggregator}": self.aggregator != "mean",
+              "--compress": self.compress is not None, "--compress-down": self.compress_down is not None,
+              f"--aggregator {self.aggregator}": self.aggregator != "mean",
               "--attack": self.attack is not None, "--contribution": self.contribution is not None,
               "--free-riders": self.free_riders > 0, "--mode async": self.mode == "async",
               "--backend ray": self.backend == "ray", "--personal-eval stored": self.personal_eval == "stored",
@@ -442,6 +446,16 @@ class RunConfig(BaseModel):
                              "--public-data pool")
 
     def _check_compression(self) -> None:
+        if self.compress_down is not None:
+            from metafed.compression.encoders import parse_compressor
+
+            try:
+                parse_compressor(self.compress_down)
+            except ValueError as e:
+                raise ValueError(str(e).replace("--compress ", "--compress-down ", 1)) from None
+            if self.mode == "async":
+                raise ValueError("--compress-down keeps one replica per round: not with --mode async, whose clients "
+                                 "start from different model versions")
         if self.compress is None:
             if self.error_feedback:
                 raise ValueError("--error-feedback keeps what compression left out: it needs --compress")

@@ -65,7 +65,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
                  "protocol", "client_sampling", "dropout", "stragglers", "straggler_policy", "min_clients"),
     "Server optimizer": ("server_optimizer", "server_lr", "server_momentum", "server_beta1", "server_beta2",
                          "server_tau"),
-    "Communication": ("compress", "error_feedback"),
+    "Communication": ("compress", "error_feedback", "compress_down"),
     "Asynchrony": ("mode", "async_rule", "async_alpha", "staleness", "buffer_size", "client_speed", "slow_clients"),
     "Aggregation and attacks": ("aggregator", "byzantine_f", "clip_tau", "fltrust_root_size", "attention_score",
                                 "attention_temperature", "max_sample_weight", "sample_weight_cap", "attack",

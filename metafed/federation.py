@@ -19,6 +19,7 @@ from metafed.attacks import DEFAULT_SCALE, backdoor_accuracy, choose_free_riders
 from metafed.backends.base import Backend, ClientTask
 from metafed.client_store import ClientStore
 from metafed.compression import make_compression
+from metafed.compression.downlink import make_broadcast_compression
 from metafed.config import RunConfig
 from metafed.data.federated import FederatedDataset
 from metafed.distill.base import DistillationAlgorithm
@@ -74,6 +75,7 @@ class Federation:
         self._run_id = os.urandom(16)  # binds secure-aggregation sessions to this run
         self._cohort: list[int] = []
         self.meter, self.settlement = self._contribution_meter(), None
+        self.down = make_broadcast_compression(self.cfg.compress_down)
         self.free_riders = choose_free_riders(self.pool.num_clients, self.cfg.free_riders, self.cfg.seed)
 
     def _contribution_meter(self) -> ContributionMeter | None:
@@ -184,8 +186,13 @@ class Federation:
         program = alg.client_program(rnd)
         cohort = self._sample(rnd)
         self._cohort = cohort.tolist()
+        bytes_down = tree.nested_bytes(broadcast) * len(cohort)
+        if self.down is not None:  # clients train from the replica the compressed broadcasts rebuild
+            self.state, broadcast, params_bytes = self.down.apply(self.state, broadcast, cohort, self.pool.num_clients,
+                                                                  self.cfg.seed, rnd)
+            bytes_down += params_bytes - tree.nested_bytes(broadcast["params"]) * len(cohort)
         replies = self.pool.train(rnd, cohort, program, broadcast, self._local_dp_transform())
-        metrics = {"round": rnd, "clients_sampled": len(cohort), "bytes_down": tree.nested_bytes(broadcast) * len(cohort),
+        metrics = {"round": rnd, "clients_sampled": len(cohort), "bytes_down": bytes_down,
                    "clients_used": 0, "bytes_up": 0, "train_loss": float("nan")}
         received = Received()
         if replies.ids:

@@ -3,6 +3,8 @@ what clients computed, byte counts equal the packed messages, exact resume with 
 and the combinations that cannot work are refused."""
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -122,3 +124,76 @@ def test_a_malformed_encoded_upload_is_refused(spec, corrupt, problem):
     blob, _ = comp.encode_one(torch.randn(100, generator=_gen(1), dtype=torch.float64), None, 0, 1, 0)
     with pytest.raises(ValueError, match=problem):
         comp.decode_one(corrupt(blob), 100, 0, 1)
+
+
+# ---------------------------------------------------------------- compressed broadcasts
+
+
+def _down_state(d=40, n=6):
+    from metafed.algorithms.base import ServerState
+
+    return ServerState({"w": torch.randn(d // 4, 4)}), n
+
+
+def test_compressed_broadcast_keeps_what_it_left_out_for_later():
+    """top-k of the change: the replica moves exactly on the k largest coordinates of
+    w - replica, and what was not sent stays in w - replica (server-side error feedback)."""
+    from metafed.compression.downlink import REPLICA, BroadcastCompression
+
+    comp = BroadcastCompression(parse_compressor("topk:0.25"))
+    state, n = _down_state()
+    w0 = state.params["w"].reshape(-1).double()
+    state, sent, _ = comp.apply(state, {"params": state.params}, np.array([0]), n, seed=0, rnd=1)
+    torch.testing.assert_close(sent["params"]["w"], state.params["w"])  # round 1: the replica is the model
+    moved = {"w": state.params["w"] + torch.randn(10, 4)}
+    state = type(state)(moved, state.opt_state, state.extra)
+    before = state.extra[REPLICA].double()
+    gap = moved["w"].reshape(-1).double() - before
+    state, sent, _ = comp.apply(state, {"params": moved}, np.array([0]), n, seed=0, rnd=2)
+    after = state.extra[REPLICA].double()
+    top = gap.abs().topk(10).indices
+    rest = torch.ones(40, dtype=torch.bool)
+    rest[top] = False
+    torch.testing.assert_close(after[top], moved["w"].reshape(-1).double()[top], atol=1e-6, rtol=0)
+    assert torch.equal(after[rest], before[rest])
+    torch.testing.assert_close(sent["params"]["w"].reshape(-1).double(), after)
+    assert w0.shape == after.shape
+
+
+def test_broadcast_bytes_count_what_each_client_must_download():
+    from metafed.compression.downlink import BroadcastCompression
+
+    comp = BroadcastCompression(parse_compressor("topk:0.1"))  # 4 values + 4 int32 indices = 32 bytes
+    state, n = _down_state()
+    dense, payload = 4 * 40, 32
+    state, _, b1 = comp.apply(state, {"params": state.params}, np.array([0, 1]), n, 0, 1)
+    assert b1 == 2 * dense  # first download: the whole model
+    state, _, b2 = comp.apply(state, {"params": state.params}, np.array([0, 2]), n, 0, 2)
+    assert b2 == payload + dense  # client 0 synced last round; client 2 never did
+    state, _, b5 = comp.apply(state, {"params": state.params}, np.array([0, 1]), n, 0, 5)
+    assert b5 == 3 * payload + min(dense, 4 * payload)
+
+
+def test_identity_broadcast_compression_changes_nothing_and_resume_is_exact(tmp_path):
+    plain = run(small_config(rounds=3))
+    same = run(small_config(rounds=3, compress_down="identity"))
+    for k in plain.params:
+        assert torch.equal(plain.params[k], same.params[k])
+    assert [r["bytes_down"] for r in plain.rows] == [r["bytes_down"] for r in same.rows]
+    cfg = dict(rounds=4, compress_down="topk:0.2", compress="q8", num_clients=8, clients_per_round=3)
+    straight = run(small_config(out=str(tmp_path / "a"), **cfg))
+    run(small_config(out=str(tmp_path / "b"), **{**cfg, "rounds": 2}))
+    resumed = run(small_config(out=str(tmp_path / "b"), **cfg), resume=tmp_path / "b")
+    for k in straight.params:
+        assert torch.equal(straight.params[k], resumed.params[k])
+    assert [r["bytes_down"] for r in straight.rows] == [r["bytes_down"] for r in resumed.rows]
+    assert straight.rows[-1]["bytes_down"] < plain.rows[-1]["bytes_down"]
+
+
+def test_broadcast_compression_refusals_name_the_flag():
+    with pytest.raises(ConfigError, match="--compress-down 'topk:2'"):
+        build_config(compress_down="topk:2")
+    with pytest.raises(ConfigError, match="--compress-down keeps one replica"):
+        build_config(mode="async", compress_down="q8")
+    with pytest.raises(ConfigError, match="--compress-down runs in simulation"):
+        check_deployable(small_config(compress_down="q8"))
