@@ -3,7 +3,7 @@ random-k, QSGD and 8-bit quantization. MNIST, 100 clients with Dirichlet(0.3) la
 MLP 784-100-10 (79,510 parameters), FedAvg, 10 clients per round, 20 local steps of batch
 10, lr 0.05, standardised inputs.
 
-    METAFED_DATA=../shared/data python benchmarks/compression.py [--rounds 100] [--seeds 2]
+    METAFED_DATA=../shared/data python benchmarks/compression.py [--rounds 100] [--seeds 2] [--part up|down]
 
 Prints one table (final round, mean ± std over seeds) and writes docs/img/compression.png.
 """
@@ -29,6 +29,14 @@ METHODS = {
     "QSGD, 16 levels": dict(compress="qsgd:16"),
     "8-bit": dict(compress="q8"),
 }
+# --part down: the broadcast compressed too (--compress-down; the replica keeps what was left out)
+DOWN = {
+    "dense both ways": {},
+    "8-bit down": dict(compress_down="q8"),
+    "top-k 10 % down": dict(compress_down="topk:0.1"),
+    "top-k 1 % + EF up, 8-bit down": dict(compress="topk:0.01", error_feedback=True, compress_down="q8"),
+    "top-k 1 % + EF up, top-k 10 % down": dict(compress="topk:0.01", error_feedback=True, compress_down="topk:0.1"),
+}
 
 
 def main() -> None:
@@ -37,12 +45,15 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("results/compression"))
     ap.add_argument("--img", type=Path, default=Path("../docs/img"))
+    ap.add_argument("--part", choices=("up", "down"), default="up")
     a = ap.parse_args()
     base = dict(dataset="mnist", model="mlp", hidden=[100], num_clients=100, partition="dirichlet",
                 dirichlet_alpha=0.3, standardize=True, clients_per_round=10, local_steps=20, batch_size=10, lr=0.05,
                 rounds=a.rounds, eval_every=10, eval_clients=50, eval_train_loss=False, personalize_steps=0)
     key = lambda m: "".join(c for c in m if c.isalnum())  # noqa: E731
     grid = {f"{key(m)}-s{s}": {**cfg, "seed": s} for m, cfg in METHODS.items() for s in range(a.seeds)}
+    if a.part == "down":
+        return downlink(a, base, key)
     results = run_grid(a.out, base, grid)
     print(f"\nMNIST Dirichlet(0.3), 100 clients, MLP, FedAvg, {a.rounds} rounds, mean ± std over {a.seeds} seeds\n")
     print("| upload | global acc | MB up, total | bytes up vs dense |")
@@ -64,6 +75,22 @@ def main() -> None:
     fig.tight_layout()
     a.img.mkdir(parents=True, exist_ok=True)
     fig.savefig(a.img / "compression.png", dpi=90)
+
+
+def downlink(a, base: dict, key) -> None:
+    grid = {f"down-{key(m)}-s{s}": {**cfg, "seed": s} for m, cfg in DOWN.items() for s in range(a.seeds)}
+    results = run_grid(a.out, base, grid)
+    print(f"\nMNIST Dirichlet(0.3), 100 clients, MLP, FedAvg, {a.rounds} rounds, mean ± std over {a.seeds} seeds\n")
+    print("| upload / broadcast | global acc | MB up, total | MB down, total | bytes down vs dense |")
+    print("|---|---|---|---|---|")
+    dense_down = None
+    for m in DOWN:
+        last = [results[k][-1] for k in grid if k.startswith(f"down-{key(m)}-s")]
+        acc = [r["global_accuracy"] for r in last]
+        up, down = (float(np.mean([r[f"bytes_{d}_total"] for r in last])) for d in ("up", "down"))
+        dense_down = dense_down or down
+        print(f"| {m} | {np.mean(acc):.4f} ± {np.std(acc):.4f} | {up / 1e6:.1f} | {down / 1e6:.1f} | "
+              f"1/{dense_down / down:.1f} |")
 
 
 if __name__ == "__main__":

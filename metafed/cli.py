@@ -124,8 +124,9 @@ def run(
             return
         result = run_job(cfg, resume=resume, overwrite=overwrite)
     final = result.rows[-1] if result.rows else {}
-    typer.echo(f"done: {result.run_dir}  global_accuracy={final.get('global_accuracy', float('nan')):.4f}  "
-               f"personalized_accuracy={final.get('personalized_accuracy', float('nan')):.4f}")
+    scores = "  ".join(f"{key}={final[key]:.4f}" for key in ("global_accuracy", "personalized_accuracy")
+                       if key in final)  # FedMD and FD have no global model
+    typer.echo(f"done: {result.run_dir}  {scores}")
 
 
 app.command(short_help="Run a federated job (or resume one) into a run folder.")(with_config_flags(run))
