@@ -186,12 +186,13 @@ class Federation:
         program = alg.client_program(rnd)
         cohort = self._sample(rnd)
         self._cohort = cohort.tolist()
-        bytes_down = tree.nested_bytes(broadcast) * len(cohort)
+        bytes_down, downlink = tree.nested_bytes(broadcast) * len(cohort), {}
         if self.down is not None:  # clients train from the replica the compressed broadcasts rebuild
-            self.state, broadcast, params_bytes = self.down.apply(self.state, broadcast, cohort, self.pool.num_clients,
-                                                                  self.cfg.seed, rnd)
+            self.state, broadcast, params_bytes, round_down = self.down.apply(
+                self.state, broadcast, cohort, self.pool.num_clients, self.cfg.seed, rnd)
             bytes_down += params_bytes - tree.nested_bytes(broadcast["params"]) * len(cohort)
-        replies = self.pool.train(rnd, cohort, program, broadcast, self._local_dp_transform())
+            downlink = {"downlink": round_down}  # deployment sends each client what it missed
+        replies = self.pool.train(rnd, cohort, program, broadcast, self._local_dp_transform(), **downlink)
         metrics = {"round": rnd, "clients_sampled": len(cohort), "bytes_down": bytes_down,
                    "clients_used": 0, "bytes_up": 0, "train_loss": float("nan")}
         received = Received()

@@ -132,9 +132,6 @@ def check_deployable(cfg: RunConfig) -> None:
     if cfg.algorithm in DISTILLATION:
         raise ConfigError(f"--algorithm {cfg.algorithm} runs in simulation only for now: its clients' own models "
                           "and the public inputs are not wired into the deployment's ClientApp")
-    if cfg.compress_down is not None:
-        raise ConfigError("--compress-down runs in simulation for now: the ClientApp keeps no replica of the model "
-                          "to apply compressed changes to")
     if cfg.secagg_dropout:
         raise ConfigError("--secagg-dropout is simulated: in deployment dropouts are real, remove it")
     if cfg.attack or cfg.dropout or cfg.stragglers:

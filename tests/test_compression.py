@@ -143,13 +143,13 @@ def test_compressed_broadcast_keeps_what_it_left_out_for_later():
     comp = BroadcastCompression(parse_compressor("topk:0.25"))
     state, n = _down_state()
     w0 = state.params["w"].reshape(-1).double()
-    state, sent, _ = comp.apply(state, {"params": state.params}, np.array([0]), n, seed=0, rnd=1)
+    state, sent, _, _ = comp.apply(state, {"params": state.params}, np.array([0]), n, seed=0, rnd=1)
     torch.testing.assert_close(sent["params"]["w"], state.params["w"])  # round 1: the replica is the model
     moved = {"w": state.params["w"] + torch.randn(10, 4)}
     state = type(state)(moved, state.opt_state, state.extra)
     before = state.extra[REPLICA].double()
     gap = moved["w"].reshape(-1).double() - before
-    state, sent, _ = comp.apply(state, {"params": moved}, np.array([0]), n, seed=0, rnd=2)
+    state, sent, _, _ = comp.apply(state, {"params": moved}, np.array([0]), n, seed=0, rnd=2)
     after = state.extra[REPLICA].double()
     top = gap.abs().topk(10).indices
     rest = torch.ones(40, dtype=torch.bool)
@@ -166,11 +166,11 @@ def test_broadcast_bytes_count_what_each_client_must_download():
     comp = BroadcastCompression(parse_compressor("topk:0.1"))  # 4 values + 4 int32 indices = 32 bytes
     state, n = _down_state()
     dense, payload = 4 * 40, 32
-    state, _, b1 = comp.apply(state, {"params": state.params}, np.array([0, 1]), n, 0, 1)
+    state, _, b1, _ = comp.apply(state, {"params": state.params}, np.array([0, 1]), n, 0, 1)
     assert b1 == 2 * dense  # first download: the whole model
-    state, _, b2 = comp.apply(state, {"params": state.params}, np.array([0, 2]), n, 0, 2)
+    state, _, b2, _ = comp.apply(state, {"params": state.params}, np.array([0, 2]), n, 0, 2)
     assert b2 == payload + dense  # client 0 synced last round; client 2 never did
-    state, _, b5 = comp.apply(state, {"params": state.params}, np.array([0, 1]), n, 0, 5)
+    state, _, b5, d5 = comp.apply(state, {"params": state.params}, np.array([0, 1]), n, 0, 5)
     assert b5 == 3 * payload + min(dense, 4 * payload)
 
 
@@ -195,5 +195,50 @@ def test_broadcast_compression_refusals_name_the_flag():
         build_config(compress_down="topk:2")
     with pytest.raises(ConfigError, match="--compress-down keeps one replica"):
         build_config(mode="async", compress_down="q8")
-    with pytest.raises(ConfigError, match="--compress-down runs in simulation"):
-        check_deployable(small_config(compress_down="q8"))
+
+
+def test_a_node_rebuilds_the_servers_replica_from_the_payloads_it_missed():
+    """Deployment: a client that synced in round s applies the packed payloads of rounds
+    s+1..t and holds exactly the replica the server trains it from (bit for bit)."""
+    from metafed.compression.downlink import REPLICA, BroadcastCompression
+
+    for spec in ("topk:0.1", "randk:0.2", "qsgd:8", "q8"):
+        comp = BroadcastCompression(parse_compressor(spec))
+        state, n = _down_state(d=400)
+        replicas = {}
+        for rnd in range(1, 6):
+            moved = {"w": state.params["w"] + 0.1 * torch.randn(100, 4)}
+            state = type(state)(moved, state.opt_state, state.extra)
+            state, sent, _, down = comp.apply(state, {"params": moved}, np.array([rnd % 2]), n, seed=3, rnd=rnd)
+            replicas[rnd] = state.extra[REPLICA].clone()
+            assert torch.equal(sent["params"]["w"].reshape(-1), replicas[rnd])
+        assert down.changes_for(2) is None  # never synced: the dense replica
+        base, payloads = down.changes_for(0)  # client 0 synced in rounds 2 and 4: one payload, round 5's
+        assert base == 4 and payloads == [down.payloads[5]]
+        starts = [r for r in range(1, 5) if all(k in down.payloads for k in range(r + 1, 6))]
+        assert starts and min(starts) <= 2, spec  # the kept window reaches back at least 3 rounds
+        for r in starts:
+            caught = comp.catch_up(replicas[r], [down.payloads[k] for k in range(r + 1, 6)], r + 1, seed=3)
+            assert torch.equal(caught, replicas[5]), (spec, r)
+        with pytest.raises(ValueError, match="bytes, expected"):
+            comp.catch_up(replicas[4], [down.payloads[5][:-1]], 5, seed=3)
+
+
+def test_a_node_refuses_a_broadcast_it_cannot_apply():
+    from metafed.compression.downlink import REPLICA_OUT_OF_SYNC, BroadcastCompression, node_replica
+
+    comp = BroadcastCompression(parse_compressor("topk:0.1"))
+    ref = {"w": torch.zeros(10, 4)}
+    dense = torch.randn(40)
+    assert torch.equal(node_replica(comp, ref, 0, {"replica": dense}, None, 0), dense)
+    blob = {"p0": torch.zeros(comp.encoder.packed_bytes(40), dtype=torch.uint8)}
+    for base, arrays, stored, says in (
+            (0, {"replica": dense[:-1]}, None, "one float32 array 'replica' of 40"),
+            (0, {"replica": dense.double()}, None, "float32"),
+            (0, {"replica": torch.full((40,), float("nan"))}, None, "NaN"),
+            (3, blob, None, f"{REPLICA_OUT_OF_SYNC}: .* holds none"),
+            (3, blob, (2, dense), f"{REPLICA_OUT_OF_SYNC}: .* holds round 2"),
+            (3, {"q": blob["p0"]}, (3, dense), "uint8 arrays p0"),
+            (3, {"p0": blob["p0"][:-1]}, (3, dense), "bytes, expected")):
+        with pytest.raises(ValueError, match=says):
+            node_replica(comp, ref, base, arrays, stored, 0)

@@ -25,13 +25,16 @@ personalize_steps: 2
 """
 
 
+COMPRESSED = "compress: topk:0.1\nerror_feedback: true\ncompress_down: topk:0.2\n"
+
+
 @pytest.mark.parametrize("algorithm,extra", [("fedavg", ""), ("ditto", ""), ("fedprox", "mu: 0.5\nrounds: 1\n"),
-                                             ("maml", "local_steps: 3\nrounds: 1\n"),
-                                             ("fedavg", "compress: topk:0.1\nerror_feedback: true\n")])
+                                             ("maml", "local_steps: 3\nrounds: 1\n"), ("fedavg", COMPRESSED)])
 def test_deploy_local_equals_the_simulation(tmp_path, algorithm, extra):
     """fedavg; ditto (personal state kept on each SuperNode's own disk); fedprox; maml
     (second order, two batches per step); top-k uploads encoded on the nodes, residuals on
-    their disks, bytes_up the encoded size."""
+    their disks, bytes_up the encoded size; top-k broadcasts applied to the replicas the
+    nodes keep (bytes_down the payloads)."""
     config = tmp_path / "run.yaml"
     base = CONFIG.replace("rounds: 2\n", "") if "rounds" in extra else CONFIG
     config.write_text(base + f"algorithm: {algorithm}\n" + extra)
@@ -46,7 +49,7 @@ def test_deploy_local_equals_the_simulation(tmp_path, algorithm, extra):
         torch.testing.assert_close(deployed[k], v, atol=1e-5, rtol=0)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     for key in ("train_loss", "global_accuracy", "global_train_loss", "personalized_accuracy",
-                "personalized_accuracy_p10", "clients_used", "bytes_up"):
+                "personalized_accuracy_p10", "clients_used", "bytes_up", "bytes_down"):
         assert rows[-1][key] == pytest.approx(sim.rows[-1][key], abs=1e-6), key
     assert json.loads((out / "checkpoint.json").read_text())["round"] == sim.rows[-1]["round"]
     assert not Path(out / "config.yaml").is_symlink()

@@ -101,10 +101,9 @@ def test_fd_server_averages_each_labels_mean_over_its_holders():
     means = torch.randn(3, 10, 10)
     present = torch.zeros(3, 10)
     present[0, :5] = present[1, 3:] = present[2, 4] = 1.0
-    state = alg.server_step(fed.state, [([0, 1], {"label_logits": means[:2], "label_present": present[:2]},
-                                         torch.ones(2)),
-                                        ([2], {"label_logits": means[2:], "label_present": present[2:]}, torch.ones(1))],
-                            rnd=3)
+    first = ([0, 1], {"label_logits": means[:2], "label_present": present[:2]}, torch.ones(2))
+    second = ([2], {"label_logits": means[2:], "label_present": present[2:]}, torch.ones(1))
+    state = alg.server_step(fed.state, [first, second], rnd=3)
     assert state.extra["fd.count"].tolist() == present.sum(0).tolist()
     label = 4  # held by all three clients
     torch.testing.assert_close(state.extra["fd.sum"][label] / 3, means[:, label].mean(0))

@@ -123,7 +123,7 @@ def batch_loss(model: FunctionalModel, params: Params, batch: dict, j: int, mask
 def grad_and_loss(model: FunctionalModel, params: Params, batch: dict, j: int = 0,
                   mask: Tensor | None = None) -> tuple[Params, Tensor]:
     """(gradient, value) of the mean loss on minibatch ``j``; pure and vmappable."""
-    from torch.func import grad
+    from metafed.algorithms.gradients import grad
 
     return grad(lambda p: (batch_loss(model, p, batch, j, mask),) * 2, has_aux=True)(params)
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch.func import grad
 
 from metafed import tree
 from metafed.aggregate.server_opt import ServerOptimizer
 from metafed.algorithms.base import FederatedAlgorithm
+from metafed.algorithms.gradients import grad
 from metafed.algorithms.local_opt import LocalOptimizer
 from metafed.models import FunctionalModel
 

@@ -8,7 +8,9 @@ Messages (``message_type`` / content):
   With ``upload`` (local DP) the client clips and noises before replying; with ``hold``
   (secure aggregation) it keeps the upload in node memory and replies only its metadata;
   under ``--compress`` it replies the encoded bytes (``encoded``), its error-feedback
-  residual kept on the node's disk.
+  residual kept on the node's disk. Under ``--compress-down`` the params come as ``down``
+  (base round) and ``down_data`` (the payloads it missed, or the dense replica), applied to
+  the replica the node keeps on its disk.
 - ``query.secagg`` {"config", "secagg"}: one stage of secure aggregation (``secagg_wire``).
 - ``evaluate`` {"config", "broadcast"}: score the global and personalized model on the
   node's test split; reply counts only.
@@ -86,6 +88,12 @@ class MetafedClient:
         if node.role != "train":
             return Message(Error(code=REFUSED, reason="a held-out client never trains"), reply_to=msg)
         broadcast = from_records(msg.content["broadcast"])
+        if "down" in msg.content:  # --compress-down: rebuild the params from this node's replica
+            try:
+                broadcast["params"] = _replica_params(node, msg, rnd)
+            except ValueError as e:
+                log.warning("compressed broadcast: client %d: %s", node.client_id, e)
+                return Message(Error(code=REFUSED, reason=str(e)), reply_to=msg)
         program = node.algorithm.client_program(rnd)
         pool = node.pool()
         state = node.load_state(broadcast)
@@ -151,6 +159,22 @@ class MetafedClient:
                                          node.load_state(broadcast), steps, node.cfg.eval_train_loss)
         return Message(RecordDict({"scores": MetricRecord({"round": rnd, "client": node.client_id, **scores})}),
                        reply_to=msg)
+
+
+def _replica_params(node: Node, msg: Message, rnd: int) -> dict:
+    """The round's params from a compressed broadcast (:func:`metafed.compression.downlink.node_replica`),
+    the replica kept on the node's disk for the next round."""
+    from metafed.aggregate.robust import flatten_messages, unflatten_like
+    from metafed.compression.downlink import make_broadcast_compression, node_replica
+
+    reference = node.algorithm.model.init_params()
+    arrays = {k: torch.from_numpy(v.numpy().copy()) for k, v in msg.content["down_data"].items()}
+    comp = make_broadcast_compression(node.cfg.compress_down)
+    replica = node_replica(comp, reference, int(msg.content["down"]["base"]), arrays, node.load_replica(),
+                           node.cfg.seed)
+    node.save_replica(rnd, replica)
+    _, order = flatten_messages({k: v[None] for k, v in reference.items()})
+    return unflatten_like(replica.double(), order, reference)
 
 
 def _encode(node: Node, sent: dict, rnd: int):

@@ -83,6 +83,23 @@ class Node:
         path = self._residual_path()
         return load_bytes(path.read_bytes())["residual"] if path.exists() else None
 
+    def _replica_path(self) -> Path:
+        return self.state_dir / f"client-{self.client_id}-replica.safetensors"
+
+    def load_replica(self):
+        """(round, flat replica [D] float32) of the compressed broadcasts (``--compress-down``),
+        or None before the first one."""
+        path = self._replica_path()
+        if not path.exists():
+            return None
+        stored = load_bytes(path.read_bytes())
+        return int(stored["round"]), stored["replica"]
+
+    def save_replica(self, rnd: int, replica) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self._replica_path(), save_bytes({"replica": replica.contiguous(),
+                                                            "round": torch.tensor(rnd, dtype=torch.int64)}))
+
     def save_residual(self, residual) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self._residual_path(), save_bytes({"residual": residual.contiguous()}))

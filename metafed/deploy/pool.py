@@ -17,8 +17,9 @@ from metafed.backends.base import ClientTask
 from metafed.backends.loop import LoopBackend
 from metafed.client_store import ClientStore
 from metafed.config import RunConfig
-from metafed.aggregate.robust import unflatten_like
+from metafed.aggregate.robust import flatten_messages, unflatten_like
 from metafed.compression import make_compression
+from metafed.compression.downlink import REPLICA_OUT_OF_SYNC
 from metafed.deploy.secagg_wire import bound_session, read_reply, round_setup, stage_request, sum_layout
 from metafed.deploy.wire import BadReply, finite_number, from_records, layout, to_records
 from metafed.eval import (HELDOUT_ADAPT_STEPS, combine_client_evaluations, combine_new_client_evaluations,
@@ -46,6 +47,7 @@ class FlowerPool:
         self.algorithm: FederatedAlgorithm | None = None  # set by the round loop's builder
         self.compression = make_compression(cfg.compress, cfg.error_feedback)  # uploads arrive encoded
         self._layouts: dict[LocalProgram, dict] = {}
+        self._resync: set[int] = set()  # clients whose model replica was lost: send them the dense one
         self._register(num_nodes, connect_timeout)
 
     # ------------------------------------------------------------------ set-up
@@ -155,21 +157,33 @@ class FlowerPool:
         return self._layouts[program]
 
     def train(self, rnd: int, cohort: np.ndarray, program: LocalProgram, broadcast: dict,
-              upload: UploadTransform | None = None) -> RoundReplies:
+              upload: UploadTransform | None = None, downlink=None) -> RoundReplies:
         """Ask the cohort to train. With ``upload`` (local DP) each client clips and noises
         before replying. Under secure aggregation each client keeps its upload until
-        :meth:`secure_sum` masks it: the replies carry metadata only."""
+        :meth:`secure_sum` masks it: the replies carry metadata only. With ``downlink``
+        (``--compress-down``) each client gets the payloads it missed, or the dense replica,
+        instead of the params."""
         from flwr.app import ConfigRecord, Message, RecordDict
 
         expected = self._expected_upload(rnd, program, broadcast)
         self._round_upload = expected
         hold = self.cfg.secure_aggregation
+        shared = {k: v for k, v in broadcast.items() if k != "params"} if downlink is not None else broadcast
         content = {"config": ConfigRecord({"config": self.config_json, "round": rnd, "hold": hold}),
-                   "broadcast": to_records(broadcast)}
+                   "broadcast": to_records(shared)}
         if upload is not None:
             content["upload"] = ConfigRecord(upload.to_config())
         asked = [int(c) for c in cohort if int(c) in self.node_of]
-        replies = self._send([Message(RecordDict(content), self.node_of[c], "train") for c in asked], self.round_timeout)
+
+        def content_for(cid: int) -> RecordDict:
+            if downlink is None:
+                return RecordDict(content)
+            return RecordDict({**content, **self._downlink_records(downlink, cid, broadcast["params"])})
+
+        replies = self._send([Message(content_for(c), self.node_of[c], "train") for c in asked], self.round_timeout)
+        for r in replies:  # a node that lost its replica says so: it gets the dense one next time
+            if r.has_error() and REPLICA_OUT_OF_SYNC in r.error.reason and _src(r) in self.client_of:
+                self._resync.add(self.client_of[_src(r)])
         got: dict[int, tuple[dict, float, float, dict]] = {}
         for r in replies:
             try:
@@ -191,6 +205,23 @@ class FlowerPool:
             outputs["metrics"] = {k: torch.tensor([got[c][3][k] for c in ids]) for k in sorted(metric_keys)}
         return RoundReplies(ids, outputs, torch.tensor([got[c][1] for c in ids]),
                             torch.tensor([got[c][2] for c in ids], dtype=torch.float64))
+
+    def _downlink_records(self, downlink, cid: int, params: dict) -> dict:
+        """One client's compressed broadcast: {"down": base round, "down_data": the packed
+        payloads of rounds base+1..t as uint8 arrays p0, p1, ...}, or base 0 and the dense
+        replica [D] (float32) when it never synced, lags too far or lost its replica."""
+        from flwr.app import Array, ArrayRecord, ConfigRecord
+
+        changes = None if cid in self._resync else downlink.changes_for(cid)
+        self._resync.discard(cid)
+        if changes is None:
+            flat, _ = flatten_messages({k: v[None] for k, v in params.items()})
+            data = {"replica": Array(flat[0].float().numpy())}
+            base = 0
+        else:
+            base, blobs = changes
+            data = {f"p{i}": Array(np.frombuffer(b, dtype=np.uint8).copy()) for i, b in enumerate(blobs)}
+        return {"down": ConfigRecord({"base": base}), "down_data": ArrayRecord(data)}
 
     def _check_train_reply(self, r, rnd: int, expected: dict):
         if r.has_error():

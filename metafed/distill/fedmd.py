@@ -92,8 +92,8 @@ class FedMD(DistillationAlgorithm):
     def broadcast_group(self, state, rnd: int, g: int) -> dict:
         prev = int(state.extra["fedmd.round"])
         return {"consensus": state.extra["fedmd.consensus"], "has_consensus": torch.tensor(float(prev > 0)),
-                "digest_x": self.public_x[self.subset_indices(prev)], "score_x": self.public_x[self.subset_indices(rnd)],
-                "digest_idx": self.subset_indices(prev), "score_idx": self.subset_indices(rnd),
+                "digest_x": self.public_x[self.subset_indices(prev)], "digest_idx": self.subset_indices(prev),
+                "score_x": self.public_x[self.subset_indices(rnd)], "score_idx": self.subset_indices(rnd),
                 "group": torch.tensor(g)}
 
     def wire_bytes(self, broadcast: dict) -> int:

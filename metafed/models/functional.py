@@ -5,12 +5,31 @@ backend) or under :func:`torch.vmap` over a leading client axis (vectorized back
 """
 from __future__ import annotations
 
+import contextvars
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from metafed.losses import SampleFn, cross_entropy, top1
 from metafed.types import Params
+
+
+# set by the loop backend (one client at a time, no transform around a step): cheaper eager
+# paths in FunctionalModel.apply and metafed.algorithms.gradients.grad
+_EAGER = contextvars.ContextVar("metafed_eager_gradients", default=False)
+
+
+@contextmanager
+def eager_gradients():
+    """Let :func:`metafed.algorithms.gradients.grad` and :meth:`FunctionalModel.apply` take
+    their eager paths (the same numbers, less per-call overhead)."""
+    token = _EAGER.set(True)
+    try:
+        yield
+    finally:
+        _EAGER.reset(token)
 
 
 def refuse_stateful_layers(module: nn.Module) -> None:
@@ -45,12 +64,32 @@ class FunctionalModel:
         self.buffers = {k: v.detach() for k, v in module.named_buffers()}
         self.sample_loss = sample_loss
         self.sample_score = sample_score
+        self._slots = None  # (param name, owning module, attribute) for the eager call
 
     def init_params(self) -> Params:
         return {k: v.detach().clone() for k, v in self.module.named_parameters()}
 
     def apply(self, params: Params, x: Tensor) -> Tensor:
+        if _EAGER.get():  # the loop backend: the same substitution as functional_call, minus its bookkeeping
+            return self._swapped_call(params, x)
         return functional_call(self.module, (params, self.buffers), (x,))
+
+    def _swapped_call(self, params: Params, x: Tensor) -> Tensor:
+        """Run the module with ``params`` put in its parameter slots, then put its own back
+        (what ``functional_call`` does; ~0.1 ms less per call on W1's MLP)."""
+        slots = self._slots
+        if slots is None:
+            owners = dict(self.module.named_modules())
+            slots = self._slots = [(name, owners[name.rpartition(".")[0]], name.rpartition(".")[2])
+                                   for name, _ in self.module.named_parameters()]
+        saved = [owner._parameters[attr] for _, owner, attr in slots]
+        try:
+            for name, owner, attr in slots:
+                owner._parameters[attr] = params[name]
+            return self.module(x)
+        finally:
+            for (_, owner, attr), original in zip(slots, saved):
+                owner._parameters[attr] = original
 
     def loss(self, params: Params, x: Tensor, y: Tensor, mask: Tensor) -> Tensor:
         """Mean per-sample loss over the real samples of a padded batch.

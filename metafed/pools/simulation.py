@@ -44,7 +44,9 @@ class SimulationPool:
         return self.dataset.num_clients
 
     def train(self, rnd: int, cohort: np.ndarray, program: LocalProgram, broadcast: dict,
-              upload: UploadTransform | None = None) -> RoundReplies:
+              upload: UploadTransform | None = None, downlink=None) -> RoundReplies:
+        """``downlink`` (``--compress-down``): simulated clients train from the replica in
+        ``broadcast`` directly, the same numbers a deployed node rebuilds from the payloads."""
         cfg = self.cfg
         n_gone = int(round(cfg.dropout * len(cohort)))
         gone = set(np.random.default_rng([cfg.seed, 8, rnd]).choice(cohort, n_gone, replace=False).tolist())

@@ -1,0 +1,47 @@
+"""Gradients for local programs: ``torch.func.grad``, or plain reverse-mode autograd where
+that is the same derivative and cheaper.
+
+Programs are pure functions of (params, batch) so that the vectorized backend can ``vmap``
+them; ``torch.func.grad`` gives the gradient there. The loop backend runs one client at a
+time with no transform around the step, where functorch's per-call machinery is most of a
+small model's step (W1's MLP: ~0.40 ms with ``torch.func.grad`` against ~0.12 ms with
+``torch.autograd.grad``). Inside :func:`eager_gradients` (the loop backend),
+:func:`grad` therefore differentiates with ``torch.autograd.grad`` on detached leaf copies of
+the params *when no transform is active* (``peek_interpreter_stack`` is empty) and the
+params are not part of an outer autograd graph; anywhere else (under ``vmap``, inside an
+outer ``grad`` as MAML's second-order inner steps are) it is ``torch.func.grad``. Both give
+the same numbers up to float summation order (tested: loop == vectorized to 1e-5).
+"""
+from __future__ import annotations
+
+import torch
+
+from metafed.models.functional import _EAGER, eager_gradients  # noqa: F401 - re-exported for backends
+
+
+def eager_allowed(tensors) -> bool:
+    """True inside :func:`eager_gradients`, outside any functorch transform, with no tensor
+    that an outer autograd graph is tracking."""
+    if not _EAGER.get() or torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    return not any(t.requires_grad for t in tensors)
+
+
+def grad(fn, has_aux: bool = False):
+    """Drop-in for ``torch.func.grad(fn, has_aux)`` over a dict of params (see module doc)."""
+    functional = torch.func.grad(fn, has_aux=has_aux)
+
+    def run(params: dict):
+        if not eager_allowed(params.values()):
+            return functional(params)
+        leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        with torch.enable_grad():
+            out = fn(leaves)
+            value, aux = out if has_aux else (out, None)
+            grads = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
+        grads = {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(leaves.items(), grads)}
+        if not has_aux:
+            return grads
+        return grads, torch.utils._pytree.tree_map(lambda a: a.detach() if isinstance(a, torch.Tensor) else a, aux)
+
+    return run
