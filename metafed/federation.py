@@ -174,8 +174,10 @@ class Federation:
         """Train one round: sample -> pool (clients run the program and their per-client
         upload stage) -> validate -> aggregation pipeline -> server update."""
         if self.cfg.mode == "async":  # one server update of FedAsync / FedBuff on the virtual clock
-            if getattr(self, "_async", None) is None:
-                self._async = AsyncServer(self)
+            if getattr(self, "_async", None) is None:  # deployment: replies as they really arrive
+                from metafed.deploy.async_server import DeployedAsyncServer
+
+                self._async = (DeployedAsyncServer if hasattr(self.pool, "push_train") else AsyncServer)(self)
             return self._async.step(rnd)
         if isinstance(self.algorithm, DistillationAlgorithm):  # distillation: per architecture group (metafed.distill)
             from metafed.distill.round import distill_round

@@ -136,8 +136,10 @@ def check_deployable(cfg: RunConfig) -> None:
         raise ConfigError("--secagg-dropout is simulated: in deployment dropouts are real, remove it")
     if cfg.attack or cfg.dropout or cfg.stragglers:
         raise ConfigError("attacks, dropout and stragglers are simulated: in deployment they are real, remove them")
-    if cfg.mode == "async":
-        raise ConfigError("--mode async runs on a simulated clock for now: deployment rounds are synchronous")
+    speed_default = RunConfig.model_fields["client_speed"].default
+    if cfg.mode == "async" and (cfg.client_speed != speed_default or cfg.slow_clients):
+        raise ConfigError("--client-speed and --slow-clients simulate slow clients: in deployment speeds are real, "
+                          "remove them")
     if cfg.free_riders:
         raise ConfigError("--free-riders is simulated: in deployment free-riders are real, remove it")
     if cfg.contribution not in (None, "size"):

@@ -26,17 +26,22 @@ personalize_steps: 2
 
 
 COMPRESSED = "compress: topk:0.1\nerror_feedback: true\ncompress_down: topk:0.2\n"
+ASYNC = "mode: async\nasync_rule: fedasync\nclients_per_round: 1\nrounds: 3\n"
 
 
 @pytest.mark.parametrize("algorithm,extra", [("fedavg", ""), ("ditto", ""), ("fedprox", "mu: 0.5\nrounds: 1\n"),
-                                             ("maml", "local_steps: 3\nrounds: 1\n"), ("fedavg", COMPRESSED)])
+                                             ("maml", "local_steps: 3\nrounds: 1\n"), ("fedavg", COMPRESSED),
+                                             ("fedavg", ASYNC)])
 def test_deploy_local_equals_the_simulation(tmp_path, algorithm, extra):
     """fedavg; ditto (personal state kept on each SuperNode's own disk); fedprox; maml
     (second order, two batches per step); top-k uploads encoded on the nodes, residuals on
     their disks, bytes_up the encoded size; top-k broadcasts applied to the replicas the
-    nodes keep (bytes_down the payloads)."""
+    nodes keep (bytes_down the payloads); FedAsync over jobs pushed and pulled as they
+    finish (one job at a time, so real arrival times cannot change the result)."""
     config = tmp_path / "run.yaml"
-    base = CONFIG.replace("rounds: 2\n", "") if "rounds" in extra else CONFIG
+    base = CONFIG
+    for line in ("rounds: 2\n", "clients_per_round: 3\n"):  # the case's own value replaces the default
+        base = base.replace(line, "") if line.split(":")[0] in extra else base
     config.write_text(base + f"algorithm: {algorithm}\n" + extra)
     out = tmp_path / "deployed"
     done = subprocess.run([sys.executable, "-m", "metafed.cli", "deploy-local", "--clients", "3", "--config",

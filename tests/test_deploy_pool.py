@@ -55,6 +55,38 @@ class FakeGrid:
                 out.append(reply)
         return out
 
+    def push_messages(self, messages):
+        """Each message is answered at once; its reply waits to be pulled by message id."""
+        self.waiting = getattr(self, "waiting", {})
+        ids = []
+        for m in messages:
+            mid = f"m{len(self.waiting) + len(getattr(self, 'pulled', []))}-{id(m)}"
+            reply = self.answer(m)
+            if reply is not None:
+                self.waiting[mid] = Pulled(reply, mid)
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, ids):
+        self.pulled = getattr(self, "pulled", [])
+        out = [self.waiting.pop(mid) for mid in list(ids) if mid in getattr(self, "waiting", {})]
+        self.pulled += out
+        return out
+
+
+class Pulled:
+    """A reply as Grid.pull_messages returns it: it names the message it answers."""
+
+    def __init__(self, reply, mid):
+        self.reply = reply
+        self.metadata = types.SimpleNamespace(src_node_id=reply.metadata.src_node_id, reply_to_message_id=mid)
+
+    def has_error(self):
+        return self.reply.has_error()
+
+    def __getattr__(self, name):  # content, error
+        return getattr(self.reply, name)
+
 
 def _honest(sim, m):
     """What the real ClientApp computes, from the simulation pool's own task."""
@@ -240,7 +272,8 @@ def test_attention_by_label_distribution_through_the_client_app(tmp_path):
 
 
 def _client_app_equals_the_simulation(cfg, tmp_path, nodes=3,
-                                      keys=("global_accuracy", "personalized_accuracy", "global_train_loss", "train_loss")):
+                                      keys=("global_accuracy", "personalized_accuracy", "global_train_loss", "train_loss"),
+                                      sim_cfg=None):
     from flwr.app import Context, RecordDict as FlwrRecordDict
 
     from metafed.deploy import client_app
@@ -257,7 +290,7 @@ def _client_app_equals_the_simulation(cfg, tmp_path, nodes=3,
         return handlers[m.metadata.message_type](m, ctx)
 
     deployed = run(cfg, pool=FlowerPool(FakeGrid(nodes, answer), cfg, nodes, 1, 1))
-    sim = run(cfg)
+    sim = run(sim_cfg or cfg)
     for k, v in sim.params.items():
         torch.testing.assert_close(deployed.params[k], v, atol=1e-5, rtol=0)
     for key in keys:
@@ -298,3 +331,18 @@ def test_a_forged_compressed_reply_is_rejected_by_the_server(tamper, problem):
         FlowerPool._decode(pool, forged, expected, 3)
     with pytest.raises(BadReply, match="one array, 'bytes'"):
         FlowerPool._decode(pool, ArrayRecord({"other": Array(np.zeros(3, np.uint8))}), expected, 3)
+
+
+@pytest.mark.parametrize("rule", ["fedasync", "fedbuff"])
+def test_asynchronous_deployment_follows_the_simulation(rule, tmp_path):
+    """--mode async over the ClientApps (jobs pushed, replies pulled as they arrive): with one
+    job at a time (FedAsync, M = 1), or a buffer as large as the cohort (FedBuff, K = M) whose
+    replies all arrive together (as the fake grid answers at once; in the simulation, equal
+    client speeds), the deployment follows the simulation's trajectory."""
+    m = 1 if rule == "fedasync" else 3
+    common = dict(mode="async", async_rule=rule, num_clients=3, clients_per_round=m, rounds=4, backend="loop",
+                  local_steps=3, eval_every=2)
+    deployed = _client_app_equals_the_simulation(small_config(**common), tmp_path, keys=("global_accuracy", "train_loss"),
+                                                 sim_cfg=small_config(**common, client_speed="constant"))
+    assert [r["updates"] for r in deployed.rows] == [1, 2, 3, 4]
+    assert all(r["clients_used"] == (1 if rule == "fedasync" else 3) for r in deployed.rows)

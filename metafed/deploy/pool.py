@@ -169,10 +169,7 @@ class FlowerPool:
         self._round_upload = expected
         hold = self.cfg.secure_aggregation
         shared = {k: v for k, v in broadcast.items() if k != "params"} if downlink is not None else broadcast
-        content = {"config": ConfigRecord({"config": self.config_json, "round": rnd, "hold": hold}),
-                   "broadcast": to_records(shared)}
-        if upload is not None:
-            content["upload"] = ConfigRecord(upload.to_config())
+        content = self._train_content(rnd, shared, upload)
         asked = [int(c) for c in cohort if int(c) in self.node_of]
 
         def content_for(cid: int) -> RecordDict:
@@ -205,6 +202,56 @@ class FlowerPool:
             outputs["metrics"] = {k: torch.tensor([got[c][3][k] for c in ids]) for k in sorted(metric_keys)}
         return RoundReplies(ids, outputs, torch.tensor([got[c][1] for c in ids]),
                             torch.tensor([got[c][2] for c in ids], dtype=torch.float64))
+
+    def _train_content(self, rnd: int, broadcast: dict, upload: UploadTransform | None = None) -> dict:
+        from flwr.app import ConfigRecord
+
+        content = {"config": ConfigRecord({"config": self.config_json, "round": rnd,
+                                           "hold": self.cfg.secure_aggregation}),
+                   "broadcast": to_records(broadcast)}
+        if upload is not None:
+            content["upload"] = ConfigRecord(upload.to_config())
+        return content
+
+    # ------------------------------------------------------------------ asynchronous jobs (--mode async)
+    def push_train(self, rnd: int, cid: int, broadcast: dict) -> str:
+        """Send client ``cid`` one training job (``rnd`` seeds its batch order and is echoed
+        back) without waiting; returns the message id its reply will answer."""
+        from flwr.app import Message, RecordDict
+
+        if cid not in self.node_of:
+            raise KeyError(f"client {cid} has no SuperNode")
+        msg = Message(RecordDict(self._train_content(rnd, broadcast)), self.node_of[cid], "train")
+        (mid,) = self.grid.push_messages([msg])
+        return mid
+
+    def pull_train(self, pending: dict, program: LocalProgram, broadcast: dict, timeout: float) -> list:
+        """Wait up to ``timeout`` s for replies to ``pending`` (message id -> (client, round));
+        returns [(message id, client, upload or None, loss, samples)] for those that arrived,
+        None where a reply was refused (logged with why)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            replies = list(self.grid.pull_messages(list(pending)))
+            if replies:
+                break
+            time.sleep(0.02)
+        else:
+            return []
+        out = []
+        for r in replies:
+            mid = r.metadata.reply_to_message_id
+            if mid not in pending:
+                continue
+            cid, rnd = pending[mid]
+            try:
+                got, sent, loss, n, _ = self._check_train_reply(r, rnd, self._expected_upload(rnd, program, broadcast))
+                if got != cid:
+                    raise BadReply(f"client {got} answered a job sent to client {cid}")
+                out.append((mid, cid, sent, loss, n))
+            except (BadReply, KeyError, TypeError, ValueError) as e:
+                log.warning("async job of client %d: rejected the reply of node %s: %s", cid, _src(r), e)
+                out.append((mid, cid, None, float("nan"), 0.0))
+        return out
 
     def _downlink_records(self, downlink, cid: int, params: dict) -> dict:
         """One client's compressed broadcast: {"down": base round, "down_data": the packed
