@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from metafed import tree
 from metafed.aggregate.server_opt import ServerOptimizer
 from metafed.algorithms.base import FederatedAlgorithm
-from metafed.algorithms.gradients import grad
+from metafed.algorithms.gradients import grad, sgd_step
 from metafed.algorithms.local_opt import LocalOptimizer
 from metafed.models import FunctionalModel
 
@@ -49,7 +49,7 @@ class ProximalSGD:
 
         g, data_loss = grad(objective, has_aux=True)(carry["params"])
         if self.local_opt is None:
-            return {"params": {k: v - self.lr * g[k] for k, v in carry["params"].items()}}, data_loss
+            return {"params": sgd_step(carry["params"], g, self.lr)}, data_loss
         params, opt_state = self.local_opt.step(carry["params"], g, carry["opt"])
         return {"params": params, "opt": opt_state}, data_loss
 

@@ -29,11 +29,9 @@ def eager_allowed(tensors) -> bool:
 
 def grad(fn, has_aux: bool = False):
     """Drop-in for ``torch.func.grad(fn, has_aux)`` over a dict of params (see module doc)."""
-    functional = torch.func.grad(fn, has_aux=has_aux)
-
     def run(params: dict):
         if not eager_allowed(params.values()):
-            return functional(params)
+            return torch.func.grad(fn, has_aux=has_aux)(params)
         leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
         with torch.enable_grad():
             out = fn(leaves)
@@ -42,6 +40,17 @@ def grad(fn, has_aux: bool = False):
         grads = {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(leaves.items(), grads)}
         if not has_aux:
             return grads
+        if isinstance(aux, torch.Tensor):  # the common case: the data loss
+            return grads, aux.detach()
         return grads, torch.utils._pytree.tree_map(lambda a: a.detach() if isinstance(a, torch.Tensor) else a, aux)
 
     return run
+
+
+def sgd_step(params: dict, grads: dict, lr: float) -> dict:
+    """params - lr * grads; on the eager path as one fused multi-tensor op (``_foreach_add``,
+    what ``torch.optim.SGD`` uses), else per tensor (vmappable)."""
+    if not eager_allowed(params.values()):
+        return {k: v - lr * grads[k] for k, v in params.items()}
+    keys = list(params)
+    return dict(zip(keys, torch._foreach_add([params[k] for k in keys], [grads[k] for k in keys], alpha=-lr)))

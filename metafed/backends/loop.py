@@ -10,6 +10,9 @@ from metafed.backends.base import ClientTask, step_batch
 from metafed.backends.device import resolve_device, to_cpu, to_device
 
 
+GATHER_STEPS = 256  # steps whose batches are gathered together (bounds the copy for long local work)
+
+
 class LoopBackend:
     """``device``: where the steps run (:mod:`metafed.backends.device`); outputs come back on the CPU."""
 
@@ -27,13 +30,16 @@ class LoopBackend:
         shared = to_device(shared, dev)
         outputs, losses = [], []
         for task in tasks:
-            schedule = torch.from_numpy(task.schedule).to(dev)
+            schedule = torch.from_numpy(task.schedule[: task.active_steps]).to(dev)
             x, y, inputs = task.x.to(dev), task.y.to(dev), to_device(task.inputs, dev)
             carry = to_device(program.init(shared, inputs), dev)  # states made on the CPU join the device
             total = torch.zeros((), device=dev)
-            for s in range(task.active_steps):
-                carry, loss = program.step(shared, carry, step_batch(x, y, schedule[s]))
-                total = total + loss.detach()
+            for start in range(0, task.active_steps, GATHER_STEPS):
+                # a window of steps' batches gathered at once ([S, k, B, ...]): one indexing op, not S
+                batches = step_batch(x, y, schedule[start: start + GATHER_STEPS])
+                for s in range(batches["mask"].shape[0]):
+                    carry, loss = program.step(shared, carry, {k: v[s] for k, v in batches.items()})
+                    total = total + loss.detach()
             outputs.append(tree.nested_map(torch.Tensor.detach, to_cpu(program.final(shared, carry, inputs))))
             losses.append((total / max(task.active_steps, 1)).cpu())
         return tree.nested_stack(outputs), torch.stack(losses)
