@@ -72,5 +72,6 @@ def test_async_settings_that_cannot_work_are_refused():
         build_config(mode="async", async_rule="fedasync", server_optimizer="adam")
     with pytest.raises(ConfigError, match="settings of --mode async"):
         build_config(buffer_size=4)
-    with pytest.raises(ConfigError, match="simulated clock"):
-        check_deployable(build_config(mode="async"))
+    check_deployable(build_config(mode="async"))  # deployment runs on real arrivals (tests/test_deploy_pool.py)
+    with pytest.raises(ConfigError, match="speeds are real"):
+        check_deployable(build_config(mode="async", slow_clients=0.2))

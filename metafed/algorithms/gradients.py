@@ -22,8 +22,8 @@ from metafed.models.functional import _EAGER, eager_gradients  # noqa: F401 - re
 def eager_allowed(tensors) -> bool:
     """True inside :func:`eager_gradients`, outside any functorch transform, with no tensor
     that an outer autograd graph is tracking."""
-    if not _EAGER.get() or torch._C._functorch.peek_interpreter_stack() is not None:
-        return False
+    if torch.compiler.is_compiling() or not _EAGER.get() or torch._C._functorch.peek_interpreter_stack() is not None:
+        return False  # (is_compiling first: torch.compile folds it, and never traces the rest)
     return not any(t.requires_grad for t in tensors)
 
 
@@ -48,9 +48,10 @@ def grad(fn, has_aux: bool = False):
 
 
 def sgd_step(params: dict, grads: dict, lr: float) -> dict:
-    """params - lr * grads; on the eager path as one fused multi-tensor op (``_foreach_add``,
-    what ``torch.optim.SGD`` uses), else per tensor (vmappable)."""
-    if not eager_allowed(params.values()):
-        return {k: v - lr * grads[k] for k, v in params.items()}
+    """params - lr * grads, as params + (-lr) grads in one pass: on the eager path one fused
+    multi-tensor op (``_foreach_add``, what ``torch.optim.SGD`` uses), else per tensor
+    (vmappable); both round the same way."""
+    if not eager_allowed(params.values()):  # one fused pass per tensor (v + (-lr) g), vmappable
+        return {k: torch.add(v, grads[k], alpha=-lr) for k, v in params.items()}
     keys = list(params)
     return dict(zip(keys, torch._foreach_add([params[k] for k in keys], [grads[k] for k in keys], alpha=-lr)))

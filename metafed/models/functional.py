@@ -70,7 +70,7 @@ class FunctionalModel:
         return {k: v.detach().clone() for k, v in self.module.named_parameters()}
 
     def apply(self, params: Params, x: Tensor) -> Tensor:
-        if _EAGER.get():  # the loop backend: the same substitution as functional_call, minus its bookkeeping
+        if not torch.compiler.is_compiling() and _EAGER.get():  # the loop backend: the same substitution as functional_call, minus its bookkeeping
             return self._swapped_call(params, x)
         return functional_call(self.module, (params, self.buffers), (x,))
 
