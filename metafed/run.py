@@ -185,11 +185,16 @@ def _progress(enabled: bool, total: int, done: int):
     return bar
 
 
-def compile_would_pay(cfg: RunConfig) -> bool:
-    """Measured on W1 (docs/benchmarks.md): compiling costs ~20 s and saves ~0.7 s per round
-    at 1000 clients per round; compile stays opt-in (it needs a C++ toolchain), so large,
-    long vectorized runs get a hint instead."""
-    return cfg.backend == "vectorized" and not cfg.compile and cfg.clients_per_round >= 500 and cfg.rounds >= 50
+def compile_would_pay(cfg: RunConfig, program=None) -> bool:
+    """Measured on W1 (docs/benchmarks.md): compiling costs ~20 s and saved ~0.7 s per round
+    at 1000 clients per round over the generic vmapped step; compile stays opt-in (it needs
+    a C++ toolchain), so large, long vectorized runs get a hint instead. Plain-SGD FedAvg
+    on an MLP or logistic model runs a hand-fused step (metafed.backends.fused_mlp) that
+    is as fast as compiling: no hint there."""
+    from metafed.backends.fused_mlp import fused_sgd_step
+
+    large = cfg.backend == "vectorized" and not cfg.compile and cfg.clients_per_round >= 500 and cfg.rounds >= 50
+    return large and (program is None or fused_sgd_step(program) is None)
 
 
 def describe_federation(fed: Federation) -> str:
@@ -241,7 +246,7 @@ def _run(cfg: RunConfig, resume, overwrite: bool, pool, own: tuple, held: ExitSt
         write_text_atomic(run_dir / CONFIG_FILE, yaml.safe_dump(grouped_config(cfg), sort_keys=False))
     if cfg.progress and isinstance(fed.pool, SimulationPool):
         print(describe_federation(fed), flush=True)
-        if compile_would_pay(cfg):
+        if compile_would_pay(cfg, fed.algorithm.client_program(1)):
             print("hint: --compile would likely pay here (W1: ~20 s of compiling, then about 2x faster rounds at "
                   "1000 clients per round; docs/benchmarks.md)", flush=True)
     tracker = RunTracker(run_dir)

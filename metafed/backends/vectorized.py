@@ -17,6 +17,7 @@ from metafed import tree
 from metafed.algorithms.base import LocalProgram
 from metafed.backends.base import ClientTask, step_batch
 from metafed.backends.device import resolve_device, to_device
+from metafed.backends.fused_mlp import fused_sgd_step
 
 
 def _masked_step(program: LocalProgram, skip_identity: bool = True):
@@ -43,6 +44,20 @@ def _unrolled(step, unroll: int):
             carry, loss = step(shared, carry, {k: v[u] for k, v in batches.items()}, active[u])
             total = loss if total is None else total + loss
         return carry, total
+
+    return steps
+
+
+def _fused_steps(fused):
+    """The backend's step signature over a hand-fused batched step (metafed.backends.fused_mlp):
+    carry {"params"}, batches [U, C, 1, B, ...] for U unrolled steps; padded steps are no-ops."""
+
+    def steps(shared, carry, batches, active):
+        params, total = carry["params"], None
+        for u in range(batches["x"].shape[0]):
+            params, loss = fused(params, batches["x"][u, :, 0], batches["y"][u, :, 0], batches["mask"][u, :, 0])
+            total = loss if total is None else total + loss
+        return {"params": params}, total
 
     return steps
 
@@ -77,6 +92,8 @@ class VectorizedBackend:
     def _step_fn(self, program: LocalProgram):
         # Programs are frozen dataclasses, equal when their hyperparameters are: the round
         # loop builds a new one each round and must hit the same compiled step.
+        if program not in self._compiled and not self.compile and (fused := fused_sgd_step(program)) is not None:
+            self._compiled[program] = _fused_steps(fused)  # plain-SGD MLP: a hand-fused batched step
         if program not in self._compiled:
             fn = _unrolled(torch.vmap(_masked_step(program, not self.compile), in_dims=(None, 0, 0, 0)), self.unroll)
             if self.compile:
