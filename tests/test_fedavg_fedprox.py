@@ -78,7 +78,8 @@ def test_fedprox_proximal_term_pulls_towards_global():
 
 
 @pytest.mark.parametrize("overrides", [
-    dict(algorithm="fedavg"),
+    dict(algorithm="fedavg"),  # the fused MLP step (metafed.backends.fused_mlp), active prefixes of chunks
+    dict(algorithm="fedavg", stragglers=0.5, straggler_policy="keep"),  # partial work in the fused step
     dict(algorithm="fedprox", mu=0.5, stragglers=0.5),
     dict(algorithm="fedavg", server_momentum=0.9),
     dict(algorithm="fedavg", server_optimizer="adam", server_lr=0.01),
@@ -171,7 +172,7 @@ def test_fused_mlp_step_equals_the_generic_vmapped_step(model_name, hidden):
     mask = torch.ones(c, b)
     mask[1, 3:] = 0.0  # a short batch
     mask[4] = 0.0  # a padded step: must change nothing
-    got, loss = fused(params, x, y, mask)
+    got, loss = fused({k: v.clone() for k, v in params.items()}, x, y, mask)  # it updates in place
     def generic(p, xb, yb, mb):
         return program.step({"params": p}, {"params": p}, {"x": xb[None], "y": yb[None], "mask": mb[None]})
 

@@ -50,13 +50,19 @@ def _unrolled(step, unroll: int):
 
 def _fused_steps(fused):
     """The backend's step signature over a hand-fused batched step (metafed.backends.fused_mlp):
-    carry {"params"}, batches [U, C, 1, B, ...] for U unrolled steps; padded steps are no-ops."""
+    carry {"params"}, batches [U, C, 1, B, ...] for U unrolled steps. A chunk's clients are
+    sorted by step count, so the clients still active at a step are a prefix of the chunk:
+    only that prefix is computed (views, updated in place), and padded steps cost nothing."""
 
     def steps(shared, carry, batches, active):
-        params, total = carry["params"], None
-        for u in range(batches["x"].shape[0]):
-            params, loss = fused(params, batches["x"][u, :, 0], batches["y"][u, :, 0], batches["mask"][u, :, 0])
-            total = loss if total is None else total + loss
+        params = carry["params"]
+        total = torch.zeros(active.shape[1], device=active.device)
+        for u, n in enumerate(active.sum(1).tolist()):  # [U] active clients per step (a prefix)
+            if n == 0:
+                continue
+            part = {k: v[:n] for k, v in params.items()}
+            _, loss = fused(part, batches["x"][u, :n, 0], batches["y"][u, :n, 0], batches["mask"][u, :n, 0])
+            total[:n] += loss
         return {"params": params}, total
 
     return steps
@@ -149,7 +155,10 @@ class VectorizedBackend:
         inputs = to_device(tree.nested_stack([t.inputs for t in chunk]), dev)
         # materialise broadcast (stride-0, expanded) leaves so every step sees one memory layout;
         # states a program makes on the CPU (scalars, counters) join the device
-        carry = tree.nested_map(lambda v: v.to(dev).contiguous(), init_fn(shared, inputs))
+        # (a copy the chunk owns: the fused step updates it in place, and a one-client chunk's
+        # "expanded" broadcast would otherwise still share the broadcast's memory)
+        carry = tree.nested_map(lambda v: v.to(dev).clone(memory_format=torch.contiguous_format),
+                                init_fn(shared, inputs))
         total = torch.zeros(len(chunk), device=dev)
         for s in range(0, steps, self.unroll):
             window = slice(s, s + self.unroll)
