@@ -98,8 +98,10 @@ class VectorizedBackend:
     def _step_fn(self, program: LocalProgram):
         # Programs are frozen dataclasses, equal when their hyperparameters are: the round
         # loop builds a new one each round and must hit the same compiled step.
-        if program not in self._compiled and not self.compile and (fused := fused_sgd_step(program)) is not None:
-            self._compiled[program] = _fused_steps(fused)  # plain-SGD MLP: a hand-fused batched step
+        # plain-SGD MLP: a hand-fused batched step, faster than compiling the generic one (W1:
+        # 0.51 vs 0.74 s at C = 1000), so it is used with --compile too
+        if program not in self._compiled and (fused := fused_sgd_step(program)) is not None:
+            self._compiled[program] = _fused_steps(fused)
         if program not in self._compiled:
             fn = _unrolled(torch.vmap(_masked_step(program, not self.compile), in_dims=(None, 0, 0, 0)), self.unroll)
             if self.compile:
