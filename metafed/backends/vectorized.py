@@ -20,11 +20,9 @@ from metafed.backends.device import resolve_device, to_device
 from metafed.backends.fused_mlp import fused_sgd_step
 
 
-def _masked_step(program: LocalProgram, skip_identity: bool = True):
-    # padded steps change nothing: no masking pass (eager: a third of W1's time; under
-    # torch.compile the mask fuses into the update, and dropping it measured slower)
-    if skip_identity and getattr(program, "padding_is_identity", False):
-        return lambda shared, carry, batch, active: program.step(shared, carry, batch)
+def _masked_step(program: LocalProgram):
+    """The compiled path's fixed-shape step: padded steps run and are undone by ``where``
+    (under torch.compile the mask fuses into the update)."""
 
     def step(shared, carry, batch, active):
         new_carry, loss = program.step(shared, carry, batch)
@@ -68,6 +66,27 @@ def _fused_steps(fused):
     return steps
 
 
+def _prefix_steps(vstep):
+    """Eager steps of any program over the clients still active: a chunk's clients are
+    sorted by step count, so they are a prefix of it. Padded steps cost nothing and need no
+    masking; inactive clients' carry is kept as it is. (Under torch.compile the masked,
+    fixed-shape step is used instead: a prefix per step would recompile.)"""
+
+    def steps(shared, carry, batches, active):
+        total = torch.zeros(active.shape[1], device=active.device)
+        c = active.shape[1]
+        for u, n in enumerate(active.sum(1).tolist()):  # [U] active clients per step
+            if n == 0:
+                continue
+            part = carry if n == c else tree.nested_map(lambda v: v[:n], carry)
+            new, loss = vstep(shared, part, {k: v[u, :n] for k, v in batches.items()})
+            carry = new if n == c else tree.nested_map(lambda full, p: torch.cat([p, full[n:]]), carry, new)
+            total[:n] += loss.detach()
+        return carry, total
+
+    return steps
+
+
 def _pad_stack(tensors: list[Tensor]) -> Tensor:
     """Stack [n_c, ...] tensors to [C, n_max, ...], zero-padded."""
     n_max = max(t.shape[0] for t in tensors)
@@ -102,8 +121,10 @@ class VectorizedBackend:
         # 0.51 vs 0.74 s at C = 1000), so it is used with --compile too
         if program not in self._compiled and (fused := fused_sgd_step(program)) is not None:
             self._compiled[program] = _fused_steps(fused)
+        if program not in self._compiled and not self.compile:  # eager: step only the active prefix
+            self._compiled[program] = _prefix_steps(torch.vmap(program.step, in_dims=(None, 0, 0)))
         if program not in self._compiled:
-            fn = _unrolled(torch.vmap(_masked_step(program, not self.compile), in_dims=(None, 0, 0, 0)), self.unroll)
+            fn = _unrolled(torch.vmap(_masked_step(program), in_dims=(None, 0, 0, 0)), self.unroll)
             if self.compile:
                 # static shapes: measured faster than dynamic-shape kernels (W1 C=1000: 2.1 vs 2.6 s);
                 # each new chunk size compiles once, so allow more than dynamo's default 8 variants
