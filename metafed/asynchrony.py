@@ -196,6 +196,10 @@ class AsyncServer:
         self.buffer, self.version = [], self.version + 1
         bytes_down += self.refill(min(cfg.clients_per_round, fed.pool.num_clients) - len(self.jobs))
         self.save()
+        return self.row(rnd, consumed, staleness, bytes_down)
+
+    def row(self, rnd: int, consumed: list[Job], staleness: list[int], bytes_down: int) -> dict:
+        """The metrics row of one server update."""
         return {"round": rnd, "clients_sampled": len(consumed), "clients_used": len(consumed),
                 "bytes_up": sum(tree.nested_bytes(j.payload) for j in consumed), "bytes_down": bytes_down,
                 "train_loss": float(np.mean([j.loss for j in consumed])), "virtual_time": self.clock,

@@ -23,8 +23,6 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from metafed import tree
 from metafed.aggregate import RoundSkipped
 from metafed.asynchrony import AsyncServer, Job
@@ -87,11 +85,7 @@ class DeployedAsyncServer(AsyncServer):
         self._forget_models()
         bytes_down += self.refill(m - len(self.jobs))
         self.save()
-        return {"round": rnd, "clients_sampled": len(consumed), "clients_used": len(consumed),
-                "bytes_up": sum(tree.nested_bytes(j.payload) for j in consumed), "bytes_down": bytes_down,
-                "train_loss": float(np.mean([j.loss for j in consumed])), "virtual_time": self.clock,
-                "staleness_mean": float(np.mean(staleness)), "staleness_max": int(max(staleness)),
-                "updates": self.version}
+        return self.row(rnd, consumed, staleness, bytes_down)
 
     def _arrivals(self) -> tuple[list[Job], int]:
         """(the jobs whose replies arrived next, with their payloads, in client order; how
