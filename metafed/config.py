@@ -433,7 +433,7 @@ class RunConfig(BaseModel):
               f"--aggregator {self.aggregator}": self.aggregator != "mean",
               "--attack": self.attack is not None, "--contribution": self.contribution is not None,
               "--free-riders": self.free_riders > 0, "--mode async": self.mode == "async",
-              "--backend ray": self.backend == "ray", "--personal-eval stored": self.personal_eval == "stored",
+              "--personal-eval stored": self.personal_eval == "stored",
               "--server-optimizer / --server-lr / --server-momentum": self.server_optimizer != "sgd"
               or self.server_lr is not None or self.server_momentum > 0}
         bad = [flag for flag, given in on.items() if given]

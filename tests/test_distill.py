@@ -206,6 +206,7 @@ def test_incompatible_settings_are_refused_in_one_line():
                         (dict(secure_aggregation=True), "--secure-aggregation"),
                         (dict(compress="topk:0.1"), "--compress"),
                         (dict(mode="async"), "--mode async"),
+                        (dict(aggregator="median"), "--aggregator median"),
                         (dict(server_optimizer="adam"), "--server-optimizer")):
         with pytest.raises(ConfigError, match=says):
             build_config(algorithm="fedmd", **extra)

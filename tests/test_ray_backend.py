@@ -37,6 +37,8 @@ def _assert_same(a: dict, b: dict) -> None:
 @pytest.mark.parametrize("overrides", [
     dict(algorithm="fedavg", stragglers=0.5, straggler_policy="keep"),
     dict(algorithm="ditto", ditto_lambda=0.5),
+    # federated distillation: each architecture group's clients are one Ray-split backend call
+    dict(algorithm="fd", client_models="mlp:0.5,small-cnn:0.5", num_clients=8, clients_per_round=6),
 ])
 def test_ray_equals_vectorized(overrides):
     """Same global model and (Ditto) the same personal models, to 1e-5."""
