@@ -182,6 +182,9 @@ def test_fused_mlp_step_equals_the_generic_vmapped_step(model_name, hidden):
         assert torch.equal(got[k][4], params[k][4])
     torch.testing.assert_close(loss, want_loss, atol=1e-6, rtol=1e-5)
     assert float(loss[4]) == 0.0
+    from metafed.algorithms.finetune import FineTune
+
+    assert fused_sgd_step(FineTune(model, 0.3)) is not None  # evaluation's fine-tuning is plain SGD too
     # what it must not take: a proximal term, optimizer state, another loss
     assert fused_sgd_step(ProximalSGD(model, 0.3, mu=0.1)) is None
     assert fused_sgd_step(ProximalSGD(model, 0.3, local_opt=LocalOptimizer("adam", 0.3))) is None

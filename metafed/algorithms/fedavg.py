@@ -34,10 +34,10 @@ class ProximalSGD:
     local_opt: LocalOptimizer | None = None  # None: plain SGD at lr
 
     @property
-    def padding_is_identity(self) -> bool:
-        """A step on an all-padding batch changes nothing: the masked loss and its gradient are
-        exactly 0, and plain SGD moves by lr * 0. (A proximal term or optimizer state would
-        move.) Such programs qualify for the hand-fused step (metafed.backends.fused_mlp)."""
+    def plain_sgd(self) -> bool:
+        """Each step is params - lr * grad(mean masked loss) and nothing else (no proximal term,
+        no optimizer state), so a step on an all-padding batch changes nothing. Such programs
+        qualify for the hand-fused step (metafed.backends.fused_mlp)."""
         return self.mu == 0.0 and self.local_opt is None
 
     def init(self, shared, client):

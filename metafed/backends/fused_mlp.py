@@ -1,5 +1,6 @@
-"""A hand-fused local step for the commonest vectorized workload: plain-SGD FedAvg (or
-FedProx with mu = 0) on a reference MLP or logistic regression with cross-entropy.
+"""A hand-fused local step for the commonest vectorized workload: plain SGD (FedAvg, FedProx
+with mu = 0, evaluation's fine-tuning: programs with ``plain_sgd``) on a reference MLP or
+logistic regression with cross-entropy.
 
 The generic path runs ``vmap(grad(loss))`` and then the update; for W1's small matrices
 (batch 10, 60-200-10) most of its time goes to per-op dispatch of the transforms, the
@@ -23,11 +24,11 @@ from metafed.models.reference import MLP, LogisticRegression
 
 def fused_sgd_step(program):
     """The fused step for ``program`` ((params, x, y, mask) -> (params, loss [C])), or None
-    when it does not qualify (another model, loss, optimizer, or a proximal term)."""
+    when it does not qualify (not ``plain_sgd``: another optimizer or a proximal term; or
+    another model or loss)."""
     model = getattr(program, "model", None)
-    if (type(program).__name__ != "ProximalSGD" or not getattr(program, "padding_is_identity", False)
-            or program.batches_per_step != 1 or model is None or model.sample_loss is not cross_entropy
-            or model.buffers):
+    if (not getattr(program, "plain_sgd", False) or program.batches_per_step != 1 or model is None
+            or model.sample_loss is not cross_entropy or model.buffers):
         return None
     module = model.module
     if type(module) is MLP:
