@@ -227,3 +227,26 @@ def test_deployment_refuses_distillation():
 
     with pytest.raises(ConfigError, match="simulation only"):
         check_deployable(small_config(algorithm="fd"))
+
+
+def test_feddf_scores_new_clients_with_their_groups_server_model():
+    """Held-out clients get an architecture by the same shares and are scored with its
+    prototype after k fine-tuning steps; FedMD and FD (no model to hand out) report none."""
+    result = run(_cfg("feddf", heldout_fraction=0.25, num_clients=12, clients_per_round=6))
+    row = result.rows[-1]
+    assert all(0.0 <= row[f"new_client_accuracy_k{k}"] <= 1.0 for k in (0, 1, 5, 10))
+    fed = result.federation
+    alg = fed.algorithm
+    held = fed.dataset.heldout
+    from metafed.distill.groups import assign_groups
+    from metafed.eval import score_global
+
+    group = assign_groups(len(held), [0.5, 0.5], fed.cfg.seed, 1)
+    correct = count = 0.0
+    for j, client in enumerate(held):
+        g = int(group[j])
+        s = score_global(alg.groups[g].model, alg.group_global(fed.state, g), [client.test_x], [client.test_y])
+        correct, count = correct + float(s.correct[0]), count + float(s.count[0])
+    assert row["new_client_accuracy_k0"] == pytest.approx(correct / count)
+    fd = run(_cfg("fd", heldout_fraction=0.25, num_clients=12, clients_per_round=6)).rows[-1]
+    assert not any(k.startswith("new_client") for k in fd)

@@ -45,14 +45,15 @@ def parse_client_models(spec: str) -> list[tuple[str, float]]:
     return out
 
 
-def assign_groups(num_clients: int, shares: list[float], seed: int) -> np.ndarray:
+def assign_groups(num_clients: int, shares: list[float], seed: int, *stream: int) -> np.ndarray:
     """[num_clients] group index of each client: a seeded permutation cut by the shares
-    (largest-remainder rounding, so the group sizes sum to ``num_clients``)."""
+    (largest-remainder rounding, so the group sizes sum to ``num_clients``);
+    ``default_rng([seed, 26, *stream])`` (training clients: no extra stream)."""
     exact = np.array(shares) * num_clients
     sizes = np.floor(exact).astype(int)
     for g in np.argsort(-(exact - sizes), kind="stable")[: num_clients - sizes.sum()]:
         sizes[g] += 1
-    order = np.random.default_rng([seed, GROUP_STREAM]).permutation(num_clients)
+    order = np.random.default_rng([seed, GROUP_STREAM, *stream]).permutation(num_clients)
     group = np.empty(num_clients, dtype=np.int64)
     start = 0
     for g, size in enumerate(sizes):

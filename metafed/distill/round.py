@@ -80,18 +80,54 @@ def evaluate_groups(fed, rnd: int) -> tuple[dict, dict]:
             scores = ClientScores(scores.correct[back], scores.loss_sum[back], scores.count[back])
             metrics.update(scores.summary(prefix))
             per_client[prefix] = scores.accuracy.tolist()
+    if alg.has_global_model and fed.dataset.heldout:
+        _new_clients(fed, rnd, metrics, per_client)
     return metrics, per_client
 
 
-def _finetuned(fed, g: int, params, data, members, rnd: int) -> ClientScores:
-    """FedDF's personalized score: ``--personalize-steps`` of fine-tuning the group model."""
+def _new_clients(fed, rnd: int, metrics: dict, per_client: dict) -> None:
+    """FedDF's new-client accuracy: each held-out client gets an architecture by the same
+    shares (``default_rng([seed, 26, 1])``) and its group's server model, scored after k
+    fine-tuning steps on its train split (k = 0: as it is). FedMD and FD have no model to
+    give a newcomer, so they report none."""
+    from metafed.distill.groups import assign_groups, parse_client_models
+    from metafed.eval import HELDOUT_ADAPT_STEPS
+
+    alg, heldout = fed.algorithm, fed.dataset.heldout
+    shares = [s for _, s in parse_client_models(fed.cfg.client_models)] if fed.cfg.client_models else [1.0]
+    group = assign_groups(len(heldout), shares, fed.cfg.seed, 1)
+    per_k = {k: [None] * len(heldout) for k in HELDOUT_ADAPT_STEPS}
+    for g in range(len(alg.groups)):
+        members = [j for j in range(len(heldout)) if group[j] == g]
+        if not members:
+            continue
+        data, params = [heldout[j] for j in members], alg.group_global(fed.state, g)
+        for k in HELDOUT_ADAPT_STEPS:
+            scores = score_global(alg.groups[g].model, params, [d.test_x for d in data], [d.test_y for d in data]) \
+                if k == 0 else _finetuned(fed, g, params, data, members, rnd, steps=k, stream=6)
+            for i, j in enumerate(members):
+                per_k[k][j] = (float(scores.correct[i]), float(scores.count[i]))
+    for k, rows in per_k.items():
+        correct = torch.tensor([r[0] for r in rows], dtype=torch.float64)
+        count = torch.tensor([r[1] for r in rows], dtype=torch.float64)
+        summary = ClientScores(correct, torch.zeros_like(correct), count).summary("x")
+        metrics[f"new_client_accuracy_k{k}"] = summary["x_accuracy"]
+        metrics[f"new_client_accuracy_mean_k{k}"] = summary["x_accuracy_mean"]
+        per_client[f"new_client_k{k}"] = (correct / count.clamp_min(1)).tolist()
+    per_client["new_client"] = [c.name or f"new-{j}" for j, c in enumerate(heldout)]
+
+
+def _finetuned(fed, g: int, params, data, members, rnd: int, steps: int | None = None,
+               stream: int = 5) -> ClientScores:
+    """FedDF's personalized score: ``--personalize-steps`` (or ``steps``) of fine-tuning the
+    group model, seeded like every algorithm's ([seed, stream, round, client])."""
     from metafed.eval import Evaluator
 
     view = _GroupView(fed.algorithm.groups[g].model)
     evaluator = Evaluator(view, fed.backend, fed.cfg.eval_batch_size, fed.cfg.personalize_lr or fed.cfg.lr,
                           fed.cfg.seed)
-    return evaluator.personalized({"params": params}, data, [{} for _ in data], fed.cfg.personalize_steps, rnd,
-                                  stream=5, ids=members)
+    return evaluator.personalized({"params": params}, data, [{} for _ in data],
+                                  fed.cfg.personalize_steps if steps is None else steps, rnd, stream=stream, ids=members)
 
 
 class _GroupView:
