@@ -149,8 +149,9 @@ def test_compiled_unrolled_step_equals_eager():
         torch.testing.assert_close(results[0][k], results[1][k], atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("model_name,hidden", [("mlp", (32, 16)), ("logistic", ())])
-def test_fused_mlp_step_equals_the_generic_vmapped_step(model_name, hidden):
+@pytest.mark.parametrize("model_name,hidden,mu", [("mlp", (32, 16), 0.0), ("logistic", (), 0.0),
+                                                  ("mlp", (32,), 0.5)])
+def test_fused_mlp_step_equals_the_generic_vmapped_step(model_name, hidden, mu):
     """The hand-fused batched SGD step (metafed.backends.fused_mlp) equals vmap(grad) + SGD
     on real and padded steps, per client; it only takes programs it can run exactly."""
     import numpy as np
@@ -162,7 +163,7 @@ def test_fused_mlp_step_equals_the_generic_vmapped_step(model_name, hidden):
 
     torch.manual_seed(0)
     model = FunctionalModel(build_model(model_name, (20,), 5, 0, hidden))
-    program = ProximalSGD(model, 0.3)
+    program = ProximalSGD(model, 0.3, mu=mu)
     fused = fused_sgd_step(program)
     assert fused is not None
     c, b = 6, 7
@@ -172,21 +173,23 @@ def test_fused_mlp_step_equals_the_generic_vmapped_step(model_name, hidden):
     mask = torch.ones(c, b)
     mask[1, 3:] = 0.0  # a short batch
     mask[4] = 0.0  # a padded step: must change nothing
-    got, loss = fused({k: v.clone() for k, v in params.items()}, x, y, mask)  # it updates in place
+    anchor = model.init_params()  # FedProx's pull target: the broadcast params
+    got, loss = fused({k: v.clone() for k, v in params.items()}, x, y, mask, anchor)  # it updates in place
+
     def generic(p, xb, yb, mb):
-        return program.step({"params": p}, {"params": p}, {"x": xb[None], "y": yb[None], "mask": mb[None]})
+        return program.step({"params": anchor}, {"params": p}, {"x": xb[None], "y": yb[None], "mask": mb[None]})
 
     want, want_loss = torch.vmap(generic)(params, x, y, mask)
     for k in params:
         torch.testing.assert_close(got[k], want["params"][k], atol=1e-6, rtol=1e-5)
-        assert torch.equal(got[k][4], params[k][4])
+        if mu == 0:
+            assert torch.equal(got[k][4], params[k][4])  # an all-padding batch: no change
     torch.testing.assert_close(loss, want_loss, atol=1e-6, rtol=1e-5)
     assert float(loss[4]) == 0.0
     from metafed.algorithms.finetune import FineTune
 
     assert fused_sgd_step(FineTune(model, 0.3)) is not None  # evaluation's fine-tuning is plain SGD too
     # what it must not take: a proximal term, optimizer state, another loss
-    assert fused_sgd_step(ProximalSGD(model, 0.3, mu=0.1)) is None
     assert fused_sgd_step(ProximalSGD(model, 0.3, local_opt=LocalOptimizer("adam", 0.3))) is None
     assert fused_sgd_step(ProximalSGD(FunctionalModel(model.module, lambda o, t: (o - 0).sum(-1)), 0.3)) is None
     assert np.isfinite(float(loss.sum()))

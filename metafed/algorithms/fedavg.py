@@ -34,11 +34,11 @@ class ProximalSGD:
     local_opt: LocalOptimizer | None = None  # None: plain SGD at lr
 
     @property
-    def plain_sgd(self) -> bool:
-        """Each step is params - lr * grad(mean masked loss) and nothing else (no proximal term,
-        no optimizer state), so a step on an all-padding batch changes nothing. Such programs
-        qualify for the hand-fused step (metafed.backends.fused_mlp)."""
-        return self.mu == 0.0 and self.local_opt is None
+    def sgd_pull(self) -> float | None:
+        """mu when each step is params - lr * (grad(mean masked loss) + mu (params -
+        shared["params"])) and nothing else (plain SGD: no optimizer state); None otherwise.
+        Such programs qualify for the hand-fused step (metafed.backends.fused_mlp)."""
+        return self.mu if self.local_opt is None else None
 
     def init(self, shared, client):
         if self.local_opt is None:

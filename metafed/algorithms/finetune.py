@@ -16,7 +16,7 @@ class FineTune:
     lr: float
     start: str = "broadcast"
     batches_per_step: int = 1
-    plain_sgd = True  # params - lr * grad(mean masked loss): the fused step may run it
+    sgd_pull = 0.0  # plain SGD, params - lr * grad(mean masked loss): the fused step may run it
 
     def init(self, shared, client):
         params = shared["params"] if self.start == "broadcast" else client["state"][self.start]

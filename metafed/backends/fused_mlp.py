@@ -1,6 +1,6 @@
-"""A hand-fused local step for the commonest vectorized workload: plain SGD (FedAvg, FedProx
-with mu = 0, evaluation's fine-tuning: programs with ``plain_sgd``) on a reference MLP or
-logistic regression with cross-entropy.
+"""A hand-fused local step for the commonest vectorized workload: SGD with an optional
+proximal pull (FedAvg, FedProx, evaluation's fine-tuning: programs with ``sgd_pull``) on a
+reference MLP or logistic regression with cross-entropy.
 
 The generic path runs ``vmap(grad(loss))`` and then the update; for W1's small matrices
 (batch 10, 60-200-10) most of its time goes to per-op dispatch of the transforms, the
@@ -23,12 +23,14 @@ from metafed.models.reference import MLP, LogisticRegression
 
 
 def fused_sgd_step(program):
-    """The fused step for ``program`` ((params, x, y, mask) -> (params, loss [C])), or None
-    when it does not qualify (not ``plain_sgd``: another optimizer or a proximal term; or
-    another model or loss)."""
+    """The fused step for ``program`` ((params, x, y, mask, anchor) -> (params, loss [C])),
+    or None when it does not qualify (no ``sgd_pull``: another optimizer; or another model
+    or loss). With pull mu > 0 each step also pulls towards ``anchor`` (FedProx's global
+    params): params - lr (g + mu (params - anchor))."""
     model = getattr(program, "model", None)
-    if (not getattr(program, "plain_sgd", False) or program.batches_per_step != 1 or model is None
-            or model.sample_loss is not cross_entropy or model.buffers):
+    pull = getattr(program, "sgd_pull", None)
+    if (pull is None or program.batches_per_step != 1 or model is None or model.sample_loss is not cross_entropy
+            or model.buffers):
         return None
     module = model.module
     if type(module) is MLP:
@@ -42,8 +44,10 @@ def fused_sgd_step(program):
     if names != {k for pair in layers for k in pair}:
         return None
     lr = program.lr
+    if pull and type(program).__name__ != "ProximalSGD":
+        return None  # the anchor is FedProx's shared["params"]: other programs' pulls are not wired
 
-    def step(params: dict, x: Tensor, y: Tensor, mask: Tensor) -> tuple[dict, Tensor]:
+    def step(params: dict, x: Tensor, y: Tensor, mask: Tensor, anchor: dict | None = None) -> tuple[dict, Tensor]:
         h = x.reshape(x.shape[0], x.shape[1], -1)  # [C, B, D]
         inputs, pre = [], []
         for i, (w, b) in enumerate(layers):
@@ -66,6 +70,9 @@ def fused_sgd_step(program):
                 # ReLU's backward in one pass: dh where the pre-activation is > 0, else 0
                 dh = torch.ops.aten.threshold_backward(torch.bmm(dz, params[w]), pre[i - 1], 0.0)  # [C, B, in]
             # in place: the carry is the backend's own copy (one pass instead of copy + update)
+            if pull:  # the proximal part of the step: (1 - lr mu) params + lr mu anchor
+                for key in (w, b):
+                    params[key].mul_(1.0 - lr * pull).add_(anchor[key], alpha=lr * pull)
             new[w] = params[w].baddbmm_(dz.transpose(1, 2), inputs[i], alpha=-lr)
             new[b] = params[b].add_(dz.sum(1), alpha=-lr)
             if i > 0:

@@ -59,7 +59,8 @@ def _fused_steps(fused):
             if n == 0:
                 continue
             part = {k: v[:n] for k, v in params.items()}
-            _, loss = fused(part, batches["x"][u, :n, 0], batches["y"][u, :n, 0], batches["mask"][u, :n, 0])
+            _, loss = fused(part, batches["x"][u, :n, 0], batches["y"][u, :n, 0], batches["mask"][u, :n, 0],
+                            shared.get("params"))
             total[:n] += loss
         return {"params": params}, total
 
