@@ -10,8 +10,12 @@ keep the groups' initial weights there, which their clients start from), so chec
 """
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import torch
 from torch import Tensor
+
+from metafed import tree
 
 from metafed.algorithms.base import FederatedAlgorithm, ServerState
 from metafed.aggregate.server_opt import ServerOptimizer
@@ -79,30 +83,30 @@ class DistillationAlgorithm(FederatedAlgorithm):
     def broadcast(self, state: ServerState, rnd: int) -> dict:
         return self.broadcast_group(state, rnd, 0)
 
+    @abstractmethod
     def broadcast_group(self, state: ServerState, rnd: int, g: int) -> dict:
-        raise NotImplementedError
+        """What group ``g``'s clients receive in round ``rnd`` (with ``"group"``: g)."""
 
     def wire_bytes(self, broadcast: dict) -> int:
         """Bytes a broadcast puts on the wire (inputs every client holds travel as indices)."""
-        from metafed import tree
-
         return tree.nested_bytes(broadcast)
 
     def client_program(self, rnd: int = 0):
         return self.program_group(rnd, 0)
 
+    @abstractmethod
     def program_group(self, rnd: int, g: int):
-        raise NotImplementedError
+        """The local program group ``g``'s clients run in round ``rnd`` (on their group's model)."""
 
     def client_init(self, broadcast: dict) -> dict:
         """A client's own model starts from its group's initial weights (the same seed)."""
         g = int(broadcast["group"])
         return {"params": {k: v.clone() for k, v in self._initial[g].items()}}
 
+    @abstractmethod
     def server_step(self, state: ServerState, uploads: list, rnd: int) -> ServerState:
         """``uploads[g]`` = (client ids, stacked accepted uploads, sample weights [C_g]) or None
         when no client of group ``g`` replied."""
-        raise NotImplementedError
 
     def server_update(self, state: ServerState, aggregate: dict, rnd: int) -> ServerState:
         raise TypeError(f"{self.name} runs its own server step per group (metafed.distill.round)")
