@@ -243,7 +243,7 @@ class Federation:
         # clients' loss for loss-scored aggregators: a reported validation loss, else the training loss
         client_loss = outputs.get("metrics", {}).get("val_loss", losses)[used]
         self._warn_unstable_inner_solve(outputs.get("metrics", {}).get("inner_increase"), rnd)
-        kept = tree.nested_index(sent, used) if sent else None
+        kept = (sent if len(used) == len(ids) else tree.nested_index(sent, used)) if sent else None
         metrics.update(clients_used=len(used_ids),
                        train_loss=float((losses[used].double() * weights).sum() / weights.sum()))
         return Received(used_ids, kept, weights, client_loss)
@@ -396,7 +396,9 @@ class Federation:
         """Per client: are all update values finite? Non-finite updates are rejected and logged."""
         ok = torch.ones(len(ids), dtype=torch.bool)
         for v in tree.nested_leaves(update):
-            ok &= torch.isfinite(v.reshape(len(ids), -1)).all(dim=1)
+            # one read pass, no [C, P] boolean temporary: NaN and +-Inf surface in the extremes
+            low, high = torch.aminmax(v.reshape(len(ids), -1), dim=1)
+            ok &= torch.isfinite(low) & torch.isfinite(high)
         for i in torch.nonzero(~ok).flatten().tolist():
             log.warning("rejected the update of client %d: it contains NaN or Inf", ids[i])
         return ok

@@ -15,6 +15,8 @@ Shapes: x [C, B, D], y [C, B], mask [C, B]; a layer's weight [C, out, in], bias 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -22,11 +24,19 @@ from metafed.losses import cross_entropy
 from metafed.models.reference import MLP, LogisticRegression
 
 
-def fused_sgd_step(program):
-    """The fused step for ``program`` ((params, x, y, mask, anchor) -> (params, loss [C])),
-    or None when it does not qualify (no ``sgd_pull``: another optimizer; or another model
-    or loss). With pull mu > 0 each step also pulls towards ``anchor`` (FedProx's global
-    params): params - lr (g + mu (params - anchor))."""
+@dataclass(frozen=True)
+class SgdMlpPlan:
+    """What a qualifying program trains: the (weight, bias) parameter names per layer, input
+    to output (ReLU between layers), the SGD learning rate and the proximal pull mu."""
+
+    layers: tuple[tuple[str, str], ...]
+    lr: float
+    pull: float
+
+
+def sgd_mlp_plan(program) -> SgdMlpPlan | None:
+    """The plan of ``program``, or None when it does not qualify for the fused paths (no
+    ``sgd_pull``: another optimizer; or another model or loss)."""
     model = getattr(program, "model", None)
     pull = getattr(program, "sgd_pull", None)
     if (pull is None or program.batches_per_step != 1 or model is None or model.sample_loss is not cross_entropy
@@ -43,9 +53,19 @@ def fused_sgd_step(program):
     names = {n for n, _ in module.named_parameters()}
     if names != {k for pair in layers for k in pair}:
         return None
-    lr = program.lr
     if pull and type(program).__name__ != "ProximalSGD":
         return None  # the anchor is FedProx's shared["params"]: other programs' pulls are not wired
+    return SgdMlpPlan(tuple(layers), float(program.lr), float(pull))
+
+
+def fused_sgd_step(program):
+    """The fused step for ``program`` ((params, x, y, mask, anchor) -> (params, loss [C])),
+    or None when it does not qualify (:func:`sgd_mlp_plan`). With pull mu > 0 each step also
+    pulls towards ``anchor`` (FedProx's global params): params - lr (g + mu (params - anchor))."""
+    plan = sgd_mlp_plan(program)
+    if plan is None:
+        return None
+    layers, lr, pull = plan.layers, plan.lr, plan.pull
 
     def step(params: dict, x: Tensor, y: Tensor, mask: Tensor, anchor: dict | None = None) -> tuple[dict, Tensor]:
         h = x.reshape(x.shape[0], x.shape[1], -1)  # [C, B, D]

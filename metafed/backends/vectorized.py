@@ -6,6 +6,10 @@ number of steps and cut into chunks (at most ``chunk_size`` clients and a memory
 so a chunk pads little and the working set stays in cache: measured on W1 (see
 docs/benchmarks.md). Padding steps are neutralised with ``where(active, new, old)``, so a
 client's result equals the loop backend's up to float summation order.
+
+Plain-SGD MLP programs on the CPU (FedAvg, FedProx, fine-tuning; ``sgd_mlp_plan``) skip the
+step loop: the native kernel (metafed.backends.native) trains each client of the chunk in
+cache, all its steps at once, with the same maths.
 """
 from __future__ import annotations
 
@@ -17,7 +21,8 @@ from metafed import tree
 from metafed.algorithms.base import LocalProgram
 from metafed.backends.base import ClientTask, step_batch
 from metafed.backends.device import resolve_device, to_device
-from metafed.backends.fused_mlp import fused_sgd_step
+from metafed.backends import native
+from metafed.backends.fused_mlp import SgdMlpPlan, fused_sgd_step, sgd_mlp_plan
 
 
 def _masked_step(program: LocalProgram):
@@ -101,8 +106,9 @@ class VectorizedBackend:
     name = "vectorized"
 
     def __init__(self, chunk_size: int = 128, compile: bool = False, memory_budget_bytes: float = 2e9,
-                 unroll: int | None = None, device: torch.device | str = "cpu"):
+                 unroll: int | None = None, device: torch.device | str = "cpu", native_kernel: bool = True):
         self.device = resolve_device(device)  # where the steps run; outputs come back on the CPU
+        self.native_kernel = native_kernel  # False: plain-SGD MLPs take the torch fused step (tests compare)
         self.chunk_size = chunk_size
         self.compile = compile
         # steps fused per compiled call; eager runs gain nothing from unrolling
@@ -134,24 +140,60 @@ class VectorizedBackend:
             self._compiled[program] = fn
         return self._compiled[program]
 
+    def _native_plan(self, program: LocalProgram, shared: dict) -> SgdMlpPlan | None:
+        """The program's plan when the native kernel can run it: CPU, float32, kernel built."""
+        if not self.native_kernel or self.device.type != "cpu" or (plan := sgd_mlp_plan(program)) is None:
+            return None
+        params = shared.get("params", {})
+        if not all(params.get(k) is not None and params[k].dtype == torch.float32 for pair in plan.layers for k in pair):
+            return None
+        return plan if native.library() is not None else None
+
     def run(self, program: LocalProgram, shared: dict, tasks: list[ClientTask]):
         order = sorted(range(len(tasks)), key=lambda i: -tasks[i].active_steps)
         # near-equal chunks (1000 clients, limit 128 -> 8 x 125): fewer distinct shapes to compile
         n_chunks = -(-len(tasks) // self._chunk_limit(shared))
         limit = -(-len(tasks) // n_chunks)
         shared = to_device(shared, self.device)
-        step_fn = self._step_fn(program)
+        plan = self._native_plan(program, shared)
+        step_fn = None if plan else self._step_fn(program)
         init_fn = torch.vmap(program.init, in_dims=(None, 0))
         final_fn = torch.vmap(program.final, in_dims=(None, 0, 0))
-        chunks_out, chunks_loss = [], []
+        outputs = losses = None
         for start in range(0, len(order), limit):
+            rows = torch.as_tensor(order[start: start + limit], dtype=torch.int64)
             chunk = [tasks[i] for i in order[start: start + limit]]
-            out, loss = self._run_chunk(chunk, shared, step_fn, init_fn, final_fn)
-            chunks_out.append(out)
-            chunks_loss.append(loss)
-        outputs, losses = tree.nested_cat(chunks_out), torch.cat(chunks_loss)
-        inverse = torch.from_numpy(np.argsort(order))
-        return tree.nested_index(outputs, inverse), losses[inverse]
+            if plan is not None and all(t.x.dtype == torch.float32 and t.schedule.shape[1] == 1 for t in chunk):
+                out, loss = self._run_chunk_native(chunk, shared, plan, init_fn, final_fn)
+            else:
+                out, loss = self._run_chunk(chunk, shared, step_fn or self._step_fn(program), init_fn, final_fn)
+            if outputs is None:  # written in task order as chunks finish: no concatenation, no reordering copy
+                outputs = tree.nested_map(lambda v: v.new_empty((len(tasks), *v.shape[1:])), out)
+                losses = loss.new_empty(len(tasks))
+            tree.nested_map(lambda dst, src: dst.index_copy_(0, rows, src), outputs, out)
+            losses.index_copy_(0, rows, loss)
+        return outputs, losses
+
+    def _run_chunk_native(self, chunk: list[ClientTask], shared, plan: SgdMlpPlan, init_fn, final_fn):
+        """The chunk through the native kernel: each client's active steps in cache, in place
+        on the chunk's own copy of the carry."""
+        steps = max(t.active_steps for t in chunk)
+        batch = chunk[0].schedule.shape[2]
+        idx = np.full((len(chunk), steps, batch), -1, dtype=np.int64)  # [C, S, B]
+        for c, t in enumerate(chunk):
+            idx[c, : t.active_steps] = t.schedule[: t.active_steps, 0]
+        x = _pad_stack([t.x for t in chunk])
+        x = x.reshape(x.shape[0], x.shape[1], -1)  # [C, n_max, D]
+        y = _pad_stack([t.y for t in chunk])  # [C, n_max]
+        inputs = tree.nested_stack([t.inputs for t in chunk])
+        carry = tree.nested_map(lambda v: v.clone(memory_format=torch.contiguous_format), init_fn(shared, inputs))
+        params = carry["params"]
+        anchor = [(shared["params"][w], shared["params"][b]) for w, b in plan.layers] if plan.pull else None
+        active = torch.tensor([t.active_steps for t in chunk], dtype=torch.int64)
+        total = native.train_mlp_sgd([(params[w], params[b]) for w, b in plan.layers], x, y.long(),
+                                     torch.from_numpy(idx), active, plan.lr, plan.pull, anchor)
+        out = tree.nested_map(lambda v: v.detach().cpu(), final_fn(shared, carry, inputs))
+        return out, total / active.clamp_min(1).to(total.dtype)
 
     def _run_chunk(self, chunk: list[ClientTask], shared, step_fn, init_fn, final_fn):
         # pad the step count to a multiple of the unroll factor with inactive steps

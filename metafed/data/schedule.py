@@ -45,8 +45,11 @@ def client_schedule(n: int, *, batch_size: int, epochs: int, steps: int | None, 
     k = batches_per_step
     per_epoch = -(-n // batch_size)
     needed = steps * k if steps is not None else max(epochs * per_epoch, k)
-    draws = [epoch_batches(n, batch_size, rng) for _ in range(-(-needed // per_epoch))]
-    batches = np.concatenate(draws)[:needed]
+    # epochs drawn in order into one array: the same draws as epoch_batches, one allocation
+    draws = np.full((-(-needed // per_epoch), per_epoch * batch_size), -1, dtype=np.int64)
+    for epoch in draws:
+        epoch[:n] = rng.permutation(n)
+    batches = draws.reshape(-1, batch_size)[:needed]
     s = steps if steps is not None else len(batches) // k
     return batches[: s * k].reshape(s, k, batch_size)
 
