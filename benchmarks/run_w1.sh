@@ -13,11 +13,13 @@ peer() { [ -n "$peers_py" ] && (cd "$work" && "$peers_py" "$@" 2>/dev/null | gre
 for c in 10 100; do
   mf --n 1000 --c $c --backend loop --rounds 3
   mf --n 1000 --c $c --rounds 5
+  mf --n 1000 --c $c --rounds 5 --no-native
   mf --n 1000 --c $c --rounds 5 --compile
   peer fedavg_seq.py --n 1000 --c $c --rounds 3
   peer fedavg_flower.py --n 1000 --c $c --rounds 3
 done
-mf --n 1000 --c 1000 --rounds 3
+mf --n 1000 --c 1000 --rounds 5
+mf --n 1000 --c 1000 --rounds 3 --no-native
 mf --n 1000 --c 1000 --rounds 5 --compile
 peer fedavg_seq.py --n 1000 --c 1000 --rounds 2
 peer fedavg_flower.py --n 1000 --c 1000 --rounds 2

@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--unroll", type=int, default=None, help="vectorized+compile: steps per compiled call")
+    ap.add_argument("--no-native", action="store_true", help="vectorized: the torch fused step, not the native kernel")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -66,7 +67,8 @@ def main() -> None:
     if a.backend == "vectorized":
         from metafed.backends import VectorizedBackend
 
-        fed.backend = VectorizedBackend(a.chunk, a.compile, unroll=a.unroll)
+        fed.backend = fed.pool.backend = VectorizedBackend(a.chunk, a.compile, unroll=a.unroll,
+                                                           native_kernel=not a.no_native)
         fed.evaluator.backend = fed.backend
     sizes = fed.dataset.train_sizes()
     times, samples, warmup = [], [], 0.0
@@ -83,7 +85,9 @@ def main() -> None:
             samples.append(int(sizes[sample_clients(a.n, a.c, rnd, 0)].sum()))
     med = float(np.median(times))
     flops = float(np.mean(samples)) * 6.0 * N_PARAMS * 5
-    impl = f"metafed-{a.backend}" + (f"+compile-unroll{fed.backend.unroll}" if a.compile else "") + (f"-chunk{a.chunk}" if a.backend == "vectorized" else "")
+    native = a.backend == "vectorized" and fed.backend._native_plan(fed.algorithm.client_program(1), fed.algorithm.broadcast(fed.state, 1)) is not None
+    impl = (f"metafed-{a.backend}" + ("+native" if native else "") + (f"+compile-unroll{fed.backend.unroll}" if a.compile else "")
+            + (f"-chunk{a.chunk}" if a.backend == "vectorized" else ""))
     print(json.dumps({"impl": impl, "N": a.n, "C": a.c, "rounds": len(times), "sec_per_round_median": round(med, 4),
                       "sec_per_round_all": [round(t, 4) for t in times], "warmup_round_s": round(warmup, 2),
                       "gflops": round(flops / med / 1e9, 2),
