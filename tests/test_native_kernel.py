@@ -145,3 +145,22 @@ def test_builds_into_an_empty_cache_folder(monkeypatch, tmp_path):
     assert native.library() is not None
     built = list((tmp_path / "cache").glob("sgd_mlp-*.so"))
     assert len(built) == 1 and not [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]  # no build leftovers
+
+
+def test_ditto_both_models_run_natively_and_equal_the_loop_backend():
+    from metafed.algorithms.ditto import DittoPersonalize, DittoProgram
+
+    model = FunctionalModel(MLP(6, (20,), 3))
+    g = torch.Generator().manual_seed(5)
+    shared = {"params": model.init_params()}
+    personal = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in shared["params"].items()}
+    tasks = make_tasks(n_clients=5, dim=6, classes=3, batch=4, seed=2)
+    tasks = [ClientTask(t.x, t.y, t.schedule, t.active_steps, {**t.inputs, "state": {"personal": personal}})
+             for t in tasks]
+    for program in (DittoProgram(model, 0.1, 0.05, 0.5), DittoPersonalize(model, 0.05, 0.5)):
+        backend = VectorizedBackend(chunk_size=2)
+        assert backend._native_plan(program, shared) is not None
+        got, got_loss = backend.run(program, shared, tasks)
+        want, want_loss = LoopBackend().run(program, shared, tasks)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)

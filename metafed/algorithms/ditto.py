@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from metafed import tree
 from metafed.aggregate.server_opt import ServerOptimizer
-from metafed.algorithms.base import FederatedAlgorithm, grad_and_loss, sgd
+from metafed.algorithms.base import FederatedAlgorithm, SgdPart, grad_and_loss, sgd
 from metafed.models import FunctionalModel
 
 
@@ -37,6 +37,12 @@ class DittoProgram:
     lam: float
     batches_per_step: int = 1
 
+    @property
+    def sgd_parts(self) -> tuple[SgdPart, ...]:
+        """Both models take plain SGD steps on the same batch, independent given the round's
+        global model: the vectorized backend may run them with its native kernel."""
+        return SgdPart("params", self.lr), SgdPart("personal", self.personal_lr, self.lam)
+
     def init(self, shared, client):
         return {"params": shared["params"], "personal": client["state"]["personal"]}
 
@@ -55,6 +61,11 @@ class DittoPersonalize:
     personal_lr: float
     lam: float
     batches_per_step: int = 1
+
+    @property
+    def sgd_parts(self) -> tuple[SgdPart, ...]:
+        """The personal objective's plain SGD steps (see DittoProgram.sgd_parts)."""
+        return (SgdPart("params", self.personal_lr, self.lam),)
 
     def init(self, shared, client):
         return {"params": client["state"]["personal"]}

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from metafed.algorithms.base import SgdPart
 from metafed.losses import cross_entropy
 from metafed.models.reference import MLP, LogisticRegression
 
@@ -27,19 +28,33 @@ from metafed.models.reference import MLP, LogisticRegression
 @dataclass(frozen=True)
 class SgdMlpPlan:
     """What a qualifying program trains: the (weight, bias) parameter names per layer, input
-    to output (ReLU between layers), the SGD learning rate and the proximal pull mu."""
+    to output (ReLU between layers), and its SGD parts, each stepped on the same batches
+    independently of the others (the first part's loss is the step's reported loss)."""
 
     layers: tuple[tuple[str, str], ...]
-    lr: float
-    pull: float
+    parts: tuple[SgdPart, ...]
+
+
+def sgd_parts(program) -> tuple[SgdPart, ...] | None:
+    """A program's SGD parts: its own ``sgd_parts`` (e.g. Ditto's global and personal models),
+    else one part on ``carry["params"]`` from ``sgd_pull`` (None: another optimizer)."""
+    parts = getattr(program, "sgd_parts", None)
+    if parts is not None:
+        return tuple(parts)
+    pull = getattr(program, "sgd_pull", None)
+    if pull is None:
+        return None
+    if pull and type(program).__name__ != "ProximalSGD":
+        return None  # the anchor is FedProx's shared["params"]: other programs' pulls are not wired
+    return (SgdPart("params", float(program.lr), float(pull)),)
 
 
 def sgd_mlp_plan(program) -> SgdMlpPlan | None:
     """The plan of ``program``, or None when it does not qualify for the fused paths (no
-    ``sgd_pull``: another optimizer; or another model or loss)."""
+    SGD parts: another optimizer; or another model or loss)."""
     model = getattr(program, "model", None)
-    pull = getattr(program, "sgd_pull", None)
-    if (pull is None or program.batches_per_step != 1 or model is None or model.sample_loss is not cross_entropy
+    parts = sgd_parts(program)
+    if (parts is None or program.batches_per_step != 1 or model is None or model.sample_loss is not cross_entropy
             or model.buffers):
         return None
     module = model.module
@@ -53,9 +68,7 @@ def sgd_mlp_plan(program) -> SgdMlpPlan | None:
     names = {n for n, _ in module.named_parameters()}
     if names != {k for pair in layers for k in pair}:
         return None
-    if pull and type(program).__name__ != "ProximalSGD":
-        return None  # the anchor is FedProx's shared["params"]: other programs' pulls are not wired
-    return SgdMlpPlan(tuple(layers), float(program.lr), float(pull))
+    return SgdMlpPlan(tuple(layers), parts)
 
 
 def fused_sgd_step(program):
@@ -63,9 +76,9 @@ def fused_sgd_step(program):
     or None when it does not qualify (:func:`sgd_mlp_plan`). With pull mu > 0 each step also
     pulls towards ``anchor`` (FedProx's global params): params - lr (g + mu (params - anchor))."""
     plan = sgd_mlp_plan(program)
-    if plan is None:
-        return None
-    layers, lr, pull = plan.layers, plan.lr, plan.pull
+    if plan is None or len(plan.parts) != 1 or plan.parts[0].key != "params":
+        return None  # several parts (Ditto): the native kernel runs them, the torch path does not
+    layers, lr, pull = plan.layers, plan.parts[0].lr, plan.parts[0].pull
 
     def step(params: dict, x: Tensor, y: Tensor, mask: Tensor, anchor: dict | None = None) -> tuple[dict, Tensor]:
         h = x.reshape(x.shape[0], x.shape[1], -1)  # [C, B, D]

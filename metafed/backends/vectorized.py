@@ -187,11 +187,13 @@ class VectorizedBackend:
         y = _pad_stack([t.y for t in chunk])  # [C, n_max]
         inputs = tree.nested_stack([t.inputs for t in chunk])
         carry = tree.nested_map(lambda v: v.clone(memory_format=torch.contiguous_format), init_fn(shared, inputs))
-        params = carry["params"]
-        anchor = [(shared["params"][w], shared["params"][b]) for w, b in plan.layers] if plan.pull else None
+        anchor = [(shared["params"][w], shared["params"][b]) for w, b in plan.layers]
         active = torch.tensor([t.active_steps for t in chunk], dtype=torch.int64)
-        total = native.train_mlp_sgd([(params[w], params[b]) for w, b in plan.layers], x, y.long(),
-                                     torch.from_numpy(idx), active, plan.lr, plan.pull, anchor)
+        idx_t, y = torch.from_numpy(idx), y.long()
+        losses = [native.train_mlp_sgd([(carry[part.key][w], carry[part.key][b]) for w, b in plan.layers], x, y,
+                                       idx_t, active, part.lr, part.pull, anchor if part.pull else None)
+                  for part in plan.parts]  # independent given the batches (Ditto: global, then personal)
+        total = losses[0]
         out = tree.nested_map(lambda v: v.detach().cpu(), final_fn(shared, carry, inputs))
         return out, total / active.clamp_min(1).to(total.dtype)
 
