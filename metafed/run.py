@@ -188,13 +188,14 @@ def _progress(enabled: bool, total: int, done: int):
 def compile_would_pay(cfg: RunConfig, program=None) -> bool:
     """Measured on W1 (docs/benchmarks.md): compiling costs ~20 s and saved ~0.7 s per round
     at 1000 clients per round over the generic vmapped step; compile stays opt-in (it needs
-    a C++ toolchain), so large, long vectorized runs get a hint instead. Plain-SGD FedAvg
-    on an MLP or logistic model runs a hand-fused step (metafed.backends.fused_mlp) that
-    is as fast as compiling: no hint there."""
-    from metafed.backends.fused_mlp import fused_sgd_step
+    a C++ toolchain), so large, long vectorized runs get a hint instead. Plain-SGD programs
+    (FedAvg, FedProx, Ditto) on an MLP or logistic model run the native kernel or the
+    hand-fused step (metafed.backends.native, .fused_mlp), both faster than compiling: no
+    hint there."""
+    from metafed.backends.fused_mlp import sgd_mlp_plan
 
     large = cfg.backend == "vectorized" and not cfg.compile and cfg.clients_per_round >= 500 and cfg.rounds >= 50
-    return large and (program is None or fused_sgd_step(program) is None)
+    return large and (program is None or sgd_mlp_plan(program) is None)
 
 
 def describe_federation(fed: Federation) -> str:

@@ -164,3 +164,42 @@ def test_ditto_both_models_run_natively_and_equal_the_loop_backend():
         want, want_loss = LoopBackend().run(program, shared, tasks)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("flatten", [True, False])
+def test_a_users_sequential_mlp_takes_the_fast_paths(flatten):
+    from torch import nn
+
+    from metafed.backends.fused_mlp import sgd_mlp_plan
+
+    torch.manual_seed(0)
+    layers = [nn.Linear(6, 20), nn.ReLU(), nn.Linear(20, 12), nn.ReLU(inplace=True), nn.Linear(12, 3)]
+    model = FunctionalModel(nn.Sequential(*([nn.Flatten()] if flatten else []), *layers))
+    program = ProximalSGD(model, 0.1, 0.05)
+    plan = sgd_mlp_plan(program)
+    first = "1" if flatten else "0"
+    assert plan is not None and plan.layers[0] == (f"{first}.weight", f"{first}.bias")
+    assert plan.flat_input_only is not flatten
+    # the torch fused step flattens whatever it gets, so it takes only modules that flatten too
+    assert (fused_sgd_step(program) is not None) is flatten
+    shared = {"params": model.init_params()}
+    tasks = make_tasks(n_clients=4, dim=6, classes=3, batch=4, seed=4)
+    backend = VectorizedBackend()
+    assert backend._native_plan(program, shared) is not None
+    got, got_loss = backend.run(program, shared, tasks)
+    want, want_loss = LoopBackend().run(program, shared, tasks)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
+
+
+def test_other_modules_keep_the_generic_step():
+    from torch import nn
+
+    from metafed.backends.fused_mlp import sgd_mlp_plan
+
+    for module in (nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)),  # not ReLU
+                   nn.Sequential(nn.Linear(6, 3, bias=False)),  # no bias
+                   nn.Sequential(nn.Linear(6, 5), nn.ReLU()),  # ends in an activation
+                   nn.Sequential(nn.Flatten(0), nn.Linear(6, 3)),  # flattens the batch dimension too
+                   nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3), nn.LogSoftmax(-1))):
+        assert sgd_mlp_plan(ProximalSGD(FunctionalModel(module), 0.1)) is None, module

@@ -1,6 +1,6 @@
 """A hand-fused local step for the commonest vectorized workload: SGD with an optional
 proximal pull (FedAvg, FedProx, evaluation's fine-tuning: programs with ``sgd_pull``) on a
-reference MLP or logistic regression with cross-entropy.
+reference MLP or logistic regression, or a user's nn.Sequential ReLU MLP, with cross-entropy.
 
 The generic path runs ``vmap(grad(loss))`` and then the update; for W1's small matrices
 (batch 10, 60-200-10) most of its time goes to per-op dispatch of the transforms, the
@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from metafed.algorithms.base import SgdPart
 from metafed.losses import cross_entropy
@@ -29,10 +29,38 @@ from metafed.models.reference import MLP, LogisticRegression
 class SgdMlpPlan:
     """What a qualifying program trains: the (weight, bias) parameter names per layer, input
     to output (ReLU between layers), and its SGD parts, each stepped on the same batches
-    independently of the others (the first part's loss is the step's reported loss)."""
+    independently of the others (the first part's loss is the step's reported loss).
+    ``flat_input_only``: the module does not flatten its input (an ``nn.Sequential`` without
+    a leading ``nn.Flatten``), so the plan holds only for [n, D] client data."""
 
     layers: tuple[tuple[str, str], ...]
     parts: tuple[SgdPart, ...]
+    flat_input_only: bool = False
+
+
+def mlp_layers(module: nn.Module) -> tuple[tuple[tuple[str, str], ...], bool] | None:
+    """The (weight, bias) names of a ReLU MLP's linear layers, input to output, and whether
+    the module flattens its input itself; None for any other module. Recognised: the
+    reference ``MLP`` and ``LogisticRegression``, and a user's ``nn.Sequential`` of an
+    optional leading ``nn.Flatten()``, then ``nn.Linear`` (with bias), ``nn.ReLU``, ...,
+    ``nn.Linear``: exactly the computation the fused step and the native kernel perform."""
+    if type(module) is MLP:
+        hidden = tuple((f"hidden.{i}.weight", f"hidden.{i}.bias") for i in range(len(module.hidden)))
+        return hidden + (("out.weight", "out.bias"),), True
+    if type(module) is LogisticRegression:
+        return (("linear.weight", "linear.bias"),), True
+    if type(module) is not nn.Sequential:
+        return None
+    children = list(module.named_children())
+    first = children[0][1] if children else None
+    flattens = type(first) is nn.Flatten and (first.start_dim, first.end_dim) == (1, -1)
+    body = children[1:] if flattens else children
+    if len(body) % 2 == 0:  # Linear (ReLU Linear)*: an odd count, at least one layer
+        return None
+    for i, (_, m) in enumerate(body):
+        if (i % 2 == 0 and (type(m) is not nn.Linear or m.bias is None)) or (i % 2 == 1 and type(m) is not nn.ReLU):
+            return None
+    return tuple((f"{name}.weight", f"{name}.bias") for name, _ in body[0::2]), flattens
 
 
 def sgd_parts(program) -> tuple[SgdPart, ...] | None:
@@ -57,18 +85,13 @@ def sgd_mlp_plan(program) -> SgdMlpPlan | None:
     if (parts is None or program.batches_per_step != 1 or model is None or model.sample_loss is not cross_entropy
             or model.buffers):
         return None
-    module = model.module
-    if type(module) is MLP:
-        layers = [(f"hidden.{i}.weight", f"hidden.{i}.bias") for i in range(len(module.hidden))]
-        layers.append(("out.weight", "out.bias"))
-    elif type(module) is LogisticRegression:
-        layers = [("linear.weight", "linear.bias")]
-    else:
+    found = mlp_layers(model.module)
+    if found is None:
         return None
-    names = {n for n, _ in module.named_parameters()}
-    if names != {k for pair in layers for k in pair}:
+    layers, flattens = found
+    if {n for n, _ in model.module.named_parameters()} != {k for pair in layers for k in pair}:
         return None
-    return SgdMlpPlan(tuple(layers), parts)
+    return SgdMlpPlan(layers, parts, flat_input_only=not flattens)
 
 
 def fused_sgd_step(program):
@@ -76,8 +99,10 @@ def fused_sgd_step(program):
     or None when it does not qualify (:func:`sgd_mlp_plan`). With pull mu > 0 each step also
     pulls towards ``anchor`` (FedProx's global params): params - lr (g + mu (params - anchor))."""
     plan = sgd_mlp_plan(program)
-    if plan is None or len(plan.parts) != 1 or plan.parts[0].key != "params":
-        return None  # several parts (Ditto): the native kernel runs them, the torch path does not
+    if plan is None or len(plan.parts) != 1 or plan.parts[0].key != "params" or plan.flat_input_only:
+        # several parts (Ditto), or a module that may not flatten its input: the native
+        # kernel runs these (it sees the data's shape), this step does not
+        return None
     layers, lr, pull = plan.layers, plan.parts[0].lr, plan.parts[0].pull
 
     def step(params: dict, x: Tensor, y: Tensor, mask: Tensor, anchor: dict | None = None) -> tuple[dict, Tensor]:

@@ -163,7 +163,8 @@ class VectorizedBackend:
         for start in range(0, len(order), limit):
             rows = torch.as_tensor(order[start: start + limit], dtype=torch.int64)
             chunk = [tasks[i] for i in order[start: start + limit]]
-            if plan is not None and all(t.x.dtype == torch.float32 and t.schedule.shape[1] == 1 for t in chunk):
+            if plan is not None and all(t.x.dtype == torch.float32 and t.schedule.shape[1] == 1
+                                        and (t.x.dim() == 2 or not plan.flat_input_only) for t in chunk):
                 out, loss = self._run_chunk_native(chunk, shared, plan, init_fn, final_fn)
             else:
                 out, loss = self._run_chunk(chunk, shared, step_fn or self._step_fn(program), init_fn, final_fn)
