@@ -57,10 +57,10 @@ def _fused_steps(fused):
     sorted by step count, so the clients still active at a step are a prefix of the chunk:
     only that prefix is computed (views, updated in place), and padded steps cost nothing."""
 
-    def steps(shared, carry, batches, active):
+    def steps(shared, carry, batches, active, n_active):
         params = carry["params"]
         total = torch.zeros(active.shape[1], device=active.device)
-        for u, n in enumerate(active.sum(1).tolist()):  # [U] active clients per step (a prefix)
+        for u, n in enumerate(n_active):  # [U] active clients per step (a prefix)
             if n == 0:
                 continue
             part = {k: v[:n] for k, v in params.items()}
@@ -78,10 +78,10 @@ def _prefix_steps(vstep):
     masking; inactive clients' carry is kept as it is. (Under torch.compile the masked,
     fixed-shape step is used instead: a prefix per step would recompile.)"""
 
-    def steps(shared, carry, batches, active):
+    def steps(shared, carry, batches, active, n_active):
         total = torch.zeros(active.shape[1], device=active.device)
         c = active.shape[1]
-        for u, n in enumerate(active.sum(1).tolist()):  # [U] active clients per step
+        for u, n in enumerate(n_active):  # [U] active clients per step
             if n == 0:
                 continue
             part = carry if n == c else tree.nested_map(lambda v: v[:n], carry)
@@ -137,7 +137,9 @@ class VectorizedBackend:
                 # each new chunk size compiles once, so allow more than dynamo's default 8 variants
                 torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
                 fn = torch.compile(fn, dynamic=False)
-            self._compiled[program] = fn
+            # the masked step needs no host-side counts (a list would become a guarded constant)
+            self._compiled[program] = lambda shared, carry, batches, active, n_active, fn=fn: fn(
+                shared, carry, batches, active)
         return self._compiled[program]
 
     def _native_plan(self, program: LocalProgram, shared: dict) -> SgdMlpPlan | None:
@@ -212,7 +214,9 @@ class VectorizedBackend:
         dev = self.device
         idx_t = torch.from_numpy(idx).permute(1, 0, 2, 3).clone(memory_format=torch.contiguous_format).to(dev)
         # idx_t: [S, C, k, B]; active: [S, C]
-        active = (torch.arange(steps)[:, None] < torch.tensor([t.active_steps for t in chunk])[None, :]).to(dev)
+        active_host = torch.arange(steps)[:, None] < torch.tensor([t.active_steps for t in chunk])[None, :]
+        n_active = active_host.sum(1).tolist()  # [S] counted on the host: no device sync per step
+        active = active_host.to(dev)
         x = _pad_stack([t.x for t in chunk]).to(dev)  # [C, n_max, ...]
         y = _pad_stack([t.y for t in chunk]).to(dev)
         rows = torch.arange(len(chunk), device=dev).view(1, -1, 1, 1)
@@ -232,7 +236,7 @@ class VectorizedBackend:
         for s in range(0, steps, self.unroll):
             window = slice(s, s + self.unroll)
             batch = {"x": xb[window], "y": yb[window], "mask": mb[window]}
-            carry, loss = step_fn(shared, carry, batch, active[window])
+            carry, loss = step_fn(shared, carry, batch, active[window], n_active[window])
             total = total + loss.detach()
         out = tree.nested_map(lambda v: v.detach().cpu(), final_fn(shared, carry, inputs))
         counts = torch.tensor([max(t.active_steps, 1) for t in chunk], dtype=total.dtype)
