@@ -20,7 +20,7 @@ from metafed.models import MLP, FunctionalModel, LogisticRegression
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
 
 
-def make_tasks(n_clients, dim, classes, batch, seed):
+def make_tasks(n_clients, dim, classes, batch, seed, batches_per_step=1):
     """Clients of different sizes (so chunks pad), 3 epochs each, one a straggler."""
     rng = np.random.default_rng(seed)
     tasks = []
@@ -28,7 +28,7 @@ def make_tasks(n_clients, dim, classes, batch, seed):
         n = int(rng.integers(5, 30))
         x = torch.from_numpy(rng.normal(size=(n, dim)).astype(np.float32))
         y = torch.from_numpy(rng.integers(0, classes, n))
-        sched = client_schedule(n, batch_size=batch, epochs=3, steps=None, batches_per_step=1, rng=rng)
+        sched = client_schedule(n, batch_size=batch, epochs=3, steps=None, batches_per_step=batches_per_step, rng=rng)
         active = len(sched) // 2 if k == 1 else len(sched)
         tasks.append(ClientTask(x, y, sched, active, {"num_samples": torch.tensor(float(n))}))
     return tasks
@@ -203,3 +203,50 @@ def test_other_modules_keep_the_generic_step():
                    nn.Sequential(nn.Flatten(0), nn.Linear(6, 3)),  # flattens the batch dimension too
                    nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3), nn.LogSoftmax(-1))):
         assert sgd_mlp_plan(ProximalSGD(FunctionalModel(module), 0.1)) is None, module
+
+
+@pytest.mark.parametrize("name,inner_steps", [("fomaml", 1), ("fomaml", 3), ("per-fedavg-fo", 1)])
+def test_first_order_meta_steps_run_natively_and_equal_the_loop_backend(name, inner_steps):
+    from metafed.algorithms.maml import MAMLProgram
+    from metafed.algorithms.per_fedavg import PerFedAvgProgram
+
+    model = FunctionalModel(MLP(6, (20, 12), 3))
+    program = (MAMLProgram(model, 0.2, 0.1, inner_steps, first_order=True) if name == "fomaml"
+               else PerFedAvgProgram(model, 0.2, 0.1))
+    shared = {"params": model.init_params()}
+    tasks = make_tasks(n_clients=6, dim=6, classes=3, batch=5, seed=7, batches_per_step=2)
+    backend = VectorizedBackend(chunk_size=4)
+    plan = backend._native_plan(program, shared)
+    assert plan is not None and plan.meta is not None and plan.meta.inner_steps == inner_steps
+    got, got_loss = backend.run(program, shared, tasks)
+    want, want_loss = LoopBackend().run(program, shared, tasks)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
+
+
+def test_second_order_steps_keep_the_generic_path():
+    from metafed.algorithms.maml import MAMLProgram
+    from metafed.algorithms.per_fedavg import PerFedAvgProgram
+
+    from metafed.backends.fused_mlp import sgd_mlp_plan
+
+    model = FunctionalModel(MLP(6, (20,), 3))
+    assert sgd_mlp_plan(MAMLProgram(model, 0.2, 0.1, 1, first_order=False)) is None
+    assert sgd_mlp_plan(PerFedAvgProgram(model, 0.2, 0.1, hessian_free=True)) is None
+
+
+def test_meta_step_with_an_empty_support_batch_adapts_nothing():
+    from metafed.algorithms.maml import MAMLProgram
+
+    model = FunctionalModel(MLP(6, (20,), 3))
+    program = MAMLProgram(model, 0.2, 0.1, 2, first_order=True)
+    shared = {"params": model.init_params()}
+    tasks = make_tasks(n_clients=3, dim=6, classes=3, batch=5, seed=8, batches_per_step=2)
+    schedule = tasks[0].schedule.copy()
+    schedule[1, 0] = -1  # step 1: no support sample, so temp = w and the query gradient is taken at w
+    schedule[2, 1, 2:] = -1  # step 2: a short query batch
+    tasks[0] = ClientTask(tasks[0].x, tasks[0].y, schedule, tasks[0].active_steps, tasks[0].inputs)
+    got, got_loss = VectorizedBackend().run(program, shared, tasks)
+    want, want_loss = LoopBackend().run(program, shared, tasks)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)

@@ -58,6 +58,20 @@ class SgdPart:
 
 
 @dataclass(frozen=True)
+class FirstOrderMetaStep:
+    """A program may declare its step as a first-order meta step (``first_order_meta``) on a
+    support batch (slot 0) and a query batch (slot 1) of mean masked losses:
+    ``temp = params; inner_steps times: temp <- temp - inner_lr grad(loss(temp; support));
+    params <- params - outer_lr grad(loss(temp; query))``, reporting the query loss at temp.
+    FOMAML and Per-FedAvg (FO) are such steps; the vectorized backend's native kernel may run
+    them instead of ``step``."""
+
+    inner_lr: float
+    inner_steps: int
+    outer_lr: float
+
+
+@dataclass(frozen=True)
 class ServerState:
     """Everything the server carries between rounds (checkpointed after each round)."""
 

@@ -28,7 +28,7 @@ from torch.func import grad
 
 from metafed import tree
 from metafed.aggregate.server_opt import ServerOptimizer
-from metafed.algorithms.base import FederatedAlgorithm, batch_loss, sgd
+from metafed.algorithms.base import FederatedAlgorithm, FirstOrderMetaStep, batch_loss, sgd
 from metafed.algorithms.finetune import FineTune
 from metafed.models import FunctionalModel
 from metafed.types import Params
@@ -67,6 +67,11 @@ class MAMLProgram:
     inner_steps: int = 1
     first_order: bool = False
     batches_per_step: int = 2
+
+    @property
+    def first_order_meta(self) -> FirstOrderMetaStep | None:
+        """FOMAML's step is a plain first-order meta step (the native kernel may run it)."""
+        return FirstOrderMetaStep(self.inner_lr, self.inner_steps, self.meta_lr) if self.first_order else None
 
     def init(self, shared, client):
         return {"params": shared["params"]}

@@ -22,7 +22,7 @@ from torch.func import grad, jvp
 
 from metafed import tree
 from metafed.aggregate.server_opt import ServerOptimizer
-from metafed.algorithms.base import FederatedAlgorithm, batch_loss, sgd
+from metafed.algorithms.base import FederatedAlgorithm, FirstOrderMetaStep, batch_loss, sgd
 from metafed.algorithms.finetune import FineTune
 from metafed.models import FunctionalModel
 from metafed.types import Params
@@ -43,6 +43,12 @@ class PerFedAvgProgram:
     @property
     def batches_per_step(self) -> int:
         return 3 if self.hessian_free else 2
+
+    @property
+    def first_order_meta(self) -> FirstOrderMetaStep | None:
+        """FO's step is a first-order meta step with one inner step (the native kernel may
+        run it); HF's Hessian-vector product is not."""
+        return None if self.hessian_free else FirstOrderMetaStep(self.alpha, 1, self.beta)
 
     def init(self, shared, client):
         return {"params": shared["params"]}

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from metafed.algorithms.base import SgdPart
+from metafed.algorithms.base import FirstOrderMetaStep, SgdPart
 from metafed.losses import cross_entropy
 from metafed.models.reference import MLP, LogisticRegression
 
@@ -36,6 +36,11 @@ class SgdMlpPlan:
     layers: tuple[tuple[str, str], ...]
     parts: tuple[SgdPart, ...]
     flat_input_only: bool = False
+    meta: FirstOrderMetaStep | None = None  # a first-order meta step instead of SGD parts (native only)
+
+    @property
+    def batches_per_step(self) -> int:
+        return 2 if self.meta is not None else 1
 
 
 def mlp_layers(module: nn.Module) -> tuple[tuple[tuple[str, str], ...], bool] | None:
@@ -78,12 +83,15 @@ def sgd_parts(program) -> tuple[SgdPart, ...] | None:
 
 
 def sgd_mlp_plan(program) -> SgdMlpPlan | None:
-    """The plan of ``program``, or None when it does not qualify for the fused paths (no
-    SGD parts: another optimizer; or another model or loss)."""
+    """The plan of ``program``, or None when it does not qualify for the fused paths (neither
+    SGD parts nor a first-order meta step: another optimizer or second-order terms; or
+    another model or loss)."""
     model = getattr(program, "model", None)
-    parts = sgd_parts(program)
-    if (parts is None or program.batches_per_step != 1 or model is None or model.sample_loss is not cross_entropy
-            or model.buffers):
+    parts, meta = sgd_parts(program), getattr(program, "first_order_meta", None)
+    if parts is None and meta is None:
+        return None
+    if (program.batches_per_step != (1 if meta is None else 2) or model is None
+            or model.sample_loss is not cross_entropy or model.buffers):
         return None
     found = mlp_layers(model.module)
     if found is None:
@@ -91,7 +99,7 @@ def sgd_mlp_plan(program) -> SgdMlpPlan | None:
     layers, flattens = found
     if {n for n, _ in model.module.named_parameters()} != {k for pair in layers for k in pair}:
         return None
-    return SgdMlpPlan(layers, parts, flat_input_only=not flattens)
+    return SgdMlpPlan(layers, () if meta is not None else parts, flat_input_only=not flattens, meta=meta)
 
 
 def fused_sgd_step(program):

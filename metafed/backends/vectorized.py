@@ -165,7 +165,7 @@ class VectorizedBackend:
         for start in range(0, len(order), limit):
             rows = torch.as_tensor(order[start: start + limit], dtype=torch.int64)
             chunk = [tasks[i] for i in order[start: start + limit]]
-            if plan is not None and all(t.x.dtype == torch.float32 and t.schedule.shape[1] == 1
+            if plan is not None and all(t.x.dtype == torch.float32 and t.schedule.shape[1] == plan.batches_per_step
                                         and (t.x.dim() == 2 or not plan.flat_input_only) for t in chunk):
                 out, loss = self._run_chunk_native(chunk, shared, plan, init_fn, final_fn)
             else:
@@ -181,10 +181,10 @@ class VectorizedBackend:
         """The chunk through the native kernel: each client's active steps in cache, in place
         on the chunk's own copy of the carry."""
         steps = max(t.active_steps for t in chunk)
-        batch = chunk[0].schedule.shape[2]
-        idx = np.full((len(chunk), steps, batch), -1, dtype=np.int64)  # [C, S, B]
+        k, batch = chunk[0].schedule.shape[1:]
+        idx = np.full((len(chunk), steps, k, batch), -1, dtype=np.int64)  # [C, S, k, B]: k = 2 for a meta step
         for c, t in enumerate(chunk):
-            idx[c, : t.active_steps] = t.schedule[: t.active_steps, 0]
+            idx[c, : t.active_steps] = t.schedule[: t.active_steps]
         x = _pad_stack([t.x for t in chunk])
         x = x.reshape(x.shape[0], x.shape[1], -1)  # [C, n_max, D]
         y = _pad_stack([t.y for t in chunk])  # [C, n_max]
@@ -193,10 +193,16 @@ class VectorizedBackend:
         anchor = [(shared["params"][w], shared["params"][b]) for w, b in plan.layers]
         active = torch.tensor([t.active_steps for t in chunk], dtype=torch.int64)
         idx_t, y = torch.from_numpy(idx), y.long()
-        losses = [native.train_mlp_sgd([(carry[part.key][w], carry[part.key][b]) for w, b in plan.layers], x, y,
-                                       idx_t, active, part.lr, part.pull, anchor if part.pull else None)
-                  for part in plan.parts]  # independent given the batches (Ditto: global, then personal)
-        total = losses[0]
+        if plan.meta is not None:  # FOMAML, Per-FedAvg FO: support and query batches per step
+            params = carry["params"]
+            total = native.train_mlp_sgd([(params[w], params[b]) for w, b in plan.layers], x, y, idx_t, active,
+                                         plan.meta.inner_lr, meta=(plan.meta.inner_steps, plan.meta.outer_lr))
+        else:
+            idx_t = idx_t[:, :, 0]  # [C, S, B]
+            losses = [native.train_mlp_sgd([(carry[part.key][w], carry[part.key][b]) for w, b in plan.layers], x,
+                                           y, idx_t, active, part.lr, part.pull, anchor if part.pull else None)
+                      for part in plan.parts]  # independent given the batches (Ditto: global, then personal)
+            total = losses[0]
         out = tree.nested_map(lambda v: v.detach().cpu(), final_fn(shared, carry, inputs))
         return out, total / active.clamp_min(1).to(total.dtype)
 

@@ -88,7 +88,8 @@ def library() -> ctypes.CDLL | None:
         log.warning("native kernel unavailable (%s): the torch fused step runs instead", err)
         return None
     p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-    lib.mf_sgd_mlp_train.argtypes = [i64, i64, p, p, p, p, p, p, p, i64, p, i64, i64, p, f32, f32, p, i64]
+    lib.mf_sgd_mlp_train.argtypes = [i64, i64, p, p, p, p, p, p, p, i64, p, i64, i64, i64, p, f32, f32, i64, f32, p,
+                                     i64]
     lib.mf_sgd_mlp_train.restype = ctypes.c_int
     _library = lib
     return lib
@@ -100,13 +101,15 @@ def _pointers(tensors: list[Tensor]):
 
 def train_mlp_sgd(layers: list[tuple[Tensor, Tensor]], x: Tensor, y: Tensor, idx: Tensor, steps: Tensor, lr: float,
                   pull: float = 0.0, anchor: list[tuple[Tensor, Tensor]] | None = None,
-                  threads: int | None = None) -> Tensor:
+                  threads: int | None = None, meta: tuple[int, float] | None = None) -> Tensor:
     """Run each client's local steps in place on ``layers`` and return its summed step losses.
 
     layers: per layer (weight [C, out, in], bias [C, out]), float32, contiguous, CPU; updated
     in place. x [C, n_max, D] float32; y [C, n_max] int64 labels in [0, classes); idx
     [C, S, B] int64 sample rows (-1: padding); steps [C] int64 active steps (<= S). With
     ``pull`` > 0, ``anchor`` holds the global (weight [out, in], bias [out]) pairs.
+    ``meta`` = (inner_steps, outer_lr): first-order meta steps instead (FOMAML, Per-FedAvg
+    FO; ``lr`` is then the inner lr), with idx [C, S, 2, B] (support, query).
     Returns [C] float32. Raises RuntimeError when the kernel is unavailable or out of memory.
     """
     lib = library()
@@ -117,6 +120,8 @@ def train_mlp_sgd(layers: list[tuple[Tensor, Tensor]], x: Tensor, y: Tensor, idx
     for (w, b), (fan_in, fan_out) in zip(layers, zip(dims[:-1], dims[1:])):
         if w.shape != (c, fan_out, fan_in) or b.shape != (c, fan_out) or not (w.is_contiguous() and b.is_contiguous()):
             raise ValueError(f"layer shapes {tuple(w.shape)}, {tuple(b.shape)} do not chain from input dim {d}")
+    if idx.dim() != (4 if meta else 3) or (meta and idx.shape[2] != 2) or (meta and pull):
+        raise ValueError("a meta step takes idx [C, S, 2, B] (support, query) and no pull; SGD takes [C, S, B]")
     if idx.shape[0] != c or steps.shape != (c,) or y.shape != (c, n_max) or (c and int(steps.max()) > idx.shape[1]):
         raise ValueError("schedule, step counts and labels must cover the same clients")
     # the kernel indexes memory with these: check them here instead of reading out of bounds
@@ -135,8 +140,9 @@ def train_mlp_sgd(layers: list[tuple[Tensor, Tensor]], x: Tensor, y: Tensor, idx
         aw, ab = _pointers(anchor_w), _pointers(anchor_b)
     status = lib.mf_sgd_mlp_train(c, len(layers), dims_t.data_ptr(), _pointers([w for w, _ in layers]),
                                   _pointers([b for _, b in layers]), aw, ab, x.data_ptr(), y.data_ptr(), n_max,
-                                  idx.data_ptr(), idx.shape[1], idx.shape[2], steps.data_ptr(), lr, pull,
-                                  loss.data_ptr(), threads or torch.get_num_threads())
+                                  idx.data_ptr(), idx.shape[1], 2 if meta else 1, idx.shape[-1], steps.data_ptr(), lr,
+                                  pull, meta[0] if meta else 0, meta[1] if meta else 0.0, loss.data_ptr(),
+                                  threads or torch.get_num_threads())
     if status != 0:
         raise RuntimeError("the native kernel ran out of memory")
     return loss

@@ -55,6 +55,9 @@ static inline float hsum(vf v) { /* halving: 16 -> 8 -> 4 lanes, then scalars */
 
 typedef struct {
     int64_t n_clients, n_layers, batch, max_steps, n_max;
+    int64_t slots;       /* batches per step: 1 plain SGD, 2 a first-order meta step (support, query) */
+    int64_t inner_steps; /* meta step: SGD steps on the support batch (at lr) */
+    float outer_lr;      /* meta step: the query gradient's step on w */
     const int64_t *dims; /* [n_layers + 1]: in, hidden..., classes */
     float **w;           /* per layer: [C, out, in], updated in place */
     float **b;           /* per layer: [C, out], updated in place */
@@ -62,7 +65,7 @@ typedef struct {
     float **anchor_b;    /* per layer [pad(out)] */
     const float *x;      /* [C, n_max, dims[0]] */
     const int64_t *y;    /* [C, n_max] */
-    const int64_t *idx;  /* [C, max_steps, batch]: sample index, -1 = padding */
+    const int64_t *idx;  /* [C, max_steps, slots, batch]: sample index, -1 = padding */
     const int64_t *steps;/* [C]: active local steps */
     float lr, pull;
     float *loss;         /* [C]: sum of the per-step mean losses */
@@ -72,6 +75,7 @@ typedef struct {
 
 typedef struct {
     float **w, **b;  /* the current client's layers, in the kernel's layout */
+    float **tw, **tb; /* a meta step's temporary (adapted) model, same layout */
     float **h;       /* h[l]: [batch][pad(dims[l])] layer inputs; h[n_layers]: logits */
     float *dz, *dh;  /* [batch][pad(max dim)] */
 } work_t;
@@ -88,25 +92,32 @@ static void work_free(const job_t *job, work_t *s) {
     for (int64_t l = 0; l < job->n_layers; l++) {
         if (s->w) free(s->w[l]);
         if (s->b) free(s->b[l]);
+        if (s->tw) free(s->tw[l]);
+        if (s->tb) free(s->tb[l]);
     }
     for (int64_t l = 0; s->h && l <= job->n_layers; l++) free(s->h[l]);
-    free(s->w); free(s->b); free(s->h); free(s->dz); free(s->dh);
+    free(s->w); free(s->b); free(s->tw); free(s->tb); free(s->h); free(s->dz); free(s->dh);
 }
 
 static int work_alloc(const job_t *job, work_t *s) {
     const int64_t L = job->n_layers, B = job->batch, *d = job->dims;
     int64_t widest = 0;
     for (int64_t l = 0; l <= L; l++) widest = pad(d[l]) > widest ? pad(d[l]) : widest;
+    const int meta = job->slots > 1;
     s->w = calloc(L, sizeof(float *));
     s->b = calloc(L, sizeof(float *));
+    s->tw = calloc(L, sizeof(float *));
+    s->tb = calloc(L, sizeof(float *));
     s->h = calloc(L + 1, sizeof(float *));
     s->dz = zalloc(B * widest);
     s->dh = zalloc(B * widest);
-    if (!s->w || !s->b || !s->h || !s->dz || !s->dh) return -1;
+    if (!s->w || !s->b || !s->tw || !s->tb || !s->h || !s->dz || !s->dh) return -1;
     for (int64_t l = 0; l < L; l++) {
-        s->w[l] = l == 0 ? zalloc(d[0] * pad(d[1])) : zalloc(d[l + 1] * pad(d[l]));
+        const int64_t size = l == 0 ? d[0] * pad(d[1]) : d[l + 1] * pad(d[l]);
+        s->w[l] = zalloc(size);
         s->b[l] = zalloc(pad(d[l + 1]));
         if (!s->w[l] || !s->b[l]) return -1;
+        if (meta && (!(s->tw[l] = zalloc(size)) || !(s->tb[l] = zalloc(pad(d[l + 1]))))) return -1;
     }
     for (int64_t l = 0; l <= L; l++)
         if (!(s->h[l] = zalloc(B * pad(d[l])))) return -1;
@@ -185,11 +196,13 @@ AI void forward_t_rows(const int R, const float *h, int64_t hs, const float *wt,
     }
 }
 
-/* Layer 0 update ([in][outp] layout): wt[i] <- pull(wt[i]) - lr sum_r h[r][i] dz[r], with the
- * block's scaled gradient rows -lr dz[r] held in registers while wt streams past once.
+/* Layer 0 update ([in][outp] layout): wt[i] <- pull(base[i]) - lr sum_r h[r][i] dz[r], with the
+ * block's scaled gradient rows -lr dz[r] held in registers while the weights stream past
+ * once. base == wt updates in place; a meta step's inner update writes elsewhere.
  * `pulling`: apply the proximal pull (first row block only). */
-AI void update_t_rows(const int R, float *wt, const float *aw, const float *h, int64_t hs, const float *dz,
-                      int64_t dzs, int64_t in, int64_t outp, float lr, float keep, float toward, int pulling) {
+AI void update_t_rows(const int R, float *wt, const float *base, const float *aw, const float *h, int64_t hs,
+                      const float *dz, int64_t dzs, int64_t in, int64_t outp, float lr, float keep, float toward,
+                      int pulling) {
     int64_t o = 0;
     for (; o + 2 * VL <= outp; o += 2 * VL) {
         vf d0[ROWS_MAX], d1[ROWS_MAX];
@@ -199,7 +212,7 @@ AI void update_t_rows(const int R, float *wt, const float *aw, const float *h, i
         }
         for (int64_t i = 0; i < in; i++) {
             float *wi = wt + i * outp + o;
-            vf w0 = load(wi), w1 = load(wi + VL);
+            vf w0 = load(base + i * outp + o), w1 = load(base + i * outp + o + VL);
             if (pulling) {
                 w0 = w0 * splat(keep) + load(aw + i * outp + o) * splat(toward);
                 w1 = w1 * splat(keep) + load(aw + i * outp + o + VL) * splat(toward);
@@ -218,7 +231,7 @@ AI void update_t_rows(const int R, float *wt, const float *aw, const float *h, i
         for (int r = 0; r < R; r++) d0[r] = load(dz + r * dzs + o) * splat(-lr);
         for (int64_t i = 0; i < in; i++) {
             float *wi = wt + i * outp + o;
-            vf w0 = load(wi);
+            vf w0 = load(base + i * outp + o);
             if (pulling) w0 = w0 * splat(keep) + load(aw + i * outp + o) * splat(toward);
             for (int r = 0; r < R; r++) w0 += splat(h[r * hs + i]) * d0[r];
             store(wi, w0);
@@ -258,14 +271,15 @@ AI void backward_n_rows(const int R, const float *dz, int64_t dzs, const float *
     }
 }
 
-/* Later layers' update: w[o] <- pull(w[o]) - lr sum_r dz[r][o] h[r]. */
-AI void update_n_rows(const int R, float *w, const float *aw, const float *h, int64_t hs, const float *dz,
-                      int64_t dzs, int64_t inp, int64_t out, float lr, float keep, float toward, int pulling) {
+/* Later layers' update: w[o] <- pull(base[o]) - lr sum_r dz[r][o] h[r]. */
+AI void update_n_rows(const int R, float *w, const float *base, const float *aw, const float *h, int64_t hs,
+                      const float *dz, int64_t dzs, int64_t inp, int64_t out, float lr, float keep, float toward,
+                      int pulling) {
     for (int64_t o = 0; o < out; o++) {
         vf c[ROWS_MAX];
         for (int r = 0; r < R; r++) c[r] = splat(-lr * dz[r * dzs + o]);
         for (int64_t i = 0; i < inp; i += VL) {
-            vf acc = load(w + o * inp + i);
+            vf acc = load(base + o * inp + i);
             if (pulling) acc = acc * splat(keep) + load(aw + o * inp + i) * splat(toward);
             for (int r = 0; r < R; r++) acc += c[r] * load(h + r * hs + i);
             store(w + o * inp + i, acc);
@@ -273,16 +287,21 @@ AI void update_n_rows(const int R, float *w, const float *aw, const float *h, in
     }
 }
 
-/* Bias update: b <- pull(b) - lr sum_r dz[r]. */
-AI void update_bias_rows(const int R, float *bias, const float *ab, const float *dz, int64_t dzs, int64_t outp,
-                         float lr, float keep, float toward, int pulling) {
+/* Bias update: b <- pull(base) - lr sum_r dz[r]. */
+AI void update_bias_rows(const int R, float *bias, const float *base, const float *ab, const float *dz, int64_t dzs,
+                         int64_t outp, float lr, float keep, float toward, int pulling) {
     for (int64_t o = 0; o < outp; o += VL) {
-        vf acc = load(bias + o);
+        vf acc = load(base + o);
         if (pulling) acc = acc * splat(keep) + load(ab + o) * splat(toward);
         vf g = splat(0.0f);
         for (int r = 0; r < R; r++) g += load(dz + r * dzs + o);
         store(bias + o, acc - splat(lr) * g);
     }
+}
+
+/* The proximal pull, keep * w + toward * a with keep = 1 - lr mu, toward = lr mu (a == NULL: w). */
+static inline vf pulled(vf w, const float *a, float keep, float toward) {
+    return a ? w * splat(keep) + load(a) * splat(toward) : w;
 }
 
 static inline void relu_rows(float *z, int64_t zs, int64_t rows, int64_t np) {
@@ -315,10 +334,18 @@ static float cross_entropy(const float *z, int64_t zs, const int64_t *y, int64_t
     return (float)(total / n);
 }
 
-static float client_step(const job_t *job, work_t *s, int64_t c, const int64_t *sample) {
+/* Which weights one SGD pass reads and writes, per layer (kernel layouts): the forward and
+ * backward pass go through `src`; the update writes dst <- pull(base) - lr grad. In place,
+ * all three are the same; a meta step's inner update reads and keeps w but writes the
+ * temporary model, and its outer update goes through the temporary model into w. */
+typedef struct {
+    float **src_w, **src_b, **base_w, **base_b, **dst_w, **dst_b;
+} pass_t;
+
+/* One SGD step on one batch (B sample indices, -1 = padding); returns its mean loss. */
+static float sgd_pass(const job_t *job, work_t *s, int64_t c, const int64_t *sample, pass_t p, float lr, int pull) {
     const int64_t L = job->n_layers, B = job->batch, *d = job->dims;
-    const float lr = job->lr, keep = 1.0f - job->lr * job->pull, toward = job->lr * job->pull;
-    const int pull = job->pull != 0.0f;
+    const float keep = 1.0f - lr * job->pull, toward = lr * job->pull;
     /* gather the real samples of this step into h[0] (padding rows carry no weight) */
     int64_t rows = 0, ys[B > 0 ? B : 1];
     const float *xc = job->x + c * job->n_max * d[0];
@@ -336,9 +363,9 @@ static float client_step(const job_t *job, work_t *s, int64_t c, const int64_t *
             const float *h = s->h[l] + r0 * hs;
             float *z = s->h[l + 1] + r0 * zs;
             if (l == 0) {
-                BY_ROWS(forward_t_rows, R, h, hs, s->w[0], s->b[0], z, zs, d[0], zs);
+                BY_ROWS(forward_t_rows, R, h, hs, p.src_w[0], p.src_b[0], z, zs, d[0], zs);
             } else {
-                BY_ROWS(forward_n_rows, R, h, hs, s->w[l], s->b[l], z, zs, hs, d[l + 1]);
+                BY_ROWS(forward_n_rows, R, h, hs, p.src_w[l], p.src_b[l], z, zs, hs, d[l + 1]);
             }
         }
         if (l < L - 1) relu_rows(s->h[l + 1], zs, rows, zs);
@@ -347,34 +374,54 @@ static float client_step(const job_t *job, work_t *s, int64_t c, const int64_t *
     const float loss = cross_entropy(s->h[L], pad(d[L]), ys, rows, d[L], dz, pad(d[L]));
     /* backward, last layer first; dz: [rows][pad(out)], the gradient of this layer's output */
     for (int64_t l = L - 1; l >= 0; l--) {
-        const int64_t inp = pad(d[l]), outp = pad(d[l + 1]);
+        const int64_t inp = pad(d[l]), outp = pad(d[l + 1]), size = l == 0 ? d[0] * outp : d[l + 1] * inp;
         const float *h = s->h[l];
         const float *aw = pull ? job->anchor_w[l] : NULL, *ab = pull ? job->anchor_b[l] : NULL;
+        float *w = p.dst_w[l], *bias = p.dst_b[l];
         if (l > 0)  /* before the update: the input gradient goes through the old weights */
             for (int64_t r0 = 0; r0 < rows; r0 += ROWS_MAX) {
                 const int R = (int)(rows - r0 < ROWS_MAX ? rows - r0 : ROWS_MAX);
-                BY_ROWS(backward_n_rows, R, dz + r0 * outp, outp, s->w[l], h + r0 * inp, inp, dh + r0 * inp, inp,
+                BY_ROWS(backward_n_rows, R, dz + r0 * outp, outp, p.src_w[l], h + r0 * inp, inp, dh + r0 * inp, inp,
                         d[l + 1]);
             }
-        if (rows == 0 && pull) {  /* no sample: only the pull moves the weights */
-            for (int64_t j = 0; j < (l == 0 ? d[0] * outp : d[l + 1] * inp); j += VL)
-                store(s->w[l] + j, load(s->w[l] + j) * splat(keep) + load(aw + j) * splat(toward));
+        if (rows == 0) {  /* no sample, no gradient: dst <- pull(base) */
+            for (int64_t j = 0; j < size; j += VL)
+                store(w + j, pulled(load(p.base_w[l] + j), aw ? aw + j : NULL, keep, toward));
             for (int64_t o = 0; o < outp; o += VL)
-                store(s->b[l] + o, load(s->b[l] + o) * splat(keep) + load(ab + o) * splat(toward));
+                store(bias + o, pulled(load(p.base_b[l] + o), ab ? ab + o : NULL, keep, toward));
         }
         for (int64_t r0 = 0; r0 < rows; r0 += ROWS_MAX) {
+            /* the first row block starts from base (and pulls), later ones accumulate into dst */
             const int R = (int)(rows - r0 < ROWS_MAX ? rows - r0 : ROWS_MAX), first = pull && r0 == 0;
             const float *hr = h + r0 * inp, *dzr = dz + r0 * outp;
+            const float *from_w = r0 == 0 ? p.base_w[l] : w, *from_b = r0 == 0 ? p.base_b[l] : bias;
             if (l == 0) {
-                BY_ROWS(update_t_rows, R, s->w[0], aw, hr, inp, dzr, outp, d[0], outp, lr, keep, toward, first);
+                BY_ROWS(update_t_rows, R, w, from_w, aw, hr, inp, dzr, outp, d[0], outp, lr, keep, toward, first);
             } else {
-                BY_ROWS(update_n_rows, R, s->w[l], aw, hr, inp, dzr, outp, inp, d[l + 1], lr, keep, toward, first);
+                BY_ROWS(update_n_rows, R, w, from_w, aw, hr, inp, dzr, outp, inp, d[l + 1], lr, keep, toward, first);
             }
-            BY_ROWS(update_bias_rows, R, s->b[l], ab, dzr, outp, outp, lr, keep, toward, first);
+            BY_ROWS(update_bias_rows, R, bias, from_b, ab, dzr, outp, outp, lr, keep, toward, first);
         }
         if (l > 0) { float *t = dz; dz = dh; dh = t; }
     }
     return loss;
+}
+
+/* One local step of client c: plain SGD (one batch), or a first-order meta step (support
+ * batch, query batch: FOMAML, Per-FedAvg FO):
+ *   temp <- w; inner_steps times temp <- temp - lr grad(loss(temp; support));
+ *   w <- w - outer_lr grad(loss(temp; query)); the reported loss is the query loss. */
+static float client_step(const job_t *job, work_t *s, int64_t c, const int64_t *sample) {
+    pass_t own = {s->w, s->b, s->w, s->b, s->w, s->b};
+    if (job->slots == 1) return sgd_pass(job, s, c, sample, own, job->lr, job->pull != 0.0f);
+    pass_t inner = {s->w, s->b, s->w, s->b, s->tw, s->tb};  /* the first inner step writes temp */
+    for (int64_t k = 0; k < job->inner_steps; k++) {
+        sgd_pass(job, s, c, sample, inner, job->lr, 0);
+        inner = (pass_t){s->tw, s->tb, s->tw, s->tb, s->tw, s->tb};
+    }
+    if (job->inner_steps == 0) inner = own;  /* no adaptation: the query gradient at w itself */
+    pass_t outer = {inner.src_w, inner.src_b, s->w, s->b, s->w, s->b};
+    return sgd_pass(job, s, c, sample + job->batch, outer, job->outer_lr, 0);
 }
 
 static void train_client(const job_t *job, work_t *s, int64_t c) {
@@ -386,7 +433,7 @@ static void train_client(const job_t *job, work_t *s, int64_t c) {
     }
     double total = 0.0;
     for (int64_t t = 0; t < job->steps[c]; t++)
-        total += client_step(job, s, c, job->idx + (c * job->max_steps + t) * job->batch);
+        total += client_step(job, s, c, job->idx + (c * job->max_steps + t) * job->slots * job->batch);
     job->loss[c] = (float)total;
     for (int64_t l = 0; l < L; l++) {
         from_kernel(job->w[l] + c * d[l + 1] * d[l], s->w[l], l, d[l + 1], d[l]);
@@ -411,13 +458,16 @@ static void *worker(void *arg) {
 }
 
 /* Train n_clients clients in place; returns 0, or -1 when memory ran out (the weights of
- * the clients already trained are then updated: the caller discards them). */
+ * the clients already trained are then updated: the caller discards them). slots == 1:
+ * plain SGD at lr with pull; slots == 2: first-order meta steps (inner lr, inner_steps,
+ * outer_lr; pull must be 0). */
 int mf_sgd_mlp_train(int64_t n_clients, int64_t n_layers, const int64_t *dims, float **w, float **b,
                      float **anchor_w, float **anchor_b, const float *x, const int64_t *y, int64_t n_max,
-                     const int64_t *idx, int64_t max_steps, int64_t batch, const int64_t *steps, float lr,
-                     float pull, float *loss, int64_t n_threads) {
-    job_t job = {n_clients, n_layers, batch, max_steps, n_max, dims, w, b, NULL, NULL, x, y, idx, steps,
-                 lr, pull, loss, 0, 0};
+                     const int64_t *idx, int64_t max_steps, int64_t slots, int64_t batch, const int64_t *steps,
+                     float lr, float pull, int64_t inner_steps, float outer_lr, float *loss, int64_t n_threads) {
+    job_t job = {.n_clients = n_clients, .n_layers = n_layers, .batch = batch, .max_steps = max_steps,
+                 .n_max = n_max, .slots = slots, .inner_steps = inner_steps, .outer_lr = outer_lr, .dims = dims,
+                 .w = w, .b = b, .x = x, .y = y, .idx = idx, .steps = steps, .lr = lr, .pull = pull, .loss = loss};
     int status = 0;
     float **aw = NULL, **ab = NULL;
     if (pull != 0.0f) { /* the anchor (global params) once in the kernel's layout */
