@@ -250,3 +250,27 @@ def test_meta_step_with_an_empty_support_batch_adapts_nothing():
     want, want_loss = LoopBackend().run(program, shared, tasks)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("personal_lr,inner_steps", [(0.05, 3), (0.05, 1), (1.5, 2)])
+def test_pfedme_runs_natively_and_equals_the_loop_backend(personal_lr, inner_steps):
+    from metafed.algorithms.pfedme import PFedMePersonalize, PFedMeProgram
+
+    model = FunctionalModel(MLP(6, (20,), 3))
+    g = torch.Generator().manual_seed(9)
+    shared = {"params": model.init_params()}
+    personal = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in shared["params"].items()}
+    tasks = make_tasks(n_clients=5, dim=6, classes=3, batch=4, seed=9)
+    tasks = [ClientTask(t.x, t.y, t.schedule, t.active_steps, {**t.inputs, "state": {"personal": personal}})
+             for t in tasks]
+    # personal_lr 1.5: the solve overshoots, so its objective rises and the step says so
+    for program in (PFedMeProgram(model, 0.1, personal_lr, 0.5, inner_steps),
+                    PFedMePersonalize(model, personal_lr, 0.5, inner_steps)):
+        backend = VectorizedBackend(chunk_size=2)
+        assert backend._native_plan(program, shared).moreau is not None
+        got, got_loss = backend.run(program, shared, tasks)
+        want, want_loss = LoopBackend().run(program, shared, tasks)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-5)
+        if "metrics" in want:
+            assert bool(want["metrics"]["inner_increase"].any()) is (personal_lr > 1)

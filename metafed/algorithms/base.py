@@ -72,6 +72,22 @@ class FirstOrderMetaStep:
 
 
 @dataclass(frozen=True)
+class MoreauStep:
+    """A program may declare its step as pFedMe's (``moreau_step``; Dinh et al. 2020): the
+    personal model ``carry["personal"]`` (theta) takes ``inner_steps`` gradient steps at
+    ``personal_lr`` on loss(theta) + lam/2 ||theta - w||^2 with w = ``carry["params"]``, then
+    w <- w - lr lam (w - theta); the reported loss is loss(theta) after the solve, and
+    ``carry["inner_increase"]`` becomes 1 once a solve raises its own objective. With ``lr``
+    None it is the personalization solve: ``carry["params"]`` is theta, anchored at
+    ``shared["params"]``, and reports loss(theta). The native kernel may run such steps."""
+
+    personal_lr: float
+    lam: float
+    inner_steps: int
+    lr: float | None = None
+
+
+@dataclass(frozen=True)
 class ServerState:
     """Everything the server carries between rounds (checkpointed after each round)."""
 

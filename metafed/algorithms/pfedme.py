@@ -27,7 +27,7 @@ from torch.func import grad
 
 from metafed import tree
 from metafed.aggregate.server_opt import ServerOptimizer
-from metafed.algorithms.base import FederatedAlgorithm, batch_loss
+from metafed.algorithms.base import FederatedAlgorithm, MoreauStep, batch_loss
 from metafed.models import FunctionalModel
 from metafed.types import Params
 
@@ -49,6 +49,11 @@ class PFedMeProgram:
     lam: float
     inner_steps: int
     batches_per_step: int = 1
+
+    @property
+    def moreau_step(self) -> MoreauStep:
+        """This step, declared for the native kernel (metafed.algorithms.base.MoreauStep)."""
+        return MoreauStep(self.personal_lr, self.lam, self.inner_steps, self.lr)
 
     def init(self, shared, client):
         return {"params": shared["params"], "personal": client["state"]["personal"],
@@ -82,6 +87,11 @@ class PFedMePersonalize:
     lam: float
     inner_steps: int
     batches_per_step: int = 1
+
+    @property
+    def moreau_step(self) -> MoreauStep:
+        """The personalization solve, declared for the native kernel."""
+        return MoreauStep(self.personal_lr, self.lam, self.inner_steps)
 
     def init(self, shared, client):
         return {"params": shared["params"]}

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from metafed.algorithms.base import FirstOrderMetaStep, SgdPart
+from metafed.algorithms.base import FirstOrderMetaStep, MoreauStep, SgdPart
 from metafed.losses import cross_entropy
 from metafed.models.reference import MLP, LogisticRegression
 
@@ -37,6 +37,7 @@ class SgdMlpPlan:
     parts: tuple[SgdPart, ...]
     flat_input_only: bool = False
     meta: FirstOrderMetaStep | None = None  # a first-order meta step instead of SGD parts (native only)
+    moreau: MoreauStep | None = None  # pFedMe's step instead of SGD parts (native only)
 
     @property
     def batches_per_step(self) -> int:
@@ -84,11 +85,12 @@ def sgd_parts(program) -> tuple[SgdPart, ...] | None:
 
 def sgd_mlp_plan(program) -> SgdMlpPlan | None:
     """The plan of ``program``, or None when it does not qualify for the fused paths (neither
-    SGD parts nor a first-order meta step: another optimizer or second-order terms; or
+    SGD parts nor a first-order meta step nor pFedMe's: another optimizer or second-order terms; or
     another model or loss)."""
     model = getattr(program, "model", None)
     parts, meta = sgd_parts(program), getattr(program, "first_order_meta", None)
-    if parts is None and meta is None:
+    moreau = getattr(program, "moreau_step", None)
+    if parts is None and meta is None and moreau is None:
         return None
     if (program.batches_per_step != (1 if meta is None else 2) or model is None
             or model.sample_loss is not cross_entropy or model.buffers):
@@ -99,7 +101,8 @@ def sgd_mlp_plan(program) -> SgdMlpPlan | None:
     layers, flattens = found
     if {n for n, _ in model.module.named_parameters()} != {k for pair in layers for k in pair}:
         return None
-    return SgdMlpPlan(layers, () if meta is not None else parts, flat_input_only=not flattens, meta=meta)
+    return SgdMlpPlan(layers, parts if meta is None and moreau is None else (), flat_input_only=not flattens,
+                      meta=meta, moreau=moreau)
 
 
 def fused_sgd_step(program):

@@ -197,6 +197,16 @@ class VectorizedBackend:
             params = carry["params"]
             total = native.train_mlp_sgd([(params[w], params[b]) for w, b in plan.layers], x, y, idx_t, active,
                                          plan.meta.inner_lr, meta=(plan.meta.inner_steps, plan.meta.outer_lr))
+        elif plan.moreau is not None:  # pFedMe: the Moreau solve on theta, then w moves towards it
+            m, idx_t = plan.moreau, idx_t[:, :, 0]
+            w = [(carry["params"][a], carry["params"][b]) for a, b in plan.layers]
+            if m.lr is None:  # personalization: carry["params"] is theta, anchored at the global model
+                total = native.solve_mlp_moreau(w, x, y, idx_t, active, m.personal_lr, m.lam, m.inner_steps, anchor)
+            else:
+                theta = [(carry["personal"][a], carry["personal"][b]) for a, b in plan.layers]
+                total, rose = native.train_mlp_moreau(w, theta, x, y, idx_t, active, m.personal_lr, m.lam,
+                                                      m.inner_steps, m.lr)
+                carry["inner_increase"] = torch.maximum(carry["inner_increase"], rose)
         else:
             idx_t = idx_t[:, :, 0]  # [C, S, B]
             losses = [native.train_mlp_sgd([(carry[part.key][w], carry[part.key][b]) for w, b in plan.layers], x,

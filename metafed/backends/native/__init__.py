@@ -88,8 +88,8 @@ def library() -> ctypes.CDLL | None:
         log.warning("native kernel unavailable (%s): the torch fused step runs instead", err)
         return None
     p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-    lib.mf_sgd_mlp_train.argtypes = [i64, i64, p, p, p, p, p, p, p, i64, p, i64, i64, i64, p, f32, f32, i64, f32, p,
-                                     i64]
+    lib.mf_sgd_mlp_train.argtypes = [i64, i64, i64, p, p, p, p, p, p, p, p, p, i64, p, i64, i64, p, f32, f32, i64,
+                                     f32, p, p, i64]
     lib.mf_sgd_mlp_train.restype = ctypes.c_int
     _library = lib
     return lib
@@ -97,6 +97,56 @@ def library() -> ctypes.CDLL | None:
 
 def _pointers(tensors: list[Tensor]):
     return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
+
+
+KIND_SGD, KIND_META, KIND_MOREAU, KIND_MOREAU_SOLVE = 0, 1, 2, 3  # sgd_mlp.c's client_step
+
+
+def _check_layers(layers: list[tuple[Tensor, Tensor]], c: int, d: int) -> list[int]:
+    dims = [d] + [w.shape[1] for w, _ in layers]
+    for (w, b), (fan_in, fan_out) in zip(layers, zip(dims[:-1], dims[1:])):
+        if w.shape != (c, fan_out, fan_in) or b.shape != (c, fan_out) or not (w.is_contiguous() and b.is_contiguous()):
+            raise ValueError(f"layer shapes {tuple(w.shape)}, {tuple(b.shape)} do not chain from input dim {d}")
+    return dims
+
+
+def _run(kind: int, layers, x: Tensor, y: Tensor, idx: Tensor, steps: Tensor, lr: float, pull: float,
+         anchor, inner_steps: int, outer_lr: float, personal, threads: int | None) -> tuple[Tensor, Tensor]:
+    """Checks every index the kernel will follow, then one kernel call: (losses [C], flags [C])."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the native kernel is unavailable")
+    c, n_max, d = x.shape
+    dims = _check_layers(layers, c, d)
+    if personal is not None and _check_layers(personal, c, d) != dims:
+        raise ValueError("the personal models must have the layers' shapes")
+    if idx.dim() != (4 if kind == KIND_META else 3) or (kind == KIND_META and idx.shape[2] != 2):
+        raise ValueError("a meta step takes idx [C, S, 2, B] (support, query); the other steps [C, S, B]")
+    if idx.shape[0] != c or steps.shape != (c,) or y.shape != (c, n_max) or (c and int(steps.max()) > idx.shape[1]):
+        raise ValueError("schedule, step counts and labels must cover the same clients")
+    # the kernel indexes memory with these: check them here instead of reading out of bounds
+    if idx.numel() and (int(idx.max()) >= n_max or int(idx.min()) < -1):
+        raise ValueError("a batch index lies outside the client's data")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= dims[-1]):
+        raise ValueError(f"labels must lie in [0, {dims[-1]})")
+    x, y, idx, steps = (t.contiguous() for t in (x, y, idx, steps))
+    dims_t = torch.tensor(dims, dtype=torch.int64)
+    loss, flag = torch.zeros(c, dtype=torch.float32), torch.zeros(c, dtype=torch.float32)
+    aw = ab = pw = pb = None
+    if anchor is not None:  # kept alive until the call returns
+        anchor_w = [a.detach().contiguous() for a, _ in anchor]
+        anchor_b = [a.detach().contiguous() for _, a in anchor]
+        aw, ab = _pointers(anchor_w), _pointers(anchor_b)
+    if personal is not None:
+        pw, pb = _pointers([w for w, _ in personal]), _pointers([b for _, b in personal])
+    status = lib.mf_sgd_mlp_train(kind, c, len(layers), dims_t.data_ptr(), _pointers([w for w, _ in layers]),
+                                  _pointers([b for _, b in layers]), pw, pb, aw, ab, x.data_ptr(), y.data_ptr(), n_max,
+                                  idx.data_ptr(), idx.shape[1], idx.shape[-1], steps.data_ptr(), lr, pull,
+                                  inner_steps, outer_lr, loss.data_ptr(), flag.data_ptr(),
+                                  threads or torch.get_num_threads())
+    if status != 0:
+        raise RuntimeError("the native kernel ran out of memory")
+    return loss, flag
 
 
 def train_mlp_sgd(layers: list[tuple[Tensor, Tensor]], x: Tensor, y: Tensor, idx: Tensor, steps: Tensor, lr: float,
@@ -112,37 +162,26 @@ def train_mlp_sgd(layers: list[tuple[Tensor, Tensor]], x: Tensor, y: Tensor, idx
     FO; ``lr`` is then the inner lr), with idx [C, S, 2, B] (support, query).
     Returns [C] float32. Raises RuntimeError when the kernel is unavailable or out of memory.
     """
-    lib = library()
-    if lib is None:
-        raise RuntimeError("the native kernel is unavailable")
-    c, n_max, d = x.shape
-    dims = [d] + [w.shape[1] for w, _ in layers]
-    for (w, b), (fan_in, fan_out) in zip(layers, zip(dims[:-1], dims[1:])):
-        if w.shape != (c, fan_out, fan_in) or b.shape != (c, fan_out) or not (w.is_contiguous() and b.is_contiguous()):
-            raise ValueError(f"layer shapes {tuple(w.shape)}, {tuple(b.shape)} do not chain from input dim {d}")
-    if idx.dim() != (4 if meta else 3) or (meta and idx.shape[2] != 2) or (meta and pull):
-        raise ValueError("a meta step takes idx [C, S, 2, B] (support, query) and no pull; SGD takes [C, S, B]")
-    if idx.shape[0] != c or steps.shape != (c,) or y.shape != (c, n_max) or (c and int(steps.max()) > idx.shape[1]):
-        raise ValueError("schedule, step counts and labels must cover the same clients")
-    # the kernel indexes memory with these: check them here instead of reading out of bounds
-    if idx.numel() and (int(idx.max()) >= n_max or int(idx.min()) < -1):
-        raise ValueError("a batch index lies outside the client's data")
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= dims[-1]):
-        raise ValueError(f"labels must lie in [0, {dims[-1]})")
-    tensors = [x, y, idx, steps]
-    x, y, idx, steps = (t.contiguous() for t in tensors)
-    dims_t = torch.tensor(dims, dtype=torch.int64)
-    loss = torch.zeros(c, dtype=torch.float32)
-    aw = ab = None
-    if pull:
-        anchor_w = [a.detach().contiguous() for a, _ in anchor]
-        anchor_b = [a.detach().contiguous() for _, a in anchor]
-        aw, ab = _pointers(anchor_w), _pointers(anchor_b)
-    status = lib.mf_sgd_mlp_train(c, len(layers), dims_t.data_ptr(), _pointers([w for w, _ in layers]),
-                                  _pointers([b for _, b in layers]), aw, ab, x.data_ptr(), y.data_ptr(), n_max,
-                                  idx.data_ptr(), idx.shape[1], 2 if meta else 1, idx.shape[-1], steps.data_ptr(), lr,
-                                  pull, meta[0] if meta else 0, meta[1] if meta else 0.0, loss.data_ptr(),
-                                  threads or torch.get_num_threads())
-    if status != 0:
-        raise RuntimeError("the native kernel ran out of memory")
-    return loss
+    if meta:
+        if pull:
+            raise ValueError("a meta step takes no proximal pull")
+        return _run(KIND_META, layers, x, y, idx, steps, lr, 0.0, None, meta[0], meta[1], None, threads)[0]
+    return _run(KIND_SGD, layers, x, y, idx, steps, lr, pull, anchor if pull else None, 0, 0.0, None, threads)[0]
+
+
+def train_mlp_moreau(layers, personal, x: Tensor, y: Tensor, idx: Tensor, steps: Tensor, personal_lr: float, lam: float,
+                     inner_steps: int, lr: float, threads: int | None = None) -> tuple[Tensor, Tensor]:
+    """pFedMe's local steps (Dinh et al. 2020), in place on the local models ``layers`` (w) and
+    the personal models ``personal`` (theta, the solve's warm start): per step, ``inner_steps``
+    gradient steps at ``personal_lr`` on loss(theta) + lam/2 ||theta - w||^2, then
+    w <- w - lr lam (w - theta). Shapes as :func:`train_mlp_sgd`. Returns (summed loss(theta)
+    after each solve [C], 1.0 where a solve ever raised its own objective [C])."""
+    return _run(KIND_MOREAU, layers, x, y, idx, steps, personal_lr, lam, None, inner_steps, lr, personal, threads)
+
+
+def solve_mlp_moreau(layers, x: Tensor, y: Tensor, idx: Tensor, steps: Tensor, personal_lr: float, lam: float,
+                     inner_steps: int, anchor: list[tuple[Tensor, Tensor]], threads: int | None = None) -> Tensor:
+    """pFedMe's personalization: per step the Moreau solve on ``layers`` (in place) anchored at
+    ``anchor`` (the global model). Returns the summed loss after each solve [C]."""
+    return _run(KIND_MOREAU_SOLVE, layers, x, y, idx, steps, personal_lr, lam, anchor, inner_steps, 0.0, None,
+                threads)[0]

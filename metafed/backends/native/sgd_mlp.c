@@ -53,11 +53,17 @@ static inline float hsum(vf v) { /* halving: 16 -> 8 -> 4 lanes, then scalars */
     return (a[0] + a[2]) + (a[1] + a[3]);
 }
 
+/* what a local step is (client_step) */
+enum { KIND_SGD = 0, KIND_META = 1, KIND_MOREAU = 2, KIND_MOREAU_SOLVE = 3 };
+
 typedef struct {
     int64_t n_clients, n_layers, batch, max_steps, n_max;
-    int64_t slots;       /* batches per step: 1 plain SGD, 2 a first-order meta step (support, query) */
-    int64_t inner_steps; /* meta step: SGD steps on the support batch (at lr) */
-    float outer_lr;      /* meta step: the query gradient's step on w */
+    int64_t kind;        /* KIND_SGD, KIND_META, KIND_MOREAU or KIND_MOREAU_SOLVE (see client_step) */
+    int64_t slots;       /* batches per step: 2 for a first-order meta step (support, query), else 1 */
+    int64_t inner_steps; /* meta step: SGD steps on the support batch; Moreau: gradient steps of the solve */
+    float outer_lr;      /* meta step: the query gradient's step on w; Moreau: w's step towards theta */
+    float **pw, **pb;    /* KIND_MOREAU: the personal models theta, [C, out, in] / [C, out], updated in place */
+    float *flag;         /* KIND_MOREAU: [C], 1 where a solve ever raised its own objective, else 0 */
     const int64_t *dims; /* [n_layers + 1]: in, hidden..., classes */
     float **w;           /* per layer: [C, out, in], updated in place */
     float **b;           /* per layer: [C, out], updated in place */
@@ -103,7 +109,7 @@ static int work_alloc(const job_t *job, work_t *s) {
     const int64_t L = job->n_layers, B = job->batch, *d = job->dims;
     int64_t widest = 0;
     for (int64_t l = 0; l <= L; l++) widest = pad(d[l]) > widest ? pad(d[l]) : widest;
-    const int meta = job->slots > 1;
+    const int meta = job->kind == KIND_META || job->kind == KIND_MOREAU;  /* a second model per thread */
     s->w = calloc(L, sizeof(float *));
     s->b = calloc(L, sizeof(float *));
     s->tw = calloc(L, sizeof(float *));
@@ -340,12 +346,17 @@ static float cross_entropy(const float *z, int64_t zs, const int64_t *y, int64_t
  * temporary model, and its outer update goes through the temporary model into w. */
 typedef struct {
     float **src_w, **src_b, **base_w, **base_b, **dst_w, **dst_b;
+    float **aw, **ab; /* the proximal pull's anchor (kernel layout), NULL: no pull */
+    float mu;         /* the pull's strength */
 } pass_t;
 
-/* One SGD step on one batch (B sample indices, -1 = padding); returns its mean loss. */
-static float sgd_pass(const job_t *job, work_t *s, int64_t c, const int64_t *sample, pass_t p, float lr, int pull) {
+/* One SGD step on one batch (B sample indices, -1 = padding); returns its mean loss, taken
+ * before the step. forward_only: the loss alone, nothing updated. */
+static float sgd_pass(const job_t *job, work_t *s, int64_t c, const int64_t *sample, pass_t p, float lr,
+                      int forward_only) {
     const int64_t L = job->n_layers, B = job->batch, *d = job->dims;
-    const float keep = 1.0f - lr * job->pull, toward = lr * job->pull;
+    const float keep = 1.0f - lr * p.mu, toward = lr * p.mu;
+    const int pull = p.aw != NULL && p.mu != 0.0f;
     /* gather the real samples of this step into h[0] (padding rows carry no weight) */
     int64_t rows = 0, ys[B > 0 ? B : 1];
     const float *xc = job->x + c * job->n_max * d[0];
@@ -372,11 +383,12 @@ static float sgd_pass(const job_t *job, work_t *s, int64_t c, const int64_t *sam
     }
     float *dz = s->dz, *dh = s->dh;
     const float loss = cross_entropy(s->h[L], pad(d[L]), ys, rows, d[L], dz, pad(d[L]));
+    if (forward_only) return loss;
     /* backward, last layer first; dz: [rows][pad(out)], the gradient of this layer's output */
     for (int64_t l = L - 1; l >= 0; l--) {
         const int64_t inp = pad(d[l]), outp = pad(d[l + 1]), size = l == 0 ? d[0] * outp : d[l + 1] * inp;
         const float *h = s->h[l];
-        const float *aw = pull ? job->anchor_w[l] : NULL, *ab = pull ? job->anchor_b[l] : NULL;
+        const float *aw = pull ? p.aw[l] : NULL, *ab = pull ? p.ab[l] : NULL;
         float *w = p.dst_w[l], *bias = p.dst_b[l];
         if (l > 0)  /* before the update: the input gradient goes through the old weights */
             for (int64_t r0 = 0; r0 < rows; r0 += ROWS_MAX) {
@@ -407,20 +419,64 @@ static float sgd_pass(const job_t *job, work_t *s, int64_t c, const int64_t *sam
     return loss;
 }
 
-/* One local step of client c: plain SGD (one batch), or a first-order meta step (support
- * batch, query batch: FOMAML, Per-FedAvg FO):
+/* lam/2 ||a - b||^2 over all layers (padding is zero in both) */
+static double prox_term(const job_t *job, float **aw, float **ab, float **bw, float **bb, float lam) {
+    const int64_t *d = job->dims;
+    double total = 0.0;
+    for (int64_t l = 0; l < job->n_layers; l++) {
+        const int64_t size = l == 0 ? d[0] * pad(d[1]) : d[l + 1] * pad(d[l]);
+        for (int64_t j = 0; j < size; j++) total += (double)(aw[l][j] - bw[l][j]) * (aw[l][j] - bw[l][j]);
+        for (int64_t o = 0; o < d[l + 1]; o++) total += (double)(ab[l][o] - bb[l][o]) * (ab[l][o] - bb[l][o]);
+    }
+    return 0.5 * lam * total;
+}
+
+/* One local step of client c on its batch(es):
+ * - KIND_SGD: w <- pull(w) - lr grad(loss(w)) (pull towards the global model: FedProx).
+ * - KIND_META, a first-order meta step (support batch, query batch: FOMAML, Per-FedAvg FO):
  *   temp <- w; inner_steps times temp <- temp - lr grad(loss(temp; support));
- *   w <- w - outer_lr grad(loss(temp; query)); the reported loss is the query loss. */
+ *   w <- w - outer_lr grad(loss(temp; query)); the reported loss is the query loss.
+ * - KIND_MOREAU, pFedMe's step: theta (the personal model, warm) takes inner_steps gradient
+ *   steps on loss(theta) + lam/2 ||theta - w||^2 at lr (lam = job->pull), then
+ *   w <- w - outer_lr lam (w - theta); reports loss(theta) and flags a solve that raised
+ *   its own objective.
+ * - KIND_MOREAU_SOLVE, pFedMe's personalization: the same solve on w anchored at the global
+ *   model; reports loss(w) after it. */
 static float client_step(const job_t *job, work_t *s, int64_t c, const int64_t *sample) {
-    pass_t own = {s->w, s->b, s->w, s->b, s->w, s->b};
-    if (job->slots == 1) return sgd_pass(job, s, c, sample, own, job->lr, job->pull != 0.0f);
-    pass_t inner = {s->w, s->b, s->w, s->b, s->tw, s->tb};  /* the first inner step writes temp */
+    pass_t own = {s->w, s->b, s->w, s->b, s->w, s->b, job->anchor_w, job->anchor_b, job->pull};
+    if (job->kind == KIND_SGD) return sgd_pass(job, s, c, sample, own, job->lr, 0);
+    if (job->kind == KIND_MOREAU_SOLVE) {
+        for (int64_t k = 0; k < job->inner_steps; k++) sgd_pass(job, s, c, sample, own, job->lr, 0);
+        return sgd_pass(job, s, c, sample, own, job->lr, 1);
+    }
+    if (job->kind == KIND_MOREAU) {
+        const float lam = job->pull;
+        pass_t theta = {s->tw, s->tb, s->tw, s->tb, s->tw, s->tb, s->w, s->b, lam};
+        const double start = prox_term(job, s->tw, s->tb, s->w, s->b, lam);
+        float first = 0.0f;
+        for (int64_t k = 0; k < job->inner_steps; k++) {
+            const float value = sgd_pass(job, s, c, sample, theta, job->lr, 0);
+            if (k == 0) first = value;
+        }
+        const float value = sgd_pass(job, s, c, sample, theta, job->lr, 1);
+        if (job->inner_steps == 0) first = value;
+        if (value + prox_term(job, s->tw, s->tb, s->w, s->b, lam) > first + start) job->flag[c] = 1.0f;
+        const float keep = 1.0f - job->outer_lr * lam, toward = job->outer_lr * lam;
+        for (int64_t l = 0; l < job->n_layers; l++) {  /* w <- (1 - lr lam) w + lr lam theta */
+            const int64_t *d = job->dims, size = l == 0 ? d[0] * pad(d[1]) : d[l + 1] * pad(d[l]);
+            for (int64_t j = 0; j < size; j += VL) store(s->w[l] + j, pulled(load(s->w[l] + j), s->tw[l] + j, keep, toward));
+            for (int64_t o = 0; o < pad(d[l + 1]); o += VL)
+                store(s->b[l] + o, pulled(load(s->b[l] + o), s->tb[l] + o, keep, toward));
+        }
+        return value;
+    }
+    pass_t inner = {s->w, s->b, s->w, s->b, s->tw, s->tb, NULL, NULL, 0.0f};  /* the first inner step writes temp */
     for (int64_t k = 0; k < job->inner_steps; k++) {
         sgd_pass(job, s, c, sample, inner, job->lr, 0);
-        inner = (pass_t){s->tw, s->tb, s->tw, s->tb, s->tw, s->tb};
+        inner = (pass_t){s->tw, s->tb, s->tw, s->tb, s->tw, s->tb, NULL, NULL, 0.0f};
     }
-    if (job->inner_steps == 0) inner = own;  /* no adaptation: the query gradient at w itself */
-    pass_t outer = {inner.src_w, inner.src_b, s->w, s->b, s->w, s->b};
+    if (job->inner_steps == 0) inner = (pass_t){s->w, s->b, s->w, s->b, s->w, s->b, NULL, NULL, 0.0f};
+    pass_t outer = {inner.src_w, inner.src_b, s->w, s->b, s->w, s->b, NULL, NULL, 0.0f};
     return sgd_pass(job, s, c, sample + job->batch, outer, job->outer_lr, 0);
 }
 
@@ -431,6 +487,11 @@ static void train_client(const job_t *job, work_t *s, int64_t c) {
         memset(s->b[l], 0, (size_t)pad(d[l + 1]) * sizeof(float));
         memcpy(s->b[l], job->b[l] + c * d[l + 1], d[l + 1] * sizeof(float));
     }
+    for (int64_t l = 0; job->kind == KIND_MOREAU && l < L; l++) {  /* theta, the warm start */
+        to_kernel(s->tw[l], job->pw[l] + c * d[l + 1] * d[l], l, d[l + 1], d[l]);
+        memset(s->tb[l], 0, (size_t)pad(d[l + 1]) * sizeof(float));
+        memcpy(s->tb[l], job->pb[l] + c * d[l + 1], d[l + 1] * sizeof(float));
+    }
     double total = 0.0;
     for (int64_t t = 0; t < job->steps[c]; t++)
         total += client_step(job, s, c, job->idx + (c * job->max_steps + t) * job->slots * job->batch);
@@ -438,6 +499,9 @@ static void train_client(const job_t *job, work_t *s, int64_t c) {
     for (int64_t l = 0; l < L; l++) {
         from_kernel(job->w[l] + c * d[l + 1] * d[l], s->w[l], l, d[l + 1], d[l]);
         memcpy(job->b[l] + c * d[l + 1], s->b[l], d[l + 1] * sizeof(float));
+        if (job->kind != KIND_MOREAU) continue;
+        from_kernel(job->pw[l] + c * d[l + 1] * d[l], s->tw[l], l, d[l + 1], d[l]);
+        memcpy(job->pb[l] + c * d[l + 1], s->tb[l], d[l + 1] * sizeof(float));
     }
 }
 
@@ -458,19 +522,23 @@ static void *worker(void *arg) {
 }
 
 /* Train n_clients clients in place; returns 0, or -1 when memory ran out (the weights of
- * the clients already trained are then updated: the caller discards them). slots == 1:
- * plain SGD at lr with pull; slots == 2: first-order meta steps (inner lr, inner_steps,
- * outer_lr; pull must be 0). */
-int mf_sgd_mlp_train(int64_t n_clients, int64_t n_layers, const int64_t *dims, float **w, float **b,
-                     float **anchor_w, float **anchor_b, const float *x, const int64_t *y, int64_t n_max,
-                     const int64_t *idx, int64_t max_steps, int64_t slots, int64_t batch, const int64_t *steps,
-                     float lr, float pull, int64_t inner_steps, float outer_lr, float *loss, int64_t n_threads) {
+ * the clients already trained are then updated: the caller discards them). See client_step
+ * for the kinds: KIND_SGD (lr, pull towards anchor), KIND_META (idx holds 2 batches per
+ * step; inner lr = lr, inner_steps, outer_lr), KIND_MOREAU (personal lr = lr, lam = pull,
+ * inner_steps, outer_lr; pw/pb the personal models, flag [C]) and KIND_MOREAU_SOLVE (lr,
+ * lam = pull towards anchor, inner_steps). */
+int mf_sgd_mlp_train(int64_t kind, int64_t n_clients, int64_t n_layers, const int64_t *dims, float **w, float **b,
+                     float **pw, float **pb, float **anchor_w, float **anchor_b, const float *x, const int64_t *y,
+                     int64_t n_max, const int64_t *idx, int64_t max_steps, int64_t batch, const int64_t *steps,
+                     float lr, float pull, int64_t inner_steps, float outer_lr, float *loss, float *flag,
+                     int64_t n_threads) {
     job_t job = {.n_clients = n_clients, .n_layers = n_layers, .batch = batch, .max_steps = max_steps,
-                 .n_max = n_max, .slots = slots, .inner_steps = inner_steps, .outer_lr = outer_lr, .dims = dims,
-                 .w = w, .b = b, .x = x, .y = y, .idx = idx, .steps = steps, .lr = lr, .pull = pull, .loss = loss};
+                 .n_max = n_max, .kind = kind, .slots = kind == KIND_META ? 2 : 1, .inner_steps = inner_steps,
+                 .outer_lr = outer_lr, .pw = pw, .pb = pb, .flag = flag, .dims = dims, .w = w, .b = b, .x = x,
+                 .y = y, .idx = idx, .steps = steps, .lr = lr, .pull = pull, .loss = loss};
     int status = 0;
     float **aw = NULL, **ab = NULL;
-    if (pull != 0.0f) { /* the anchor (global params) once in the kernel's layout */
+    if (pull != 0.0f && (kind == KIND_SGD || kind == KIND_MOREAU_SOLVE)) { /* the global anchor, kernel layout */
         aw = calloc(n_layers, sizeof(float *));
         ab = calloc(n_layers, sizeof(float *));
         if (!aw || !ab) { free(aw); free(ab); return -1; }
