@@ -147,16 +147,22 @@ def test_builds_into_an_empty_cache_folder(monkeypatch, tmp_path):
     assert len(built) == 1 and not [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]  # no build leftovers
 
 
+def _with_personal_models(seed):
+    """A small MLP, its params as the broadcast, and 5 clients holding a perturbed copy as
+    their personal model (Ditto's and pFedMe's client state)."""
+    model = FunctionalModel(MLP(6, (20,), 3))
+    g = torch.Generator().manual_seed(seed)
+    shared = {"params": model.init_params()}
+    personal = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in shared["params"].items()}
+    tasks = [ClientTask(t.x, t.y, t.schedule, t.active_steps, {**t.inputs, "state": {"personal": personal}})
+             for t in make_tasks(n_clients=5, dim=6, classes=3, batch=4, seed=seed)]
+    return model, shared, tasks
+
+
 def test_ditto_both_models_run_natively_and_equal_the_loop_backend():
     from metafed.algorithms.ditto import DittoPersonalize, DittoProgram
 
-    model = FunctionalModel(MLP(6, (20,), 3))
-    g = torch.Generator().manual_seed(5)
-    shared = {"params": model.init_params()}
-    personal = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in shared["params"].items()}
-    tasks = make_tasks(n_clients=5, dim=6, classes=3, batch=4, seed=2)
-    tasks = [ClientTask(t.x, t.y, t.schedule, t.active_steps, {**t.inputs, "state": {"personal": personal}})
-             for t in tasks]
+    model, shared, tasks = _with_personal_models(5)
     for program in (DittoProgram(model, 0.1, 0.05, 0.5), DittoPersonalize(model, 0.05, 0.5)):
         backend = VectorizedBackend(chunk_size=2)
         assert backend._native_plan(program, shared) is not None
@@ -256,13 +262,7 @@ def test_meta_step_with_an_empty_support_batch_adapts_nothing():
 def test_pfedme_runs_natively_and_equals_the_loop_backend(personal_lr, inner_steps):
     from metafed.algorithms.pfedme import PFedMePersonalize, PFedMeProgram
 
-    model = FunctionalModel(MLP(6, (20,), 3))
-    g = torch.Generator().manual_seed(9)
-    shared = {"params": model.init_params()}
-    personal = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in shared["params"].items()}
-    tasks = make_tasks(n_clients=5, dim=6, classes=3, batch=4, seed=9)
-    tasks = [ClientTask(t.x, t.y, t.schedule, t.active_steps, {**t.inputs, "state": {"personal": personal}})
-             for t in tasks]
+    model, shared, tasks = _with_personal_models(9)
     # personal_lr 1.5: the solve overshoots, so its objective rises and the step says so
     for program in (PFedMeProgram(model, 0.1, personal_lr, 0.5, inner_steps),
                     PFedMePersonalize(model, personal_lr, 0.5, inner_steps)):
