@@ -85,8 +85,10 @@ def main() -> None:
             samples.append(int(sizes[sample_clients(a.n, a.c, rnd, 0)].sum()))
     med = float(np.median(times))
     flops = float(np.mean(samples)) * 6.0 * N_PARAMS * 5
-    native = a.backend == "vectorized" and fed.backend._native_plan(fed.algorithm.client_program(1), fed.algorithm.broadcast(fed.state, 1)) is not None
-    impl = (f"metafed-{a.backend}" + ("+native" if native else "") + (f"+compile-unroll{fed.backend.unroll}" if a.compile else "")
+    program, broadcast = fed.algorithm.client_program(1), fed.algorithm.broadcast(fed.state, 1)
+    native = a.backend == "vectorized" and fed.backend._native_plan(program, broadcast) is not None
+    impl = (f"metafed-{a.backend}" + ("+native" if native else "")
+            + (f"+compile-unroll{fed.backend.unroll}" if a.compile else "")
             + (f"-chunk{a.chunk}" if a.backend == "vectorized" else ""))
     print(json.dumps({"impl": impl, "N": a.n, "C": a.c, "rounds": len(times), "sec_per_round_median": round(med, 4),
                       "sec_per_round_all": [round(t, 4) for t in times], "warmup_round_s": round(warmup, 2),

@@ -46,8 +46,7 @@ class LocalProgram(Protocol):
 @dataclass(frozen=True)
 class SgdPart:
     """A program may declare that its step is nothing but plain SGD on parts of its carry, each
-    on the step's batch and independent of the others (``sgd_parts``; simpler programs declare
-    ``sgd_pull``, one part on ``carry["params"]``). Each part is
+    on the step's batch and independent of the others (``sgd_parts``). Each part is
     ``carry[key] <- carry[key] - lr (grad(mean masked loss) + pull (carry[key] - shared["params"]))``
     and the first part's loss is the step's reported loss. The backends may then run it with a
     fused or native kernel instead of ``step`` (metafed.backends.fused_mlp, .native)."""

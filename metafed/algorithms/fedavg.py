@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from metafed import tree
 from metafed.aggregate.server_opt import ServerOptimizer
-from metafed.algorithms.base import FederatedAlgorithm
+from metafed.algorithms.base import FederatedAlgorithm, SgdPart
 from metafed.algorithms.gradients import grad, sgd_step
 from metafed.algorithms.local_opt import LocalOptimizer
 from metafed.models import FunctionalModel
@@ -34,11 +34,11 @@ class ProximalSGD:
     local_opt: LocalOptimizer | None = None  # None: plain SGD at lr
 
     @property
-    def sgd_pull(self) -> float | None:
-        """mu when each step is params - lr * (grad(mean masked loss) + mu (params -
-        shared["params"])) and nothing else (plain SGD: no optimizer state); None otherwise.
-        Such programs qualify for the hand-fused step (metafed.backends.fused_mlp)."""
-        return self.mu if self.local_opt is None else None
+    def sgd_parts(self) -> tuple[SgdPart, ...] | None:
+        """With plain SGD (no optimizer state) each step is params - lr (grad(mean masked loss)
+        + mu (params - shared["params"])) and nothing else: one SGD part, which the fused step
+        and the native kernel may run. None with a local optimizer."""
+        return (SgdPart("params", self.lr, self.mu),) if self.local_opt is None else None
 
     def init(self, shared, client):
         if self.local_opt is None:

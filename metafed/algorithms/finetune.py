@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from metafed.algorithms.base import grad_and_loss, sgd
+from metafed.algorithms.base import SgdPart, grad_and_loss, sgd
 from metafed.models import FunctionalModel
 
 
@@ -16,7 +16,11 @@ class FineTune:
     lr: float
     start: str = "broadcast"
     batches_per_step: int = 1
-    sgd_pull = 0.0  # plain SGD, params - lr * grad(mean masked loss): the fused step may run it
+
+    @property
+    def sgd_parts(self) -> tuple[SgdPart, ...]:
+        """Plain SGD on ``carry["params"]``: the fused step and the native kernel may run it."""
+        return (SgdPart("params", self.lr),)
 
     def init(self, shared, client):
         params = shared["params"] if self.start == "broadcast" else client["state"][self.start]

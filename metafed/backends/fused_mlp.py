@@ -1,5 +1,5 @@
 """A hand-fused local step for the commonest vectorized workload: SGD with an optional
-proximal pull (FedAvg, FedProx, evaluation's fine-tuning: programs with ``sgd_pull``) on a
+proximal pull (FedAvg, FedProx, evaluation's fine-tuning: one SGD part, ``sgd_parts``) on a
 reference MLP or logistic regression, or a user's nn.Sequential ReLU MLP, with cross-entropy.
 
 The generic path runs ``vmap(grad(loss))`` and then the update; for W1's small matrices
@@ -7,8 +7,8 @@ The generic path runs ``vmap(grad(loss))`` and then the update; for W1's small m
 gradient tensors and the separate update pass. Here the C clients of a chunk step together
 with batched matmuls written out by hand, and each weight update is fused into the matmul
 that computes its gradient (``W.baddbmm_(dZ^T, H, alpha=-lr)``: W - lr * dZ^T H in one
-pass, in place on the backend's own copy of the carry, no gradient tensor). Same maths as the generic path (masked mean cross-entropy,
-ReLU, SGD), so results agree to float rounding (tested against it to 1e-5); padded steps
+pass, in place on the backend's own copy of the carry, no gradient tensor). Same maths as
+the generic path (masked mean cross-entropy, ReLU, SGD), so results agree to float rounding (tested against it to 1e-5); padded steps
 (all-zero mask) change nothing, exactly as there.
 
 Shapes: x [C, B, D], y [C, B], mask [C, B]; a layer's weight [C, out, in], bias [C, out].
@@ -34,7 +34,7 @@ class SgdMlpPlan:
     a leading ``nn.Flatten``), so the plan holds only for [n, D] client data."""
 
     layers: tuple[tuple[str, str], ...]
-    parts: tuple[SgdPart, ...]
+    parts: tuple[SgdPart, ...]  # the program's sgd_parts (empty for a meta or Moreau step)
     flat_input_only: bool = False
     meta: FirstOrderMetaStep | None = None  # a first-order meta step instead of SGD parts (native only)
     moreau: MoreauStep | None = None  # pFedMe's step instead of SGD parts (native only)
@@ -69,26 +69,12 @@ def mlp_layers(module: nn.Module) -> tuple[tuple[tuple[str, str], ...], bool] | 
     return tuple((f"{name}.weight", f"{name}.bias") for name, _ in body[0::2]), flattens
 
 
-def sgd_parts(program) -> tuple[SgdPart, ...] | None:
-    """A program's SGD parts: its own ``sgd_parts`` (e.g. Ditto's global and personal models),
-    else one part on ``carry["params"]`` from ``sgd_pull`` (None: another optimizer)."""
-    parts = getattr(program, "sgd_parts", None)
-    if parts is not None:
-        return tuple(parts)
-    pull = getattr(program, "sgd_pull", None)
-    if pull is None:
-        return None
-    if pull and type(program).__name__ != "ProximalSGD":
-        return None  # the anchor is FedProx's shared["params"]: other programs' pulls are not wired
-    return (SgdPart("params", float(program.lr), float(pull)),)
-
-
 def sgd_mlp_plan(program) -> SgdMlpPlan | None:
     """The plan of ``program``, or None when it does not qualify for the fused paths (neither
     SGD parts nor a first-order meta step nor pFedMe's: another optimizer or second-order terms; or
     another model or loss)."""
     model = getattr(program, "model", None)
-    parts, meta = sgd_parts(program), getattr(program, "first_order_meta", None)
+    parts, meta = getattr(program, "sgd_parts", None), getattr(program, "first_order_meta", None)
     moreau = getattr(program, "moreau_step", None)
     if parts is None and meta is None and moreau is None:
         return None

@@ -7,9 +7,10 @@ so a chunk pads little and the working set stays in cache: measured on W1 (see
 docs/benchmarks.md). Padding steps are neutralised with ``where(active, new, old)``, so a
 client's result equals the loop backend's up to float summation order.
 
-Plain-SGD MLP programs on the CPU (FedAvg, FedProx, fine-tuning; ``sgd_mlp_plan``) skip the
-step loop: the native kernel (metafed.backends.native) trains each client of the chunk in
-cache, all its steps at once, with the same maths.
+Programs that declare their step (SGD parts, a first-order meta step or pFedMe's Moreau
+step; ``sgd_mlp_plan``) on a ReLU MLP skip the step loop on the CPU: the native kernel
+(metafed.backends.native) trains each client of the chunk in cache, all its steps at once,
+with the same maths.
 """
 from __future__ import annotations
 
@@ -147,7 +148,8 @@ class VectorizedBackend:
         if not self.native_kernel or self.device.type != "cpu" or (plan := sgd_mlp_plan(program)) is None:
             return None
         params = shared.get("params", {})
-        if not all(params.get(k) is not None and params[k].dtype == torch.float32 for pair in plan.layers for k in pair):
+        names = [k for pair in plan.layers for k in pair]
+        if not all(params.get(k) is not None and params[k].dtype == torch.float32 for k in names):
             return None
         return plan if native.library() is not None else None
 

@@ -4,9 +4,10 @@ one client at a time in cache, on CPU threads. See the C file for why and how.
 It is built at first use with the system C compiler (``$CC`` or ``cc``) into a cache folder
 (``$METAFED_NATIVE_CACHE``, default ``~/.cache/metafed/native``), named by a hash of the
 source, the flags, the compiler and the CPU, so a shared home across machines never loads a
-library built for another CPU. Without a compiler, or with ``METAFED_NATIVE=0``, callers
-fall back to the torch path (:mod:`metafed.backends.fused_mlp`), which computes the same
-maths; the choice is logged once.
+library built for another CPU. Without a compiler, or with ``METAFED_NATIVE=0``, the
+vectorized backend falls back to its torch paths (the fused step of
+:mod:`metafed.backends.fused_mlp` where it applies, else the generic step), which compute the
+same maths; the choice is logged once.
 """
 from __future__ import annotations
 
@@ -44,10 +45,11 @@ def _cpu_fingerprint() -> str:
 
 def _compile(cc: str, out: Path) -> Path | None:
     """Build the library into ``out``'s folder, trying -march=native first."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    identity = [SOURCE.read_text(), version, _cpu_fingerprint()]
     for arch in (["-march=native"], []):
         flags = BASE_FLAGS + arch
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-        key = hashlib.sha256("\0".join([SOURCE.read_text(), *flags, version, _cpu_fingerprint()]).encode())
+        key = hashlib.sha256("\0".join([*identity, *flags]).encode())
         target = out / f"sgd_mlp-{key.hexdigest()[:16]}.so"
         if target.exists():
             return target
@@ -70,22 +72,22 @@ def library() -> ctypes.CDLL | None:
         return _library
     _library = None
     if os.environ.get("METAFED_NATIVE", "1") == "0":
-        log.info("native kernel disabled by METAFED_NATIVE=0: the torch fused step runs instead")
+        log.info("native kernel disabled by METAFED_NATIVE=0: the torch paths run instead")
         return None
     cc = shutil.which(os.environ.get("CC", "cc"))
     if cc is None:
-        log.warning("no C compiler found ($CC or cc): plain-SGD MLPs run the slower torch fused step")
+        log.warning("no C compiler found ($CC or cc): MLP programs run the slower torch paths")
         return None
     cache = Path(os.environ.get("METAFED_NATIVE_CACHE", Path.home() / ".cache" / "metafed" / "native"))
     try:
         cache.mkdir(parents=True, exist_ok=True)
         path = _compile(cc, cache)
         if path is None:
-            log.warning("the native kernel did not build with %s: the torch fused step runs instead", cc)
+            log.warning("the native kernel did not build with %s: the torch paths run instead", cc)
             return None
         lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError) as err:
-        log.warning("native kernel unavailable (%s): the torch fused step runs instead", err)
+        log.warning("native kernel unavailable (%s): the torch paths run instead", err)
         return None
     p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     lib.mf_sgd_mlp_train.argtypes = [i64, i64, i64, p, p, p, p, p, p, p, p, p, i64, p, i64, i64, p, f32, f32, i64,

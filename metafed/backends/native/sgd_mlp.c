@@ -5,10 +5,11 @@
  * more than the last-level cache) for a few hundred FLOPs per weight. Here each thread takes
  * one client, copies its weights into a private buffer (W1: 57 KB, in L2) and runs all of
  * its local steps there before writing them back, so the weights cross memory twice per
- * round instead of several times per step. The maths is metafed.backends.fused_mlp's:
- * masked mean cross-entropy, ReLU, plain SGD with an optional proximal pull
- *   W <- (1 - lr mu) W + lr mu A - lr dL/dW    (FedProx; mu = 0: FedAvg),
- * in float32; only the summation order differs.
+ * round instead of several times per step. The maths is that of the programs' own steps
+ * (masked mean cross-entropy, ReLU) in float32; only the summation order differs. A step is
+ * one of the kinds in client_step, all built from one SGD pass with an optional proximal pull
+ *   W <- (1 - lr mu) W + lr mu A - lr dL/dW    (FedProx; mu = 0: FedAvg):
+ * plain SGD, a first-order meta step (FOMAML, Per-FedAvg FO), or pFedMe's Moreau step.
  *
  * Layouts (weights arrive in torch's [out, in] layout and leave in it):
  *  - layer 0 is kept transposed, [in][pad(out)]: its forward pass and its weight update are
