@@ -90,7 +90,7 @@ class _Both(ContributionMeter):
     rows: list = []
 
     def settle(self, state, sent, ids, weights, rnd, num_clients):
-        from metafed.aggregate.robust import flatten_messages
+        from metafed.tree import flatten_messages
         from metafed import tree
 
         rows, layout = flatten_messages(sent)

@@ -6,7 +6,6 @@ job (see :func:`metafed.run.run`). It is imported here, not wrapped lazily: the 
 anything imported it, and ``from metafed import run`` would give a module."""
 from metafed.config import RunConfig
 from metafed.run import run
-
-__version__ = "0.1.0"
+from metafed.version import __version__
 
 __all__ = ["RunConfig", "run", "__version__"]

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from metafed import tree
-from metafed.aggregate.robust import flatten_messages, unflatten_message
+from metafed.tree import flatten_messages, unflatten_message
 from metafed.data.federated import ClientData, FederatedDataset
 
 ATTACKS = ("label-flip", "sign-flip", "gaussian", "alie", "ipm", "backdoor")

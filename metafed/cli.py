@@ -22,7 +22,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 def _show_version(value: bool) -> None:
     if value:
-        from metafed import __version__
+        from metafed.version import __version__
 
         typer.echo(f"metafed {__version__}")
         raise typer.Exit()

@@ -9,10 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from metafed.config_layout import KEY_OWNERS, flatten_algorithm
-
-
-class ConfigError(ValueError):
-    """A configuration problem the user can fix; the CLI prints it on one line."""
+from metafed.errors import ConfigError  # noqa: F401 (re-exported: metafed.config.ConfigError)
 
 
 # settings that only mean something when another one is on: set alone, they would be ignored
@@ -499,11 +496,13 @@ class RunConfig(BaseModel):
         if self.local_momentum != 0.9 and self.local_optimizer != "momentum":
             raise ValueError("--local-momentum has no effect without --local-optimizer momentum")
 
-    def resolved_server_lr(self, optimizer: Optional[str] = None, lr: Optional[float] = None) -> float:
-        """The server learning rate: the one given, else the optimizer's default."""
-        from metafed.aggregate.server_opt import default_server_lr
+    @property
+    def needs_public_inputs(self) -> bool:
+        """Whether the run's algorithm shares logits on public inputs (FedMD, FedDF): the dataset
+        then carves them out of what the clients hold (:mod:`metafed.data.public`)."""
+        from metafed.distill import NEEDS_PUBLIC
 
-        return lr if lr is not None else default_server_lr(optimizer or self.server_optimizer)
+        return self.algorithm in NEEDS_PUBLIC
 
     def _refuse_ignored(self) -> None:
         on = {"aggregator": {"byzantine_f": self.aggregator in ("krum", "multi-krum", "trimmed-mean", "bulyan"),

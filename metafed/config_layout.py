@@ -132,11 +132,10 @@ def show_config(cfg: "RunConfig") -> str:
     with its description and whether it is the default."""
     import yaml
 
-    from metafed import __version__
+    from metafed.version import __version__
     from metafed.algorithms import ALGORITHMS
-    from metafed.config import RunConfig
 
-    fields = RunConfig.model_fields
+    fields = type(cfg).model_fields
     values = json.loads(cfg.model_dump_json())
 
     def line(name: str, key: str, indent: str) -> str:

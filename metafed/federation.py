@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -14,13 +15,12 @@ from metafed import tree
 from metafed.algorithms.base import FederatedAlgorithm, ServerState
 from metafed.aggregate import RoundSkipped, cap_sample_weights
 from metafed.asynchrony import AsyncServer
-from metafed.aggregate.robust import flatten_messages, unflatten_message
+from metafed.tree import flatten_messages, unflatten_message
 from metafed.attacks import DEFAULT_SCALE, backdoor_accuracy, choose_free_riders, corrupt_updates
 from metafed.backends.base import Backend, ClientTask
 from metafed.client_store import ClientStore
 from metafed.compression import make_compression
 from metafed.compression.downlink import make_broadcast_compression
-from metafed.config import RunConfig
 from metafed.data.federated import FederatedDataset
 from metafed.distill.base import DistillationAlgorithm
 from metafed.data.schedule import poisson_sample_clients, program_schedule, sample_clients
@@ -32,6 +32,9 @@ from metafed.privacy.dp import ClientDP
 from metafed.privacy.noise import PrivacyRandom
 from metafed.privacy.upload import UploadTransform
 from metafed.privacy.secagg import SecAggAbort
+
+if TYPE_CHECKING:
+    from metafed.config import RunConfig
 
 log = logging.getLogger("metafed")
 

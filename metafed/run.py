@@ -304,7 +304,7 @@ def provenance() -> dict:
     is a checkout, and the command line."""
     import subprocess
 
-    from metafed import __version__
+    from metafed.version import __version__
 
     sha = None
     try:

@@ -73,21 +73,21 @@ def test_secagg_plus_sparse_graph_with_dropouts():
 def test_too_few_survivors_aborts_without_releasing_live_mask_keys():
     vectors = _vectors(3)
     released = []
-    from metafed.privacy.secagg import protocol
+    from metafed.privacy.secagg.client import SecAggClient
 
-    original = protocol.SecAggClient.unmask
+    original = SecAggClient.unmask
 
     def spy(self, request):
         response = original(self, request)
         released.append(response)
         return response
 
-    protocol.SecAggClient.unmask = spy
+    SecAggClient.unmask = spy
     try:
         with pytest.raises(SecAggAbort, match="threshold 21"):
             secure_sum(vectors, SecAggConfig(T), FIXED, {"upload": set(range(20))}, seeded_bytes(5))
     finally:
-        protocol.SecAggClient.unmask = original
+        SecAggClient.unmask = original
     assert released == []  # aborted before any client revealed anything
 
 

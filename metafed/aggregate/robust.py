@@ -22,34 +22,10 @@ import torch
 from torch import Tensor
 
 from metafed import tree
+from metafed.tree import flatten_messages, unflatten_message
 from metafed.aggregate.mean import RoundSkipped
 
 ROBUST_AGGREGATORS = ("median", "trimmed-mean", "krum", "multi-krum", "bulyan", "centered-clipping", "fltrust")
-
-
-def flatten_messages(stacked: dict) -> tuple[Tensor, list[tuple[str, torch.Size]]]:
-    """Nested dict of [C, ...] -> ([C, D] float64 matrix, layout to undo it)."""
-    flat = tree.nested_flatten(stacked)
-    layout = [(k, flat[k].shape[1:]) for k in sorted(flat)]
-    c = next(iter(flat.values())).shape[0]
-    return torch.cat([flat[k].reshape(c, -1).double() for k, _ in layout], dim=1), layout
-
-
-def unflatten_message(matrix: Tensor, layout, dtype=torch.float32) -> dict:
-    """Inverse of :func:`flatten_messages` for [D] (one message) or [C, D] (stacked)."""
-    out, pos = {}, 0
-    lead = matrix.shape[:-1]
-    for key, shape in layout:
-        size = int(torch.Size(shape).numel())
-        out[key] = matrix[..., pos: pos + size].reshape((*lead, *shape)).to(dtype)
-        pos += size
-    return tree.nested_unflatten(out)
-
-
-def unflatten_like(vector: Tensor, layout, reference: dict) -> dict:
-    """[D] -> one message with ``reference``'s per-leaf dtypes (decoded in float64 first)."""
-    out = unflatten_message(vector.double(), layout, torch.float64)
-    return tree.nested_map(lambda v, ref: v.to(ref.dtype), out, reference)
 
 
 def coordinate_median(x: Tensor) -> Tensor:

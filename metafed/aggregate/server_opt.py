@@ -16,11 +16,18 @@ round, so 1.0 there throws the model away: lrs far above the default are warned 
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from metafed.types import Params, TensorDict
+
+if TYPE_CHECKING:
+    from metafed.config import RunConfig
+
+log = logging.getLogger("metafed")
 
 SERVER_OPTIMIZERS = ("sgd", "adam", "yogi", "adagrad")
 DEFAULT_SERVER_LR = {"sgd": 1.0, "adam": 1e-2, "yogi": 1e-2, "adagrad": 1e-1}
@@ -84,3 +91,20 @@ class ServerOptimizer:
             new_state[m_ + k], new_state[v_ + k] = m, v
             new_params[k] = x + lr * m / (v.sqrt() + self.tau)
         return new_params, new_state
+
+
+def server_optimizer(cfg: "RunConfig", name: str | None = None, lr: float | None = None,
+                     prefix: str = "") -> ServerOptimizer:
+    """The server optimizer ``name`` (default: the config's) at ``lr`` (default: the config's
+    --server-lr when it is the config's optimizer, else the optimizer's default); warns when the rate is far above the
+    optimizer's default (adaptive steps move every coordinate by about lr per round)."""
+    name = name or cfg.server_optimizer
+    if lr is None and name == cfg.server_optimizer:
+        lr = cfg.server_lr
+    lr = lr if lr is not None else default_server_lr(name)
+    if lr > 10 * DEFAULT_SERVER_LR[name]:
+        log.warning("server learning rate %g is over 10x the %s default %g: adaptive server optimizers move "
+                    "every coordinate by about lr per round, so training may collapse", lr, name,
+                    DEFAULT_SERVER_LR[name])
+    return ServerOptimizer(name, lr, cfg.server_momentum if name == "sgd" else 0.0, cfg.server_beta1,
+                           cfg.server_beta2, cfg.server_tau, prefix)

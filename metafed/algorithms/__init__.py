@@ -4,9 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-import logging
-
-from metafed.aggregate.server_opt import DEFAULT_SERVER_LR, ServerOptimizer
+from metafed.aggregate.server_opt import ServerOptimizer, server_optimizer
 from metafed.algorithms.base import FederatedAlgorithm, LocalProgram, ServerState
 from metafed.algorithms.ditto import Ditto
 from metafed.algorithms.fedavg import FedAvg
@@ -23,8 +21,6 @@ from metafed.models import FunctionalModel
 if TYPE_CHECKING:
     from metafed.config import RunConfig
 
-log = logging.getLogger("metafed")
-
 
 @dataclass(frozen=True)
 class AlgorithmSpec:
@@ -32,23 +28,6 @@ class AlgorithmSpec:
     paper: str
     # None: a distillation algorithm, built with its dataset (metafed.distill.make_distillation)
     build: Callable[["RunConfig", FunctionalModel, ServerOptimizer], FederatedAlgorithm] | None
-
-
-def server_optimizer(cfg: "RunConfig", name: str | None = None, lr: float | None = None,
-                     prefix: str = "") -> ServerOptimizer:
-    """The server optimizer ``name`` (default: the config's) at ``lr`` (default: the config's
-    --server-lr when it is the config's optimizer, else the optimizer's default); warns when the rate is far above the
-    optimizer's default (adaptive steps move every coordinate by about lr per round)."""
-    name = name or cfg.server_optimizer
-    if lr is None and name == cfg.server_optimizer:
-        lr = cfg.server_lr
-    lr = cfg.resolved_server_lr(name, lr)
-    if lr > 10 * DEFAULT_SERVER_LR[name]:
-        log.warning("server learning rate %g is over 10x the %s default %g: adaptive server optimizers move "
-                    "every coordinate by about lr per round, so training may collapse", lr, name,
-                    DEFAULT_SERVER_LR[name])
-    return ServerOptimizer(name, lr, cfg.server_momentum if name == "sgd" else 0.0, cfg.server_beta1,
-                           cfg.server_beta2, cfg.server_tau, prefix)
 
 
 def local_optimizer(cfg: "RunConfig") -> LocalOptimizer:

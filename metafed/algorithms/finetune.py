@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from metafed.algorithms.base import SgdPart, grad_and_loss, sgd
+from metafed.algorithms.program import SgdPart, grad_and_loss, sgd
 from metafed.models import FunctionalModel
 
 

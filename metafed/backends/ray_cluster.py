@@ -63,7 +63,7 @@ def _import_ray():
     try:
         import ray
     except ImportError:
-        from metafed.config import ConfigError
+        from metafed.errors import ConfigError
 
         raise ConfigError("--backend ray needs Ray: pip install 'metafed[ray]'") from None
     return ray

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from metafed.aggregate.robust import flatten_messages, unflatten_message
+from metafed.tree import flatten_messages, unflatten_message
 from metafed.compression.encoders import QSGD, Identity, RandomK, TopK, Uniform, parse_compressor
 
 RESIDUAL = "ef_residual"  # the client-state key of the error-feedback residual [D] (float64)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from metafed.aggregate.robust import flatten_messages, unflatten_message
+from metafed.tree import flatten_messages, unflatten_message
 from metafed.compression.encoders import parse_compressor
 
 REPLICA, SYNCED, PAYLOAD = "down.replica", "down.synced", "down.payload."

@@ -9,11 +9,11 @@ import numpy as np
 import torch
 
 from metafed.data.federated import ClientData, FederatedDataset, hold_out_partitions, split_client
-from metafed.data.loaders import DataNotFound, load_digits, load_leaf, load_mnist
+from metafed.data.loaders import DataNotFound, load_digits, load_leaf, load_mnist, standardize_features
 from metafed.data.partition import PARTITIONS, partition
 from metafed.data.lazy import W1_CLASSES, W1_DIM, LazyClients, w1_clients
 from metafed.data.synthetic import synthetic_clients
-from metafed.distill.public import carve_public, heldout_public, mnist_public
+from metafed.data.public import carve_public, heldout_public, mnist_public
 
 if TYPE_CHECKING:
     from metafed.config import RunConfig
@@ -70,16 +70,6 @@ def _partitioned(name: str, x: np.ndarray, y: np.ndarray, cfg: "RunConfig", rng:
     return [split_client(xt[p], yt[p], cfg.test_fraction, rng, f"{name}-{k}") for k, p in enumerate(parts)]
 
 
-def standardize_features(x: np.ndarray, reference: np.ndarray | None = None) -> np.ndarray:
-    """Per-feature standardisation (x - mean) / std, the statistics taken over ``reference``
-    (default: ``x``) as the pFedMe MNIST and LEAF pipelines do before partitioning. Constant
-    features (MNIST's border pixels) become 0. A data-preparation step: the statistics come
-    from the pooled data, which a real federation's server would not see."""
-    ref = x if reference is None else reference
-    mean, std = ref.mean(0), ref.std(0)
-    return ((x - mean) / np.where(std > 0, std, 1.0)).astype(np.float32)
-
-
 def _standardize_users(users: list[tuple]) -> list[tuple]:
     """LEAF users (name, train_x, train_y, test_x, test_y): statistics over all train data."""
     pooled = np.concatenate([u[1] for u in users])
@@ -91,7 +81,7 @@ def load_dataset(cfg: "RunConfig") -> FederatedDataset:
     rng = np.random.default_rng([cfg.seed, 100])
     name = cfg.dataset
     root = public = None
-    wants_public = _wants_public(cfg)
+    wants_public = cfg.needs_public_inputs  # only FedMD and FedDF: other runs keep every sample for the clients
     if name in ("digits", "mnist"):
         x, y = load_digits() if name == "digits" else load_mnist(resolve_data_dir(cfg.data_dir) / "mnist")
         if cfg.standardize:
@@ -133,13 +123,6 @@ def load_dataset(cfg: "RunConfig") -> FederatedDataset:
         public = (mnist_public(resolve_data_dir(cfg.data_dir), cfg.public_size, cfg.seed, shape, cfg.standardize)
                   if cfg.public_data == "mnist" else heldout_public(heldout, cfg.public_size, cfg.seed))
     return FederatedDataset(name, clients, shape, classes, heldout, root, kept, out, public)
-
-
-def _wants_public(cfg: "RunConfig") -> bool:
-    """Only FedMD and FedDF use public inputs: other runs keep every sample for the clients."""
-    from metafed.distill import NEEDS_PUBLIC
-
-    return cfg.algorithm in NEEDS_PUBLIC
 
 
 __all__ = ["ClientData", "FederatedDataset", "DataNotFound", "DATASETS", "DEFAULT_MODEL", "PARTITIONS",

@@ -165,3 +165,13 @@ def load_leaf(base: Path, text: bool) -> list[tuple[str, np.ndarray, np.ndarray,
     if not out:
         raise DataNotFound(f"no user appears in both LEAF splits under {root}")
     return out
+
+
+def standardize_features(x: np.ndarray, reference: np.ndarray | None = None) -> np.ndarray:
+    """Per-feature standardisation (x - mean) / std, the statistics taken over ``reference``
+    (default: ``x``) as the pFedMe MNIST and LEAF pipelines do before partitioning. Constant
+    features (MNIST's border pixels) become 0. A data-preparation step: the statistics come
+    from the pooled data, which a real federation's server would not see."""
+    ref = x if reference is None else reference
+    mean, std = ref.mean(0), ref.std(0)
+    return ((x - mean) / np.where(std > 0, std, 1.0)).astype(np.float32)

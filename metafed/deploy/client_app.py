@@ -164,7 +164,7 @@ class MetafedClient:
 def _replica_params(node: Node, msg: Message, rnd: int) -> dict:
     """The round's params from a compressed broadcast (:func:`metafed.compression.downlink.node_replica`),
     the replica kept on the node's disk for the next round."""
-    from metafed.aggregate.robust import flatten_messages, unflatten_like
+    from metafed.tree import flatten_messages, unflatten_like
     from metafed.compression.downlink import make_broadcast_compression, node_replica
 
     reference = node.algorithm.model.init_params()
@@ -183,7 +183,7 @@ def _encode(node: Node, sent: dict, rnd: int):
     import numpy as np
     from flwr.app import Array, ArrayRecord
 
-    from metafed.aggregate.robust import flatten_messages
+    from metafed.tree import flatten_messages
     from metafed.compression import make_compression
 
     comp = make_compression(node.cfg.compress, node.cfg.error_feedback)

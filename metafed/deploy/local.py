@@ -142,7 +142,11 @@ class LocalDeployment:
         self.clients, self.cfg, self.work, self.insecure = clients, cfg, work, insecure
         self.persistent = persistent  # SuperLink state in a database file (survives a SuperLink restart)
         self.procs: list[subprocess.Popen] = []
-        self.env = {**os.environ, "FLWR_HOME": str(work / "flwr-home"), "PYTHONUNBUFFERED": "1"}
+        # the SuperLink and SuperNodes start Flower's own tools (flower-superexec) by name: the
+        # interpreter's folder goes first on PATH, so a virtualenv that is not activated works too
+        bin_dir = str(Path(sys.executable).parent)
+        self.env = {**os.environ, "FLWR_HOME": str(work / "flwr-home"), "PYTHONUNBUFFERED": "1",
+                    "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")])}
         self.logs = work / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
 

@@ -17,7 +17,7 @@ from metafed.backends.base import ClientTask
 from metafed.backends.loop import LoopBackend
 from metafed.client_store import ClientStore
 from metafed.config import RunConfig
-from metafed.aggregate.robust import flatten_messages, unflatten_like
+from metafed.tree import flatten_messages, unflatten_like
 from metafed.compression import make_compression
 from metafed.compression.downlink import REPLICA_OUT_OF_SYNC
 from metafed.deploy.secagg_wire import bound_session, read_reply, round_setup, stage_request, sum_layout

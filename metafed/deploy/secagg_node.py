@@ -13,7 +13,7 @@ from dataclasses import replace
 import numpy as np
 
 from metafed import tree
-from metafed.aggregate.robust import flatten_messages
+from metafed.tree import flatten_messages
 from metafed.deploy.secagg_wire import REQUEST_TYPE, bound_session, masked_vector_reply
 from metafed.privacy.secagg import FixedPoint, QuantizationRangeError, SecAggAbort, SecAggClient, SecAggConfig, codec
 from metafed.privacy.upload import UploadTransform, finish_upload, own_weight

@@ -91,7 +91,7 @@ def read_reply(reply, stage: str, length: int):
 
 def sum_layout(template_row: dict) -> tuple[list, int]:
     """(flat layout, vector length) of one client's finished upload."""
-    from metafed.aggregate.robust import flatten_messages
+    from metafed.tree import flatten_messages
 
     x, layout = flatten_messages(tree.nested_map(lambda v: v.unsqueeze(0), template_row))
     return layout, int(x.shape[1])

@@ -3,7 +3,7 @@
 ``--client-models mlp:0.5,small-cnn:0.5`` splits the clients into architecture groups
 (:mod:`metafed.distill.groups`); each group trains vectorized, and only logits on shared
 inputs (FedMD, FedDF's server) or per-label logits (FD) connect the groups. The public
-inputs are a documented split (:mod:`metafed.distill.public`). The round and evaluation
+inputs are a documented split (:mod:`metafed.data.public`). The round and evaluation
 live in :mod:`metafed.distill.round`.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ def make_distillation(cfg: "RunConfig", dataset: "FederatedDataset", model: "Fun
     """The distillation algorithm a config names. Without ``--client-models`` every client
     runs ``model`` (the run's model, yours included); with it, each group a reference model
     sharing ``model``'s loss and score."""
-    from metafed.algorithms import server_optimizer
+    from metafed.aggregate.server_opt import server_optimizer
     from metafed.distill.fd import FD
     from metafed.distill.feddf import FedDF
     from metafed.distill.fedmd import FedMD

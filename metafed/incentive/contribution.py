@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from metafed import tree
-from metafed.aggregate.robust import flatten_messages, unflatten_like
+from metafed.tree import flatten_messages, unflatten_like
 from metafed.incentive.rewards import free_rider_flags, split_rewards
 from metafed.incentive.shapley import CachedUtility, exact_shapley, gtg_shapley, leave_one_out
 

@@ -4,6 +4,7 @@ clients that never reply) and ``stragglers`` (partial work, dropped or kept by p
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -14,11 +15,13 @@ from metafed.algorithms.base import FederatedAlgorithm, LocalProgram
 from metafed.backends.base import Backend, ClientTask
 from metafed.client_store import ClientStore
 from metafed.compression import RESIDUAL, UploadCompression
-from metafed.config import RunConfig
 from metafed.data.federated import FederatedDataset
 from metafed.data.schedule import program_schedule, straggler_steps
 from metafed.pools.base import RoundReplies, zero_rows
 from metafed.privacy.upload import UploadTransform, client_privacy_random, finish_upload, own_weight
+
+if TYPE_CHECKING:
+    from metafed.config import RunConfig
 
 
 def secagg_config(cfg: RunConfig, cohort_size: int):
@@ -145,7 +148,7 @@ class SimulationPool:
         it in fixed point and runs SecAgg(+) with the others. ``secagg_dropout`` of the clients
         vanish after key sharing; a client whose input lies outside the fixed-point range is
         dropped with a log line. Returns (the survivors' sum, the survivors)."""
-        from metafed.aggregate.robust import flatten_messages, unflatten_like
+        from metafed.tree import flatten_messages, unflatten_like
         from metafed.privacy.secagg import FixedPoint, secure_sum
         from metafed.privacy.secagg.messages import session_id
 

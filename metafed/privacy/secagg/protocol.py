@@ -83,7 +83,4 @@ def pair_sign(u: int, v: int) -> int:
     return 1 if u < v else -1
 
 
-from metafed.privacy.secagg.client import SecAggClient  # noqa: E402  (re-exported)
-from metafed.privacy.secagg.server import SecAggServer  # noqa: E402
-
-__all__ = ["SecAggAbort", "SecAggConfig", "SecAggClient", "SecAggServer", "SurvivorList", "share_point", "pair_sign"]
+__all__ = ["SecAggAbort", "SecAggConfig", "SurvivorList", "share_point", "pair_sign"]

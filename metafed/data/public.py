@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from metafed.data.loaders import load_mnist, standardize_features
+
 PUBLIC_STREAM = 25
 
 
@@ -42,15 +44,11 @@ def heldout_public(heldout: list, size: int, seed: int) -> Tensor:
 
 def mnist_public(data_dir, size: int, seed: int, input_shape: tuple[int, ...], standardize: bool) -> Tensor:
     """``size`` MNIST training images as public inputs for a federation with 784 features."""
-    from metafed.data.loaders import load_mnist
-
     if tuple(input_shape) != (784,):
         raise ValueError(f"--public-data mnist gives 28x28 images (784 features); this dataset's inputs are "
                          f"{tuple(input_shape)}")
     x, _ = load_mnist(data_dir / "mnist")
     if standardize:
-        from metafed.data import standardize_features
-
         x = standardize_features(x)
     pick = np.random.default_rng([seed, PUBLIC_STREAM]).permutation(len(x))[:size]
     return torch.from_numpy(x[np.sort(pick)])
