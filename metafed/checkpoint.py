@@ -32,7 +32,9 @@ from metafed.run_folder import write_text_atomic
 
 POINTER = "checkpoint.json"
 CLIENTS_DIR = "clients"  # the client store's segments, inside the run folder
-GROUPS = ("params", "opt", "extra", "client")
+GROUPS = ("params", "opt", "extra", "stages", "client")
+# checkpoints written before the aggregation pipeline kept stage state under these extra keys
+LEGACY_STAGE_KEYS = {"dp.clip": ("central-dp", "clip"), "dp.ledger": ("privacy-ledger", "ledger")}
 _NAME = re.compile(r"checkpoint-(\d+)\.safetensors")
 
 
@@ -52,6 +54,7 @@ def _flatten(state: ServerState, clients: ClientStore) -> dict:
     flat = {f"params/{k}": v for k, v in state.params.items()}
     flat.update({f"opt/{k}": v for k, v in state.opt_state.items()})
     flat.update({f"extra/{k}": v for k, v in state.extra.items()})
+    flat.update({f"stages/{slot}/{k}": v for slot, values in state.stages.items() for k, v in values.items()})
     if clients.folder is None:
         flat.update({f"client/{k}": v for k, v in clients.to_tensors().items()})
     return {k: v.contiguous() for k, v in flat.items()}
@@ -126,7 +129,7 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
         if head not in groups or not rest:
             raise CheckpointError(f"checkpoint file {path} holds an unexpected tensor {key!r}")
         groups[head][rest] = v
-    state = ServerState(groups["params"], groups["opt"], groups["extra"])
+    state = ServerState(groups["params"], groups["opt"], *_stage_slots(groups["extra"], groups["stages"], path))
     try:
         if "client_segments" in meta:
             folder = run_dir / CLIENTS_DIR
@@ -140,3 +143,19 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"checkpoint file {path} has malformed client states: {e}") from None
     return Checkpoint(rnd, state, clients, meta)
+
+
+def _stage_slots(extra: dict, flat: dict, path: Path) -> tuple[dict, dict]:
+    """(extra, stages): ``stages/<slot>/<key>`` tensors by slot, and the stage state an older
+    checkpoint kept in ``extra`` (:data:`LEGACY_STAGE_KEYS`) moved to its slot."""
+    stages: dict[str, dict] = {}
+    for key, v in flat.items():
+        slot, _, name = key.partition("/")
+        if not slot or not name:
+            raise CheckpointError(f"checkpoint file {path} holds an unexpected tensor 'stages/{key}'")
+        stages.setdefault(slot, {})[name] = v
+    extra = dict(extra)
+    for key, (slot, name) in LEGACY_STAGE_KEYS.items():
+        if key in extra:
+            stages.setdefault(slot, {}).setdefault(name, extra.pop(key))
+    return extra, stages

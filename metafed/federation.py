@@ -15,8 +15,9 @@ from metafed import tree
 from metafed.algorithms.base import FederatedAlgorithm, ServerState
 from metafed.aggregate import RoundSkipped, cap_sample_weights
 from metafed.asynchrony import AsyncServer
-from metafed.tree import flatten_messages, unflatten_message
-from metafed.attacks import DEFAULT_SCALE, backdoor_accuracy, choose_free_riders, corrupt_updates
+from metafed.client.reply import upload_of
+from metafed.tree import flatten_messages
+from metafed.attacks import backdoor_accuracy, choose_free_riders
 from metafed.backends.base import Backend, ClientTask
 from metafed.client_store import ClientStore
 from metafed.compression import make_compression
@@ -27,16 +28,21 @@ from metafed.data.schedule import poisson_sample_clients, program_schedule, samp
 from metafed.eval import HELDOUT_ADAPT_STEPS, Evaluator, evaluation_sample
 from metafed.incentive.contribution import PREVIOUS_STEP, ContributionMeter, validation_split, weighted_mean
 from metafed.pools import ClientPool, RoundReplies, SimulationPool
+from metafed.pipeline import Flow, RoundContext, build_chain
 from metafed.privacy.accountant import PrivacyAccountant, calibrate_noise
 from metafed.privacy.dp import ClientDP
 from metafed.privacy.noise import PrivacyRandom
 from metafed.privacy.upload import UploadTransform
+from metafed.simulate import SimulatedFaults
 from metafed.privacy.secagg import SecAggAbort
 
 if TYPE_CHECKING:
     from metafed.config import RunConfig
 
 log = logging.getLogger("metafed")
+
+# the privacy accountant's slot in ServerState.stages: the noise multiplier of every released round
+LEDGER_SLOT = "privacy-ledger"
 
 
 
@@ -71,6 +77,7 @@ class Federation:
             raise ValueError("the dataset has no training clients")
         self.evaluator = Evaluator.from_config(self.algorithm, self.backend, self.cfg)
         self.dp, self.accountant = self._privacy()
+        self.chain  # noqa: B018 - refuses a wrong stage order before training starts
         need = getattr(self.aggregator, "required_clients", lambda: 1)()
         if min(self.cfg.clients_per_round, self.pool.num_clients) < need:
             raise ValueError(f"--aggregator {self.cfg.aggregator} with f = {self.aggregator.f} needs at least {need} "
@@ -80,6 +87,14 @@ class Federation:
         self.meter, self.settlement = self._contribution_meter(), None
         self.down = make_broadcast_compression(self.cfg.compress_down)
         self.free_riders = choose_free_riders(self.pool.num_clients, self.cfg.free_riders, self.cfg.seed)
+        self.faults = SimulatedFaults(self.cfg.seed, self.cfg.attack, self.cfg.attack_scale, self.malicious,
+                                      self.cfg.free_ride, self.free_riders)
+
+    @property
+    def chain(self):
+        """The aggregation pipeline of this run, from its config, current DP (a resume may
+        recalibrate the noise) and rule (:func:`metafed.pipeline.build_chain`)."""
+        return build_chain(self.cfg, self.dp, self.aggregator, self.cfg.compress)
 
     def _contribution_meter(self) -> ContributionMeter | None:
         cfg = self.cfg
@@ -110,7 +125,7 @@ class Federation:
 
     def privacy_ledger(self) -> list[float]:
         """Noise multiplier of every round released so far (kept in server state, checkpointed)."""
-        ledger = self.state.extra.get("dp.ledger")
+        ledger = self.state.stages.get(LEDGER_SLOT, {}).get("ledger")
         return [] if ledger is None else [float(z) for z in ledger.reshape(-1)]
 
     def resume_privacy(self) -> None:
@@ -137,8 +152,8 @@ class Federation:
     def _charge_round(self, metrics: dict) -> None:
         """Append this round's release to the privacy ledger and report the composed epsilon."""
         ledger = self.privacy_ledger() + [self.dp.noise_multiplier]
-        self.state = replace(self.state, extra={**self.state.extra,
-                                                "dp.ledger": torch.tensor(ledger, dtype=torch.float64)})
+        self.state = replace(self.state, stages={**self.state.stages,
+                                                 LEDGER_SLOT: {"ledger": torch.tensor(ledger, dtype=torch.float64)}})
         metrics.update(epsilon=self.accountant.epsilon_of(ledger), dp_delta=self.accountant.delta,
                        dp_noise_multiplier=self.dp.noise_multiplier)
 
@@ -147,10 +162,6 @@ class Federation:
         if self.cfg.insecure_reproducible_privacy:
             return PrivacyRandom.insecure_reproducible(self.cfg.seed, rnd, *stream)
         return PrivacyRandom.secure_fresh()
-
-    def _round_generator(self, rnd: int, stream: int) -> torch.Generator:
-        seed = int(np.random.default_rng([self.cfg.seed, stream, rnd]).integers(2 ** 62))
-        return torch.Generator().manual_seed(seed)
 
     @property
     def clients(self) -> ClientStore:
@@ -198,6 +209,7 @@ class Federation:
             bytes_down += params_bytes - tree.nested_bytes(broadcast["params"]) * len(cohort)
             downlink = {"downlink": round_down}  # deployment sends each client what it missed
         replies = self.pool.train(rnd, cohort, program, broadcast, self._local_dp_transform(), **downlink)
+        replies = self.faults.apply(replies, rnd, self._previous_step())  # simulated clients' misbehaviour
         metrics = {"round": rnd, "clients_sampled": len(cohort), "bytes_down": bytes_down,
                    "clients_used": 0, "bytes_up": 0, "train_loss": float("nan")}
         received = Received()
@@ -215,7 +227,8 @@ class Federation:
                 self.settlement = self.meter.settle(self.state, received.kept, received.ids, received.weights, rnd,
                                                     self.pool.num_clients)
                 metrics.update(self.settlement.metrics())
-            self.state = alg.server_update(self.state, aggregate, rnd)
+            # the pipeline's slots are the driver's to keep: algorithms rebuild their own state
+            self.state = replace(alg.server_update(self.state, aggregate, rnd), stages=self.state.stages)
             self._keep_incentive_history(received)
         if self.dp is not None:
             self._charge_round(metrics)  # a sampled cohort was charged whatever happened next
@@ -226,9 +239,8 @@ class Federation:
         Under secure aggregation in deployment the uploads stay on the clients until the
         protocol masks them (``replies.outputs`` has no upload): nothing to check here, the
         fixed-point range bounds what each can contribute."""
-        ids, outputs, losses = replies.ids, self._attack(replies.outputs, replies.ids, rnd), replies.losses
-        outputs = self._free_ride(outputs, ids, rnd)
-        sent = {k: v for k, v in outputs.items() if k not in ("state", "metrics")}  # what clients upload
+        ids, outputs, losses = replies.ids, replies.outputs, replies.losses
+        sent = upload_of(outputs)  # what clients upload
         # what travelled, rejected replies included: the encoded sizes of compressed uploads
         encoded = outputs.get("metrics", {}).get("upload_bytes")
         metrics["bytes_up"] = int(encoded.sum()) if encoded is not None else tree.nested_bytes(sent) if sent else 0
@@ -262,43 +274,27 @@ class Federation:
                     rnd, int((increased > 0).sum()), len(increased))
 
     def _aggregate(self, got: "Received", program, broadcast: dict, rnd: int, metrics: dict) -> dict:
-        """The aggregation chain after validation: [DP clip + secure sum | secure mean |
-        FLTrust reference | aggregator] -> [central DP noise]. Per-client steps (local DP,
-        clipping and weighting under secure aggregation) run where the client runs."""
-        secure = self.cfg.secure_aggregation
-        if len(got.ids) < self.cfg.min_clients and (got.ids or self.dp is None or self.dp.mode != "central"):
-            raise RoundSkipped(f"{len(got.ids)} valid replies, fewer than --min-clients {self.cfg.min_clients}")
-        if self.dp is not None and self.dp.mode == "central":
-            return self._central_dp(got, program, broadcast, rnd, metrics)
-        if not got.ids:
-            raise RoundSkipped("no client returned a usable update")
-        if self.dp is not None:  # local DP: clients already clipped and noised; no weights, no losses
-            metrics["dp_clip"] = self.cfg.dp_clip
-            uniform = torch.ones(len(got.ids), dtype=torch.float64)
-            return self._secure_mean(got, "uniform", rnd, metrics) if secure else self.aggregator(got.kept, uniform, None)
-        if secure:
-            return self._secure_mean(got, self.cfg.weighting, rnd, metrics)
-        if getattr(self.aggregator, "needs_reference", False):
-            return self.aggregator(got.kept, got.weights, got.client_loss,
-                                   reference=self._root_update(program, broadcast, rnd))
-        if getattr(self.aggregator, "needs_label_counts", False):
-            return self.aggregator(got.kept, got.weights, got.client_loss, self.pool.label_counts(got.ids))
-        return self.aggregator(got.kept, got.weights, got.client_loss)
+        """The aggregation pipeline (:mod:`metafed.pipeline`): the chain built from the config
+        turns the accepted replies into the aggregate; its stages keep their state in their
+        slots of the server state. Per-client stages (local DP, clipping and weighting under
+        secure aggregation) run where the client runs."""
+        flow = Flow(got.ids, got.kept, got.weights, got.client_loss)
+        ctx = RoundContext(
+            rnd, metrics,
+            secure_sum=lambda transform, weighting: self.pool.secure_sum(
+                rnd, self._run_id, sorted(self._cohort), got.ids, got.kept, transform, weighting),
+            empty_message=lambda: self._empty_message(program, broadcast, rnd),
+            root_update=lambda: self._root_update(program, broadcast, rnd),
+            label_counts=self.pool.label_counts,
+            privacy_random=lambda stream: self._privacy_random(rnd, stream))
+        aggregate, slots = self.chain.run(flow, ctx, self.state.stages)
+        self.state = replace(self.state, stages=slots)
+        return aggregate
 
     def _empty_message(self, program, broadcast: dict, rnd: int) -> dict:
         """A zero-row message with the shapes clients upload, to release noise in a round
         without replies (the pool dry-runs the program; rare, so nothing is cached)."""
         return self.pool.message_template(rnd, program, broadcast)
-
-    def _attack(self, outputs: dict, ids: list[int], rnd: int) -> dict:
-        """Malicious clients replace what they send (update attacks; data attacks act earlier)."""
-        if not self.cfg.attack or not self.malicious:
-            return outputs
-        bad = torch.tensor([cid in self.malicious for cid in ids])
-        scale = self.cfg.attack_scale or DEFAULT_SCALE[self.cfg.attack]
-        sent = {k: v for k, v in outputs.items() if k not in ("state", "metrics")}
-        corrupted = corrupt_updates(self.cfg.attack, sent, bad, scale, self._round_generator(rnd, 10))
-        return {**outputs, **corrupted}
 
     # ------------------------------------------------------------------ incentives
     def _previous_step(self) -> torch.Tensor | None:
@@ -317,28 +313,6 @@ class Federation:
             return
         self.state = replace(self.state, extra={**self.state.extra, **history})
 
-    def _free_ride(self, outputs: dict, ids: list[int], rnd: int) -> dict:
-        """Simulated free-riders replace what they send (``--free-riders``, ``--free-ride``)."""
-        riders = [i for i, c in enumerate(ids) if c in self.free_riders]
-        if not riders:
-            return outputs
-        sent = {k: v for k, v in outputs.items() if k not in ("state", "metrics")}
-        x, layout = flatten_messages(sent)  # [C, D] float64
-        honest = [i for i in range(len(ids)) if i not in riders]
-        how, gen = self.cfg.free_ride, self._round_generator(rnd, 24)
-        for i in riders:
-            if how == "zero" or (how in ("copy", "noise") and not honest):
-                x[i] = 0.0
-            elif how == "noise":
-                scale = float(x[honest].norm(dim=1).median()) / x.shape[1] ** 0.5
-                x[i] = torch.randn(x.shape[1], generator=gen, dtype=x.dtype) * scale
-            elif how == "replay":
-                previous = self._previous_step()
-                x[i] = previous if previous is not None else 0.0
-            else:  # copy an honest client of this round
-                x[i] = x[honest[int(torch.randint(len(honest), (1,), generator=gen))]]
-        return {**outputs, **unflatten_message(x, layout, tree.nested_leaves(sent)[0].dtype)}
-
     def _root_update(self, program, broadcast: dict, rnd: int) -> dict:
         """FLTrust: the server's own update on its small root dataset. The root set is a
         server-held split (carved from the pool before partitioning, or from held-out
@@ -352,47 +326,13 @@ class Federation:
                                  rng=np.random.default_rng([self.cfg.seed, 12, rnd]))
         inputs = {"state": self.algorithm.client_init(broadcast), "num_samples": torch.tensor(float(len(y)))}
         out, _ = self.backend.run(program, broadcast, [ClientTask(x, y, sched, len(sched), inputs)])
-        return {k: tree.nested_index(v, 0) for k, v in out.items() if k not in ("state", "metrics")}
-
-    def _secure_sum(self, got: "Received", transform: UploadTransform, weighting: str | None, rnd: int,
-                    metrics: dict) -> dict:
-        """Sum the clients' finished uploads (``transform``, and each client's own weight under
-        ``weighting``) through the secure-aggregation protocol. The round's cohort is every
-        sampled client; the threshold t > n/2 of it is fixed before any reply arrives."""
-        total, survivors = self.pool.secure_sum(rnd, self._run_id, sorted(self._cohort), got.ids, got.kept,
-                                                transform, weighting)
-        metrics["clients_used"] = len(survivors)
-        return total
-
-    def _secure_mean(self, got: "Received", weighting: str, rnd: int, metrics: dict) -> dict:
-        """Weighted mean under secure aggregation: clients send w_i * message and w_i, with
-        w_i chosen by each client (:func:`~metafed.privacy.upload.own_weight`)."""
-        total = self._secure_sum(got, UploadTransform(), weighting, rnd, metrics)
-        return tree.nested_map(lambda v: (v / total["weight"]).to(torch.float32), total["message"])
+        return {k: tree.nested_index(v, 0) for k, v in upload_of(out).items()}
 
     def _local_dp_transform(self) -> UploadTransform | None:
         """Local DP: every client clips to C and adds N(0, (z C)^2) with its own randomness."""
         if self.dp is None or self.dp.mode != "local":
             return None
         return UploadTransform(clip=self.cfg.dp_clip, noise_std=self.dp.noise_multiplier * self.cfg.dp_clip)
-
-    def _central_dp(self, got: "Received", program, broadcast: dict, rnd: int, metrics: dict) -> dict:
-        """Central DP: clip (on the clients under secure aggregation), sum, add noise, divide
-        by the fixed m, adapt the clip. Every round releases noise, even one without replies
-        (Poisson sampling may be empty). The clip norm lives in server state."""
-        clip = float(self.state.extra.get("dp.clip", torch.tensor(self.cfg.dp_clip)))
-        rand = self._privacy_random(rnd, 7)
-        if self.cfg.secure_aggregation and got.ids:
-            transform = UploadTransform(clip=clip, count_bit=self.dp.adaptive)
-            total = self._secure_sum(got, transform, None, rnd, metrics)
-            message, count = (total["message"], float(total["count"])) if self.dp.adaptive else (total, 0.0)
-            aggregate, next_clip, dp_metrics = self.dp.release(message, count, clip, rand)
-        else:
-            kept = got.kept if got.ids else self._empty_message(program, broadcast, rnd)
-            aggregate, next_clip, dp_metrics = self.dp.aggregate(kept, clip, rand)
-        self.state = replace(self.state, extra={**self.state.extra, "dp.clip": torch.tensor(next_clip, dtype=torch.float64)})
-        metrics.update(dp_metrics)
-        return aggregate
 
     @staticmethod
     def _finite_rows(update: dict, ids: list[int]) -> torch.Tensor:

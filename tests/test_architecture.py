@@ -12,13 +12,15 @@ PACKAGE = Path(__file__).resolve().parent.parent / "metafed"
 
 # low -> high; a module belongs to the longest prefix that names it
 LAYERS: list[tuple[str, ...]] = [
-    ("metafed.tree", "metafed.types", "metafed.version", "metafed.errors", "metafed.losses", "metafed.run_folder"),
+    ("metafed.tree", "metafed.types", "metafed.version", "metafed.errors", "metafed.losses", "metafed.run_folder",
+     "metafed.client.reply"),
     ("metafed.models",),
     ("metafed.data",),
     ("metafed.compression", "metafed.aggregate", "metafed.privacy", "metafed.incentive"),
     ("metafed.algorithms", "metafed.distill"),
-    ("metafed.backends", "metafed.client_store", "metafed.checkpoint", "metafed.attacks", "metafed.asynchrony"),
-    ("metafed.eval", "metafed.pools", "metafed.protocols"),
+    ("metafed.backends", "metafed.client", "metafed.client_store", "metafed.checkpoint", "metafed.attacks", "metafed.asynchrony"),
+    ("metafed.eval", "metafed.pools", "metafed.protocols", "metafed.pipeline"),
+    ("metafed.simulate",),
     ("metafed.config_layout",),
     ("metafed.config",),
     ("metafed.federation",),

@@ -11,6 +11,7 @@ flwr = pytest.importorskip("flwr")
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict  # noqa: E402
 
 from metafed import tree  # noqa: E402
+from metafed.client.reply import upload_of
 from metafed.deploy.pool import FlowerPool  # noqa: E402
 from metafed.deploy.wire import BadReply, from_records, layout, to_records  # noqa: E402
 from metafed.run import build_federation  # noqa: E402
@@ -100,7 +101,7 @@ def _honest(sim, m):
     program = sim.algorithm.client_program(rnd)
     replies = sim.pool.train(rnd, np.array([cid]), program, broadcast)
     row = tree.nested_index(replies.outputs, 0)
-    sent = {k: v for k, v in row.items() if k not in ("state", "metrics")}
+    sent = upload_of(row)
     meta = MetricRecord({"round": rnd, "client": cid, "loss": float(replies.losses[0]),
                          "num_samples": float(replies.num_samples[0])})
     return Reply(node, RecordDict({"upload": to_records(sent), "meta": meta}))
@@ -250,18 +251,7 @@ def test_wire_round_trip_and_refusals():
         from_records(ConfigRecord({"a": 1}), layout(nested))
 
 
-ALL = ["fedavg", "fedprox", "reptile", "maml", "fomaml", "meta-sgd", "per-fedavg-fo", "per-fedavg-hf",
-       "personalized-fedavg", "pfedme", "ditto", "meta-updater"]
-
-
-@pytest.mark.parametrize("algorithm", ALL)
-def test_real_client_app_code_equals_the_simulation(algorithm, tmp_path):
-    """Every algorithm through metafed's actual ClientApp handlers (node data loading, the
-    task, personal state on the node's disk, federated evaluation), without the processes:
-    two rounds equal the simulation with the loop backend, parameters and metrics."""
-    extra = {"mu": 0.1} if algorithm == "fedprox" else {}
-    _client_app_equals_the_simulation(small_config(algorithm=algorithm, num_clients=3, clients_per_round=2, rounds=2,
-                                                   backend="loop", local_steps=3, **extra), tmp_path)
+# every algorithm through the real ClientApp handlers: tests/test_conformance.py (driven by the registry)
 
 
 def test_attention_by_label_distribution_through_the_client_app(tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from metafed.client_store import ClientStore, ClientStoreError
 from metafed.data import load_dataset
 from metafed.data.lazy import LazyClients, w1_clients
 from metafed.run import run
-from tests.conftest import small_config
+from tests.conftest import SHARED_DATA, small_config
 
 
 def _state(cid: int, version: int) -> dict:
@@ -172,9 +171,10 @@ def test_lazy_clients_build_on_demand_and_keep_a_bounded_cache():
 
 def test_w1_clients_are_the_peers_w1_data():
     """The w1 dataset trains on exactly the peers' W1 clients (shared/peers/common.py)."""
-    peers = Path(__file__).resolve().parents[2] / "shared" / "peers"
-    if not (peers / "common.py").is_file():
-        pytest.skip("../shared/peers is not beside this checkout")
+    peers = SHARED_DATA.parent / "peers"  # the shared folder CI puts beside the checkout
+    if not SHARED_DATA.parent.is_dir():
+        pytest.skip(f"no shared folder at {SHARED_DATA.parent}")
+    assert (peers / "common.py").is_file(), f"{peers} lacks the peers' common.py"
     sys.path.insert(0, str(peers))
     try:
         import common

@@ -33,6 +33,9 @@ class ServerState:
     params: Params
     opt_state: TensorDict = field(default_factory=dict)
     extra: TensorDict = field(default_factory=dict)  # algorithm-specific, e.g. Meta-SGD rates
+    # the aggregation pipeline's stages, each in its own named slot (metafed.pipeline): the
+    # round driver keeps them across the algorithm's server update
+    stages: dict[str, TensorDict] = field(default_factory=dict)
 
 
 class FederatedAlgorithm(ABC):

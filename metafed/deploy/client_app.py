@@ -33,6 +33,8 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.clientapp import ClientApp
 
 from metafed import tree
+from metafed.client.reply import upload_of
+from metafed.client.runner import run_clients
 from metafed.deploy.identity import load_identity, load_roster
 from metafed.deploy.node import Node, NodeConfigError, file_node, load_node, parse_node_config
 from metafed.deploy.receipts import ReceiptRefused, keep_receipt
@@ -40,7 +42,7 @@ from metafed.deploy.secagg_node import StageRefused, handle_stage, hold_upload
 from metafed.deploy.wire import from_records, to_records
 from metafed.eval import evaluate_new_client, evaluate_one_client
 from metafed.privacy.secagg import SecAggAbort
-from metafed.privacy.upload import UploadTransform, client_privacy_random, finish_upload
+from metafed.privacy.upload import UploadTransform
 
 log = logging.getLogger("metafed.deploy")
 REFUSED = 4100  # metafed's error code: the client refuses the request (the reason says why)
@@ -95,18 +97,14 @@ class MetafedClient:
                 log.warning("compressed broadcast: client %d: %s", node.client_id, e)
                 return Message(Error(code=REFUSED, reason=str(e)), reply_to=msg)
         program = node.algorithm.client_program(rnd)
-        pool = node.pool()
-        state = node.load_state(broadcast)
-        task = pool.task(node.client_id, rnd, program, broadcast)
-        task.inputs["state"] = state
-        outputs, losses = pool.backend.run(program, broadcast, [task])
+        # local DP: clipped and noised here, with this client's own randomness (the one client runner)
+        upload = UploadTransform.from_config(dict(msg.content["upload"])) if "upload" in msg.content else None
+        seed = node.cfg.seed if node.cfg.insecure_reproducible_privacy else None
+        outputs, losses = run_clients(node.backend, program, broadcast, [node.task(rnd, program, broadcast)],
+                                      [node.client_id], rnd, upload, seed)
         row = tree.nested_index(outputs, 0)
         node.save_state(row.get("state", {}))
-        sent = {k: v for k, v in row.items() if k not in ("state", "metrics")}
-        if "upload" in msg.content:  # local DP: clip and noise here, with this client's own randomness
-            transform = UploadTransform.from_config(dict(msg.content["upload"]))
-            seed = node.cfg.seed if node.cfg.insecure_reproducible_privacy else None
-            sent = finish_upload(sent, transform, client_privacy_random(seed, rnd, node.client_id))
+        sent = upload_of(row)
         metrics = {"round": rnd, "client": node.client_id, "loss": float(losses[0]),
                    "num_samples": float(node.data.num_train)}
         metrics.update({f"metric/{k}": float(v) for k, v in row.get("metrics", {}).items()})

@@ -7,20 +7,20 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
 from metafed import tree
 from metafed.algorithms import make_algorithm
+from metafed.backends.base import ClientTask
 from metafed.backends.loop import LoopBackend
+from metafed.client.task import LocalWork, make_task
 from metafed.config import RunConfig
 from metafed.data import load_dataset
 from metafed.data.federated import ClientData
 from metafed.eval import Evaluator
 from metafed.models import FunctionalModel, build_or_call
-from metafed.pools.simulation import SimulationPool
 from metafed.run_folder import write_text_atomic
 
 
@@ -48,16 +48,19 @@ class Node:
         return make_algorithm(self.cfg, FunctionalModel(module))
 
     @functools.cached_property
+    def backend(self) -> LoopBackend:
+        """The reference backend: one client, one task at a time."""
+        return LoopBackend(self.cfg.device)
+
+    @functools.cached_property
     def evaluator(self) -> Evaluator:
-        return Evaluator.from_config(self.algorithm, LoopBackend(self.cfg.device), self.cfg)
+        return Evaluator.from_config(self.algorithm, self.backend, self.cfg)
 
-    def pool(self) -> SimulationPool:
-        """A one-client view of the simulation pool: the exact task the simulation would run."""
-        from metafed.data.federated import FederatedDataset
-
-        clients = [self.data if i == self.client_id else None for i in range(self.client_id + 1)]
-        ds = FederatedDataset(self.cfg.dataset, clients, self.input_shape, self.num_classes)
-        return SimulationPool(self.cfg, ds, self.algorithm, LoopBackend(self.cfg.device))
+    def task(self, rnd: int, program, broadcast: dict) -> ClientTask:
+        """This client's task in round ``rnd``, built as the simulation builds it
+        (:func:`metafed.client.task.make_task`), from the state on this node's disk."""
+        return make_task(self.data, self.client_id, rnd, program, self.load_state(broadcast),
+                         LocalWork.of_round(self.cfg, self.algorithm, rnd))
 
     # ------------------------------------------------------------------ personal state on disk
     def _state_path(self) -> Path:

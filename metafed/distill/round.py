@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from metafed import tree
+from metafed.client.reply import upload_of
 from metafed.eval import ClientScores, _concat_scores, evaluation_sample, score_global, score_stacked
 
 
@@ -29,7 +30,7 @@ def distill_round(fed, rnd: int) -> dict:
         if replies is None or not replies.ids:
             uploads.append(None)
             continue
-        sent = {k: v for k, v in replies.outputs.items() if k not in ("state", "metrics")}
+        sent = upload_of(replies.outputs)
         metrics["bytes_up"] += tree.nested_bytes(sent)
         ok = fed._finite_rows(sent, replies.ids)
         pool.keep_states(replies.ids, replies.outputs.get("state", {}), ok)

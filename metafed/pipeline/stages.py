@@ -30,8 +30,6 @@ class Gate(ServerStage):
         n = len(flow.ids)
         if n < self.min_clients and (n or not self.release_empty):
             raise RoundSkipped(f"{n} valid replies, fewer than --min-clients {self.min_clients}")
-        if not n and not self.release_empty:
-            raise RoundSkipped("no client returned a usable update")
         return flow, slot
 
 
@@ -82,6 +80,9 @@ class SecureSum(ServerStage):
         return True
 
     def apply(self, flow: Flow, ctx: RoundContext, slot: TensorDict) -> tuple[Flow, TensorDict]:
+        if not flow.ids:  # a round without replies (central DP still releases its noise): a zero sum
+            total = tree.nested_map(lambda v: v.sum(0), ctx.empty_message())
+            return replace(flow, total=total, count=0.0), slot
         transform = UploadTransform(clip=flow.clip, count_bit=flow.count_bit)
         total, survivors = ctx.secure_sum(transform, self.weighting)
         ctx.metrics["clients_used"] = len(survivors)

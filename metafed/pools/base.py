@@ -10,6 +10,7 @@ from torch import Tensor
 
 from metafed import tree
 from metafed.algorithms.base import LocalProgram
+from metafed.client.reply import upload_of
 
 
 @dataclass
@@ -30,11 +31,27 @@ class RoundReplies:
     def empty(cls) -> "RoundReplies":
         return cls([], {}, torch.zeros(0), torch.zeros(0, dtype=torch.float64))
 
+    @property
+    def upload(self) -> dict:
+        """What the clients uploaded, stacked [C, ...] (empty where secure aggregation keeps the
+        uploads on the clients until they are masked)."""
+        return upload_of(self.outputs)
+
+    @property
+    def state(self) -> dict:
+        """The clients' new persistent states [C, ...] (only where the pool keeps them server-side)."""
+        return self.outputs.get("state", {})
+
+    @property
+    def metrics(self) -> dict:
+        """Per-client numbers reported beside the upload, each [C] (never aggregated)."""
+        return self.outputs.get("metrics", {})
+
 
 def zero_rows(outputs: dict) -> dict:
     """Zero-row copies [0, ...] of what clients upload (``state`` and ``metrics`` stay home):
     the shapes of a message without holding any client's values."""
-    uploaded = {k: v for k, v in outputs.items() if k not in ("state", "metrics")}
+    uploaded = upload_of(outputs)
     return tree.nested_map(lambda v: v.new_zeros((0, *v.shape[1:])), uploaded)
 
 

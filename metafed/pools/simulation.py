@@ -13,12 +13,15 @@ from torch import Tensor
 from metafed import tree
 from metafed.algorithms.base import FederatedAlgorithm, LocalProgram
 from metafed.backends.base import Backend, ClientTask
+from metafed.client.reply import upload_of
+from metafed.client.runner import run_clients
+from metafed.client.task import LocalWork, make_task
 from metafed.client_store import ClientStore
 from metafed.compression import RESIDUAL, UploadCompression
 from metafed.data.federated import FederatedDataset
-from metafed.data.schedule import program_schedule, straggler_steps
+from metafed.data.schedule import straggler_steps
 from metafed.pools.base import RoundReplies, zero_rows
-from metafed.privacy.upload import UploadTransform, client_privacy_random, finish_upload, own_weight
+from metafed.privacy.upload import UploadTransform, finish_upload, own_weight
 
 if TYPE_CHECKING:
     from metafed.config import RunConfig
@@ -63,17 +66,17 @@ class SimulationPool:
                 continue
             task = self.task(cid, rnd, program, broadcast)
             if cid in slow:
-                epochs, steps = self.algorithm.local_work(rnd) or (cfg.local_epochs, cfg.local_steps)
-                task = replace(task, active_steps=straggler_steps(len(task.schedule), epochs, steps is not None, rng))
+                work = LocalWork.of_round(cfg, self.algorithm, rnd)
+                task = replace(task, active_steps=straggler_steps(len(task.schedule), work.epochs,
+                                                                  work.steps is not None, rng))
             ids.append(cid)
             tasks.append(task)
         if not tasks:
             return RoundReplies.empty()
-        outputs, losses = self.backend.run(program, broadcast, tasks)
-        if self.compression is not None:
+        seed = cfg.seed if cfg.insecure_reproducible_privacy else None
+        outputs, losses = run_clients(self.backend, program, broadcast, tasks, ids, rnd, upload, seed)
+        if self.compression is not None:  # refused with local DP (config): the two never meet
             outputs = self._compress(outputs, ids, rnd)
-        if upload is not None:
-            outputs = self._finish_uploads(outputs, ids, upload, rnd)
         reported = torch.tensor([float(t.inputs["num_samples"]) for t in tasks], dtype=torch.float64)
         return RoundReplies(ids, outputs, losses, reported)
 
@@ -81,7 +84,7 @@ class SimulationPool:
         """Each client encodes its upload (with its residual under error feedback); the server
         gets the decoded rows and, per client, the encoded size (``metrics.upload_bytes``)."""
         comp = self.compression
-        sent = {k: v for k, v in outputs.items() if k not in ("state", "metrics")}
+        sent = upload_of(outputs)
         residuals = None
         if comp.error_feedback:
             d = sum(v[0].numel() for v in tree.nested_leaves(sent))
@@ -94,25 +97,12 @@ class SimulationPool:
         metrics = {**outputs.get("metrics", {}), "upload_bytes": torch.full((len(ids),), float(size))}
         return {**outputs, **decoded, "metrics": metrics}
 
-    def _finish_uploads(self, outputs: dict, ids: list[int], upload: UploadTransform, rnd: int) -> dict:
-        """Each client's upload stage (local DP), on the client's behalf with its own randomness."""
-        sent = {k: v for k, v in outputs.items() if k not in ("state", "metrics")}
-        seed = self.cfg.seed if self.cfg.insecure_reproducible_privacy else None
-        rows = [finish_upload(tree.nested_index(sent, i), upload, client_privacy_random(seed, rnd, cid))
-                for i, cid in enumerate(ids)]
-        return {**outputs, **tree.nested_stack(rows)}
-
     def task(self, cid: int, rnd: int, program: LocalProgram, broadcast: dict) -> ClientTask:
-        """Client ``cid``'s local work in round ``rnd``: its data, its seeded batch schedule
-        (``default_rng([seed, 3, round, client])``) and its persistent state."""
-        cfg = self.cfg
-        epochs, steps = self.algorithm.local_work(rnd) or (cfg.local_epochs, cfg.local_steps)
-        data = self.dataset.clients[cid]
-        sched = program_schedule(program, data.num_train, batch_size=cfg.batch_size, epochs=epochs, steps=steps,
-                                 rng=np.random.default_rng([cfg.seed, 3, rnd, cid]))
-        inputs = {"state": self.clients.get(cid, lambda: self.algorithm.client_init(broadcast)),
-                  "num_samples": torch.tensor(float(data.num_train))}
-        return ClientTask(data.train_x, data.train_y, sched, len(sched), inputs, client=cid)
+        """Client ``cid``'s task in round ``rnd`` (:func:`metafed.client.task.make_task`): its
+        data, its seeded batch schedule and its persistent state from the client store."""
+        state = self.clients.get(cid, lambda: self.algorithm.client_init(broadcast))
+        return make_task(self.dataset.clients[cid], cid, rnd, program, state,
+                         LocalWork.of_round(self.cfg, self.algorithm, rnd))
 
     def label_counts(self, ids: list[int]) -> Tensor:
         k = self.dataset.num_classes
