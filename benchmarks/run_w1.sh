@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# W1 speed, metafed beside the peers (shared/peers), in one run so ratios are comparable.
+# W1 speed, metafed (through `metafed run`'s path, benchmarks/w1_speed.py) beside the peers (shared/peers),
+# in one run so ratios are comparable.
 #   PEERS_PY=/tmp/peers/bin/python bash benchmarks/run_w1.sh > w1.jsonl
 # PEERS_PY: a Python with torch==2.13.0, numpy, psutil and flwr[simulation] (see shared/peers/README.md).
 set -u
@@ -8,8 +9,20 @@ peers_src=${PEERS_SRC:-$here/../../shared/peers}
 peers_py=${PEERS_PY:-}
 work=$(mktemp -d)          # the peers append to raw_results.jsonl beside themselves: run a copy
 cp "$peers_src"/*.py "$work"/
-mf() { python "$here/w1_speed.py" "$@" 2>/dev/null | tail -1; }
-peer() { [ -n "$peers_py" ] && (cd "$work" && "$peers_py" "$@" 2>/dev/null | grep '^{' | tail -1); }
+errors=$(realpath -m "${W1_ERRORS:-w1-errors.log}")   # every command's stderr, kept: a failed run says so here and on stderr
+: > "$errors"
+# run one command, print its last JSON line; on failure a JSON line naming it and the log
+run() {
+  local out rc
+  out=$("$@" 2>>"$errors"); rc=$?
+  if [ $rc -ne 0 ] || ! grep -q '^{' <<<"$out"; then
+    echo "{\"failed\": \"$*\", \"exit\": $rc, \"stderr\": \"$errors\"}"; echo "failed (exit $rc): $*" >&2
+  else
+    grep '^{' <<<"$out" | tail -1
+  fi
+}
+mf() { run python "$here/w1_speed.py" "$@"; }
+peer() { [ -n "$peers_py" ] && (cd "$work" && run "$peers_py" "$@"); }
 for c in 10 100; do
   mf --n 1000 --c $c --backend loop --rounds 3
   mf --n 1000 --c $c --rounds 5

@@ -10,7 +10,12 @@
   is the seed documents' 1/(1 + staleness)), ``hinge:A,B`` = 1 if tau <= B else
   1 / (A (tau - B) + 1).
 
-The clock: ``--clients-per-round`` M clients train at once. A client's job takes its local
+One driver, :class:`AsyncDriver`, runs the server side over any pool's asynchronous clients
+(:class:`AsyncClients`: ``submit`` jobs, ``poll`` the next arrivals): the simulation's
+virtual clock (:class:`metafed.pools.virtual_clock.VirtualClock`) or real arrivals from
+SuperNodes (:class:`metafed.deploy.async_arrivals.RealArrivals`).
+
+The virtual clock: ``--clients-per-round`` M clients train at once. A client's job takes its local
 steps times its per-step time: exp(sigma z_c) with z_c ~ N(0, 1) fixed per client
 (``--client-speed lognormal:SIGMA``, or ``constant``), times 10 for a seeded
 ``--slow-clients`` fraction. A job's result depends on its start model and its client, not
@@ -24,13 +29,13 @@ in the server state and are checkpointed, so a resumed run continues exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import numpy as np
 import torch
 
 from metafed import tree
-from metafed.aggregate import cap_sample_weights
+from metafed.aggregate import RoundSkipped, cap_sample_weights
 from metafed.data.schedule import sample_clients
 
 if TYPE_CHECKING:
@@ -99,59 +104,61 @@ class Job:
         return [float(getattr(self, f)) for f in FIELDS]
 
 
+class AsyncClients(Protocol):
+    """A pool's clients seen asynchronously: jobs go out one by one and come back when they
+    come back. ``persistent``: whether jobs in flight survive a restart of the server (they
+    do on the virtual clock, whose jobs are checkpointed; a deployment's live on the nodes)."""
+
+    persistent: bool
+
+    def submit(self, driver: "AsyncDriver", clients: list[int], schedule_round: int, broadcast: dict) -> list[Job]:
+        """Start ``clients`` on the driver's current model version; returns their jobs."""
+        ...
+
+    def poll(self, driver: "AsyncDriver") -> tuple[list[Job], list[Job]]:
+        """Wait for the next arrivals: (jobs that arrived, with their payloads, in client order;
+        jobs that are gone: refused, malformed or silent past the timeout). Raises RoundSkipped
+        when no job is in flight."""
+        ...
+
+    def now(self) -> float:
+        """The clock rows report as ``virtual_time`` (virtual, or seconds since the start)."""
+        ...
+
+
 @dataclass
-class AsyncServer:
+class AsyncDriver:
+    """FedAsync / FedBuff's server: keeps M jobs in flight, consumes arrivals into the buffer,
+    applies the buffer with staleness weights, refills freed slots. ``clients`` is the pool's
+    :class:`AsyncClients`."""
+
     fed: "Federation"
+    clients: AsyncClients
     clock: float = 0.0
     version: int = 0
     events: int = 0  # dispatch events so far (seeds replacement sampling)
-    jobs: list[Job] = field(default_factory=list)
+    jobs: list[Job] = field(default_factory=list)  # in flight, or arrived and not yet consumed (still busy)
+    ready: list[Job] = field(default_factory=list)  # arrived, not yet consumed
     buffer: list[Job] = field(default_factory=list)
-    models: dict[int, dict] = field(default_factory=dict)  # version -> params, while untrained jobs start from it
+    models: dict[int, dict] = field(default_factory=dict)  # version -> params, while a job started from it needs them
     loaded: bool = False
-
-    # ------------------------------------------------------------------ the clock
-    def step_time(self, cid: int) -> float:
-        if not hasattr(self, "_step_times"):
-            cfg = self.fed.cfg
-            self._step_times = client_step_times(self.fed.pool.num_clients, cfg.client_speed, cfg.slow_clients,
-                                                 cfg.seed)
-        return float(self._step_times[cid])
-
-    def duration(self, cid: int, steps: int) -> float:
-        return steps * self.step_time(cid)
 
     # ------------------------------------------------------------------ jobs
     def dispatch(self, clients: list[int], schedule_round: int) -> int:
-        """Start ``clients`` on the current model. Training waits until the first of the jobs
-        that start from this model version is needed: then all of them train as one batch
-        (their results do not depend on when they run)."""
+        """Start ``clients`` on the current model (its params kept while a job needs them)."""
         fed = self.fed
         broadcast = fed.algorithm.broadcast(fed.state, self.version + 1)
-        program = fed.algorithm.client_program(self.version + 1)
         self.models.setdefault(self.version, fed.algorithm.global_params(fed.state))
         self.events += 1
-        for cid in clients:
-            steps = len(fed.pool.task(cid, schedule_round, program, broadcast).schedule)
-            self.jobs.append(Job(cid, self.version, self.clock + self.duration(cid, steps),
-                                 float(fed.dataset.clients[cid].num_train), schedule_round))
+        self.jobs += self.clients.submit(self, clients, schedule_round, broadcast)
         return tree.nested_bytes(broadcast) * len(clients)
 
-    def train(self, version: int) -> None:
-        """Train every untrained job that starts from ``version``, one batch per batch seed."""
-        fed = self.fed
-        params = self.models.pop(version)
-        state = replace(fed.state, params=params)
-        program = fed.algorithm.client_program(version + 1)
-        broadcast = fed.algorithm.broadcast(state, version + 1)
-        waiting = [j for j in [*self.jobs, *self.buffer] if j.start_version == version and not j.trained]
-        for schedule_round in sorted({j.schedule_round for j in waiting}):
-            group = sorted((j for j in waiting if j.schedule_round == schedule_round), key=lambda j: j.client)
-            replies = fed.pool.train(schedule_round, np.asarray([j.client for j in group]), program, broadcast)
-            for i, job in enumerate(group):
-                delta = tree.nested_index(replies.outputs["update"], i)
-                job.payload = {k: params[k] + delta[k] for k in params} if fed.cfg.async_rule == "fedasync" else delta
-                job.loss = float(replies.losses[i])
+    def payload(self, job: Job, delta: dict) -> dict:
+        """What a job brings the server: FedAsync the client's model, FedBuff its update."""
+        if self.fed.cfg.async_rule != "fedasync":
+            return delta
+        start = self.models[job.start_version]
+        return {k: start[k] + delta[k] for k in start}
 
     def refill(self, free: int) -> int:
         """Start ``free`` idle clients; when every slot is free, the cohort synchronous FedAvg
@@ -173,30 +180,40 @@ class AsyncServer:
         fed, cfg = self.fed, self.fed.cfg
         if not self.loaded:
             self.load(fed.state.extra)
-        bytes_down = 0
-        if not self.jobs and not self.buffer:
-            bytes_down += self.refill(min(cfg.clients_per_round, fed.pool.num_clients))
+        m = min(cfg.clients_per_round, fed.pool.num_clients)
+        bytes_down = self.refill(m - len(self.jobs)) if len(self.jobs) < m else 0
         need = 1 if cfg.async_rule == "fedasync" else (cfg.buffer_size or cfg.clients_per_round)
         consumed: list[Job] = []
-        while True:
-            t = min(j.finish for j in self.jobs)
-            arrived = sorted((j for j in self.jobs if j.finish == t), key=lambda j: j.client)
-            take = arrived[: need - len(self.buffer)]
-            for version in sorted({j.start_version for j in take if not j.trained}):
-                self.train(version)
-            self.clock = t
+        while len(self.buffer) < need:
+            if not self.ready:
+                if not self.jobs:
+                    raise RoundSkipped("no client could be given a job")
+                arrived, gone = self.clients.poll(self)
+                if gone:  # refused, malformed or silent: their slots go to other clients
+                    self.jobs = [j for j in self.jobs if j not in gone]
+                    bytes_down += self.refill(len(gone))
+                self.ready += arrived
+                continue
+            take = self.ready[: need - len(self.buffer)]
+            self.ready = self.ready[len(take):]
             self.jobs = [j for j in self.jobs if j not in take]
             self.buffer += take
             consumed += take
-            if len(self.buffer) >= need:
-                break
-            bytes_down += self.refill(len(take))  # the buffer waits: refill the freed slots now
+            if len(self.buffer) < need:
+                bytes_down += self.refill(len(take))  # the buffer waits: refill the freed slots now
+        self.clock = self.clients.now()
         staleness = [self.version - j.start_version for j in self.buffer]
         self.apply(self.buffer, staleness, rnd)
         self.buffer, self.version = [], self.version + 1
-        bytes_down += self.refill(min(cfg.clients_per_round, fed.pool.num_clients) - len(self.jobs))
+        self._forget_models()
+        bytes_down += self.refill(m - len(self.jobs))
         self.save()
         return self.row(rnd, consumed, staleness, bytes_down)
+
+    def _forget_models(self) -> None:
+        """Keep the start model of each version a job in flight or waiting still needs."""
+        needed = {j.start_version for j in [*self.jobs, *self.buffer]} | {self.version}
+        self.models = {v: p for v, p in self.models.items() if v in needed}
 
     def row(self, rnd: int, consumed: list[Job], staleness: list[int], bytes_down: int) -> dict:
         """The metrics row of one server update."""
@@ -225,15 +242,18 @@ class AsyncServer:
 
     # ------------------------------------------------------------------ checkpoint
     def save(self) -> None:
-        """In-flight jobs, the buffer and the clock into the server state (checkpointed)."""
+        """The clock, the buffer and (on a virtual clock) the jobs in flight into the server
+        state (checkpointed). A deployment's jobs live on the nodes: a resumed server starts
+        fresh ones."""
+        jobs = self.jobs if self.clients.persistent else []
         extra = {k: v for k, v in self.fed.state.extra.items() if not k.startswith("async/")}
         extra["async/clock"] = torch.tensor([self.clock, self.version, self.events], dtype=torch.float64)
         params = self.fed.state.params
-        for name, jobs in (("jobs", self.jobs), ("buffer", self.buffer)):
-            extra[f"async/{name}"] = torch.tensor([j.record() for j in jobs], dtype=torch.float64).reshape(-1, 7)
+        for name, saved in (("jobs", jobs), ("buffer", self.buffer)):
+            extra[f"async/{name}"] = torch.tensor([j.record() for j in saved], dtype=torch.float64).reshape(-1, 7)
             for k, v in params.items():  # untrained jobs: zeros, their "trained" field says so
                 extra[f"async/{name}/{k}"] = torch.stack([j.payload[k] if j.trained else torch.zeros_like(v)
-                                                          for j in jobs]) if jobs else v.new_zeros((0, *v.shape))
+                                                          for j in saved]) if saved else v.new_zeros((0, *v.shape))
         for version, model in self.models.items():
             extra.update({f"async/models/{version}/{k}": v.clone() for k, v in model.items()})  # own storage
         self.fed.state = replace(self.fed.state, extra=extra)
@@ -250,5 +270,7 @@ class AsyncServer:
                         {k: extra[f"async/{name}/{k}"][i] for k in self.fed.state.params} if r[6] else None)
                     for i, r in enumerate(rows)]
             setattr(self, name, jobs)
+        if not self.clients.persistent:
+            self.jobs = []  # a deployment's jobs in flight were lost with the earlier server
         versions = {int(k.split("/")[2]) for k in extra if k.startswith("async/models/")}
         self.models = {v: {k: extra[f"async/models/{v}/{k}"] for k in self.fed.state.params} for v in versions}

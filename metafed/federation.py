@@ -14,7 +14,7 @@ import torch
 from metafed import tree
 from metafed.algorithms.base import FederatedAlgorithm, ServerState
 from metafed.aggregate import RoundSkipped, cap_sample_weights
-from metafed.asynchrony import AsyncServer
+from metafed.asynchrony import AsyncDriver
 from metafed.client.reply import upload_of
 from metafed.tree import flatten_messages
 from metafed.attacks import backdoor_accuracy, choose_free_riders
@@ -25,7 +25,6 @@ from metafed.compression.downlink import make_broadcast_compression
 from metafed.data.federated import FederatedDataset
 from metafed.distill.base import DistillationAlgorithm
 from metafed.data.schedule import poisson_sample_clients, program_schedule, sample_clients
-from metafed.eval import HELDOUT_ADAPT_STEPS, Evaluator, evaluation_sample
 from metafed.incentive.contribution import PREVIOUS_STEP, ContributionMeter, validation_split, weighted_mean
 from metafed.pools import ClientPool, RoundReplies, SimulationPool
 from metafed.pipeline import Flow, RoundContext, build_chain
@@ -75,7 +74,6 @@ class Federation:
                                        compression=make_compression(self.cfg.compress, self.cfg.error_feedback))
         if self.pool.num_clients < 1:
             raise ValueError("the dataset has no training clients")
-        self.evaluator = Evaluator.from_config(self.algorithm, self.backend, self.cfg)
         self.dp, self.accountant = self._privacy()
         self.chain  # noqa: B018 - refuses a wrong stage order before training starts
         need = getattr(self.aggregator, "required_clients", lambda: 1)()
@@ -187,11 +185,9 @@ class Federation:
     def run_round(self, rnd: int) -> dict:
         """Train one round: sample -> pool (clients run the program and their per-client
         upload stage) -> validate -> aggregation pipeline -> server update."""
-        if self.cfg.mode == "async":  # one server update of FedAsync / FedBuff on the virtual clock
-            if getattr(self, "_async", None) is None:  # deployment: replies as they really arrive
-                from metafed.deploy.async_server import DeployedAsyncServer
-
-                self._async = (DeployedAsyncServer if hasattr(self.pool, "push_train") else AsyncServer)(self)
+        if self.cfg.mode == "async":  # one server update of FedAsync / FedBuff, over the pool's async clients
+            if getattr(self, "_async", None) is None:  # a virtual clock in simulation, real arrivals in deployment
+                self._async = AsyncDriver(self, self.pool.async_clients())
             return self._async.step(rnd)
         if isinstance(self.algorithm, DistillationAlgorithm):  # distillation: per architecture group (metafed.distill)
             from metafed.distill.round import distill_round
@@ -352,18 +348,7 @@ class Federation:
             from metafed.distill.round import evaluate_groups
 
             return evaluate_groups(self, rnd)
-        broadcast = self.algorithm.broadcast(self.state, rnd)
-        if hasattr(self.pool, "evaluate"):  # federated evaluation: clients score on their own data
-            return self.pool.evaluate(rnd, self.algorithm.global_params(self.state), broadcast), {}
-        ids = evaluation_sample(self.dataset.num_clients, self.cfg.eval_clients, self.cfg.seed)
-        states = [self.clients.get(c, lambda: self.algorithm.client_init(broadcast)) for c in ids]
-        metrics, per_client = self.evaluator.evaluate(self.state, rnd, [self.dataset.clients[c] for c in ids], states,
-                                                      self.cfg.personalize_steps, self.dataset.heldout,
-                                                      HELDOUT_ADAPT_STEPS, ids, self.cfg.eval_train_loss)
-        # who each per-client score belongs to (LEAF user ids; the client index otherwise)
-        per_client["client"] = [self.dataset.clients[c].name or str(c) for c in ids]
-        if self.dataset.heldout:
-            per_client["new_client"] = [c.name or f"new-{j}" for j, c in enumerate(self.dataset.heldout)]
+        metrics, per_client = self.pool.evaluate(rnd, self.state)  # clients score on their own data
         if self.cfg.attack == "backdoor":
             honest = [c for i, c in enumerate(self.dataset.clients) if i not in self.malicious]
             metrics["backdoor_accuracy"] = backdoor_accuracy(self.algorithm.model, self.algorithm.global_params(self.state),

@@ -275,8 +275,7 @@ def _run(cfg: RunConfig, resume, overwrite: bool, pool, own: tuple, held: ExitSt
                 tracker.log_clients(rnd, per_client)
             if ledger is not None and fed.settlement is not None:
                 receipts = ledger.append(rnd, fed.settlement.records())
-                if hasattr(fed.pool, "deliver_receipts"):  # deployment: each client gets its signed entry
-                    fed.pool.deliver_receipts(rnd, receipts, ledger.public_key)
+                fed.pool.deliver_receipts(rnd, receipts, ledger.public_key)  # deployment: to each client's node
             elapsed += time.perf_counter() - t0
             row.update(wall_time_s=round(elapsed, 4), bytes_up_total=bytes_up, bytes_down_total=bytes_down)
             if fed.dp is not None:

@@ -63,13 +63,15 @@ def test_per_fedavg_paper_protocol_adapts_exactly_one_step_and_averages_uniforml
     assert cfg.personalize_steps == 1 and cfg.weighting == "uniform"
     fed = build_federation(cfg)
     steps_seen = []
-    original = type(fed.evaluator).personalized
+    from metafed.eval import Evaluator
+
+    original = Evaluator.personalized
 
     def spy(self, broadcast, clients, states, steps, rnd, stream, ids=None):
         steps_seen.append((steps, stream))
         return original(self, broadcast, clients, states, steps, rnd, stream, ids)
 
-    monkeypatch.setattr(type(fed.evaluator), "personalized", spy)
+    monkeypatch.setattr(Evaluator, "personalized", spy)
     fed.evaluate(1)
     assert steps_seen == [(1, 5)]
     program = fed.algorithm.personalize_program(1, cfg.lr)

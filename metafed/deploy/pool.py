@@ -360,6 +360,12 @@ class FlowerPool:
         decoded = fixed.decode_sum(total, len(lists.survivors))
         return unflatten_like(torch.from_numpy(decoded), layout, template), list(lists.survivors)
 
+    def async_clients(self):
+        """``--mode async``: jobs pushed to the SuperNodes, replies consumed as they arrive."""
+        from metafed.deploy.async_arrivals import RealArrivals
+
+        return RealArrivals(self)
+
     def keep_states(self, ids: list[int], states: dict, accepted) -> None:
         """Nodes keep their own personal state."""
 
@@ -388,10 +394,12 @@ class FlowerPool:
             log.warning("round %d: %d of %d clients acknowledged their ledger receipts", rnd, acked, len(messages))
 
     # ------------------------------------------------------------------ federated evaluation
-    def evaluate(self, rnd: int, params: dict, broadcast: dict) -> dict:
+    def evaluate(self, rnd: int, state) -> tuple[dict, dict]:
         """Federated evaluation: training clients score the global and their personalized
         model on their own test data; held-out clients score new-client accuracy after k
-        adaptation steps. All reply counts; the server combines them."""
+        adaptation steps. All reply counts; the server combines them. Returns (metrics, {}):
+        no per-client lists yet."""
+        params, broadcast = self.algorithm.global_params(state), self.algorithm.broadcast(state, rnd)
         from flwr.app import ConfigRecord, Message, RecordDict
 
         config = ConfigRecord({"config": self.config_json, "round": rnd, "heldout-steps": list(HELDOUT_ADAPT_STEPS)})
@@ -418,11 +426,11 @@ class FlowerPool:
             except (BadReply, KeyError, TypeError, ValueError) as e:
                 log.warning("evaluation round %d: rejected scores from node %s: %s", rnd, _src(r), e)
         if not rows:
-            return {}
+            return {}, {}
         metrics = {**combine_client_evaluations([rows[c] for c in sorted(rows)]), "clients_evaluated": len(rows)}
         if new:
             metrics.update(combine_new_client_evaluations([new[c] for c in sorted(new)], HELDOUT_ADAPT_STEPS))
-        return metrics
+        return metrics, {}
 
 
 _KEYS = {"global_correct", "global_loss_sum", "test_count", "train_loss_sum", "train_count", "personalized_correct",

@@ -2,15 +2,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from metafed import tree
-from metafed.algorithms.base import LocalProgram
+from metafed.algorithms.base import LocalProgram, ServerState
 from metafed.client.reply import upload_of
+from metafed.client_store import ClientStore
+from metafed.privacy.upload import UploadTransform
+
+if TYPE_CHECKING:
+    from metafed.asynchrony import AsyncClients
 
 
 @dataclass
@@ -56,10 +61,18 @@ def zero_rows(outputs: dict) -> dict:
 
 
 class ClientPool(Protocol):
-    num_clients: int
+    """Where the clients live, as the round drivers see them: everything a driver asks of
+    clients goes through these methods, in simulation (:class:`~metafed.pools.simulation.
+    SimulationPool`) and in deployment (:class:`~metafed.deploy.pool.FlowerPool`) alike."""
 
-    def train(self, rnd: int, cohort: np.ndarray, program: LocalProgram, broadcast: dict) -> RoundReplies:
-        """Ask the ``cohort`` (client ids) to run ``program`` from ``broadcast``; return who replied."""
+    num_clients: int  # training clients (held-out ones never train)
+    clients: ClientStore  # personal states kept server-side (empty where the nodes keep their own)
+
+    def train(self, rnd: int, cohort: np.ndarray, program: LocalProgram, broadcast: dict,
+              upload: UploadTransform | None = None, downlink=None) -> RoundReplies:
+        """Ask the ``cohort`` (client ids) to run ``program`` from ``broadcast``; return who
+        replied. ``upload``: the clients' own upload stage (local DP: clip and noise on the
+        client); ``downlink``: the compressed broadcast each client rebuilds its model from."""
         ...
 
     def keep_states(self, ids: list[int], states: dict, accepted: Tensor) -> None:
@@ -74,4 +87,24 @@ class ClientPool(Protocol):
     def message_template(self, rnd: int, program: LocalProgram, broadcast: dict) -> dict:
         """Zero-row stacked outputs with the shapes clients upload (a round without replies
         still needs them to release DP noise)."""
+        ...
+
+    def secure_sum(self, rnd: int, run_id: bytes, cohort: list[int], ids: list[int], rows: dict | None,
+                   transform: UploadTransform, weighting: str | None) -> tuple[dict, list[int]]:
+        """Secure aggregation over the round's ``cohort``: the clients ``ids`` finish their
+        uploads (``transform``, their own weight under ``weighting``), mask them and the
+        server learns the survivors' sum only. Returns (sum, survivors)."""
+        ...
+
+    def evaluate(self, rnd: int, state: ServerState) -> tuple[dict, dict]:
+        """Federated evaluation of the server state: clients score on their own test data.
+        Returns (metrics, per-client lists, possibly empty)."""
+        ...
+
+    def async_clients(self) -> "AsyncClients":
+        """The clients seen asynchronously (``--mode async``): submit jobs, poll arrivals."""
+        ...
+
+    def deliver_receipts(self, rnd: int, entries: list[dict], public_key: str) -> None:
+        """Hand each client its signed ledger entry of round ``rnd`` (``--contribution``)."""
         ...

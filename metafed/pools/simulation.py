@@ -3,6 +3,7 @@ vectorized) over a ``FederatedDataset``. Simulated failures live here: ``dropout
 clients that never reply) and ``stragglers`` (partial work, dropped or kept by policy)."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -11,7 +12,7 @@ import torch
 from torch import Tensor
 
 from metafed import tree
-from metafed.algorithms.base import FederatedAlgorithm, LocalProgram
+from metafed.algorithms.base import FederatedAlgorithm, LocalProgram, ServerState
 from metafed.backends.base import Backend, ClientTask
 from metafed.client.reply import upload_of
 from metafed.client.runner import run_clients
@@ -20,7 +21,9 @@ from metafed.client_store import ClientStore
 from metafed.compression import RESIDUAL, UploadCompression
 from metafed.data.federated import FederatedDataset
 from metafed.data.schedule import straggler_steps
+from metafed.eval import HELDOUT_ADAPT_STEPS, Evaluator, evaluation_sample
 from metafed.pools.base import RoundReplies, zero_rows
+from metafed.pools.virtual_clock import VirtualClock
 from metafed.privacy.upload import UploadTransform, finish_upload, own_weight
 
 if TYPE_CHECKING:
@@ -107,6 +110,34 @@ class SimulationPool:
     def label_counts(self, ids: list[int]) -> Tensor:
         k = self.dataset.num_classes
         return torch.stack([torch.bincount(self.dataset.clients[c].train_y, minlength=k) for c in ids])
+
+    @functools.cached_property
+    def evaluator(self) -> Evaluator:
+        return Evaluator.from_config(self.algorithm, self.backend, self.cfg)
+
+    def evaluate(self, rnd: int, state: ServerState) -> tuple[dict, dict]:
+        """Each sampled client scores the global model and its personalized one on its own test
+        split; held-out clients score new-client accuracy after k adaptation steps. Returns
+        (metrics, per-client lists named by client)."""
+        cfg, algorithm = self.cfg, self.algorithm
+        broadcast = algorithm.broadcast(state, rnd)
+        ids = evaluation_sample(self.dataset.num_clients, cfg.eval_clients, cfg.seed)
+        states = [self.clients.get(c, lambda: algorithm.client_init(broadcast)) for c in ids]
+        metrics, per_client = self.evaluator.evaluate(state, rnd, [self.dataset.clients[c] for c in ids], states,
+                                                      cfg.personalize_steps, self.dataset.heldout,
+                                                      HELDOUT_ADAPT_STEPS, ids, cfg.eval_train_loss)
+        # who each per-client score belongs to (LEAF user ids; the client index otherwise)
+        per_client["client"] = [self.dataset.clients[c].name or str(c) for c in ids]
+        if self.dataset.heldout:
+            per_client["new_client"] = [c.name or f"new-{j}" for j, c in enumerate(self.dataset.heldout)]
+        return metrics, per_client
+
+    def deliver_receipts(self, rnd: int, entries: list[dict], public_key: str) -> None:
+        """Simulated clients read their ledger entries in the run folder: nothing to send."""
+
+    def async_clients(self) -> VirtualClock:
+        """``--mode async``: the clients as jobs on the virtual clock."""
+        return VirtualClock(self)
 
     def keep_states(self, ids: list[int], states: dict, accepted: Tensor) -> None:
         pending, self._pending_residuals = self._pending_residuals, {}
