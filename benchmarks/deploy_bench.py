@@ -77,7 +77,7 @@ def measure(system: str, cfg: RunConfig, nodes: int, work: Path) -> dict:
 def simulate(cfg: RunConfig) -> dict:
     from metafed.run import build_federation
 
-    fed = build_federation(cfg.model_copy(update={"out": None}))
+    fed = build_federation(cfg.updated(out=None))
     times = []
     for rnd in range(1, cfg.rounds + 1):
         t0 = time.perf_counter()

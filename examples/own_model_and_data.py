@@ -51,7 +51,7 @@ def main(out: Path) -> None:
     data = FederatedDataset("blobs", make_clients(), input_shape=(64,), num_classes=3)
     cfg = RunConfig(num_clients=len(data.clients), clients_per_round=3, rounds=4, lr=0.1, batch_size=10,
                     out=out, progress=False)
-    first = run(cfg.model_copy(update={"rounds": 2}), model=SmallConvNet, data=data)
+    first = run(cfg.updated(rounds=2), model=SmallConvNet, data=data)
     resumed = run(RunConfig(rounds=4, progress=False), resume=out, model=SmallConvNet, data=data)
     print(f"rounds 1-2: global accuracy {first.rows[-1]['global_accuracy']:.3f}; resumed to round 4: "
           f"{resumed.rows[-1]['global_accuracy']:.3f}; run folder {out}")

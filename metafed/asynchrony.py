@@ -29,17 +29,36 @@ in the server state and are checkpointed, so a resumed run continues exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Callable, ClassVar, Literal, Optional, Protocol
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from metafed import tree
 from metafed.aggregate import RoundSkipped, cap_sample_weights
 from metafed.data.schedule import sample_clients
+from metafed.section import Section
 
 if TYPE_CHECKING:
     from metafed.federation import Federation
+
+
+class ScheduleSection(Section):
+    """Synchronous rounds or asynchronous FedAsync / FedBuff."""
+
+    TITLE: ClassVar[str] = "Asynchrony"
+
+    mode: Literal["sync", "async"] = Field("sync", description="sync rounds, or async: clients train on a virtual "
+                                           "clock and the server applies updates as they arrive")
+    async_rule: Literal["fedasync", "fedbuff"] = Field("fedbuff", description="async: FedAsync (mix in each arrival) "
+                                                       "or FedBuff (apply the mean of every K arrivals)")
+    async_alpha: float = Field(0.6, gt=0, le=1, description="FedAsync: mixing weight a of an arriving model")
+    staleness: str = Field("poly:0.5", description="async: staleness weight s(tau): constant, poly:A ((1+tau)^-A), "
+                           "hinge:A,B")
+    buffer_size: Optional[int] = Field(None, ge=1, description="FedBuff: K arrivals per server update (default: "
+                                       "clients-per-round)")
+
 
 SLOW_FACTOR = 10.0
 FIELDS = ("client", "start_version", "finish", "samples", "loss", "schedule_round", "trained")  # a job's record

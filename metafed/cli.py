@@ -147,7 +147,7 @@ def _run_seeds(cfg, seeds: str, resume: Optional[Path], overwrite: bool) -> None
         _fail(f"--seeds needs distinct seeds, got {seeds!r}")
     dirs = [Path(cfg.out) / f"seed-{v}" for v in values]
     for value, out in zip(values, dirs):
-        run_job(cfg.model_copy(update={"seed": value, "out": out}), overwrite=overwrite)
+        run_job(cfg.updated(seed=value, out=out), overwrite=overwrite)
     summary = summarize_seeds(dirs, Path(cfg.out))
     for key, stats in summary.items():
         if key != "runs":
@@ -204,7 +204,7 @@ def config_show(
     description and whether it was set, and the algorithm's paper."""
     from metafed.cli_options import parse_list_values
     from metafed.config import build_config
-    from metafed.config_layout import show_config
+    from metafed.config.show import show_config
 
     with _one_line_errors():
         cfg = build_config(config, **{**parse_list_values(values), **_parse_sets(set_)})

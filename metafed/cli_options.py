@@ -1,6 +1,7 @@
-"""`metafed run`'s flags, generated from :class:`~metafed.config.RunConfig`: every config key
-is a flag, with the field's description, its choices and its default in ``--help``, listed
-in the key's section. A new config field therefore gets its flag with no CLI change.
+"""`metafed run`'s flags, generated from the config tree's flat keys (:mod:`metafed.config.
+aliases`): every config key is a flag, with the field's description, its choices and its
+default in ``--help``, listed under its section's heading. A new field in any section
+therefore gets its flag with no CLI change.
 
 Every generated option defaults to None, "not given", so the YAML file (``-c``) and the
 model's defaults apply unless the flag is typed; the help shows the model's default.
@@ -14,8 +15,7 @@ from typing import Any, Optional
 
 import typer
 
-from metafed.config import RunConfig
-from metafed.config_layout import section_of
+from metafed.config.aliases import KEYS
 
 # keys whose flags are not spelled --key (and --no-key for a switch)
 FLAG_NAMES = {
@@ -58,12 +58,13 @@ def _shown_default(value: Any) -> str:
 def config_parameters() -> list[inspect.Parameter]:
     """One keyword-only typer option per config key, in the model's field order."""
     params = []
-    for key, field in RunConfig.model_fields.items():
+    for key, spec in KEYS.items():
+        field = spec.field
         kind, choices = _cli_type(field.annotation)
         names = FLAG_NAMES.get(key) or ((f"{flag(key)}/--no-{flag(key)[2:]}",) if kind is bool else (flag(key),))
         text = field.description + (f" ({' | '.join(choices)})" if choices else "")
         option = typer.Option(None, *names, help=text, show_default=_shown_default(
-            field.get_default(call_default_factory=True)), rich_help_panel=section_of(key))
+            field.get_default(call_default_factory=True)), rich_help_panel=spec.title)
         params.append(inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=option,
                                         annotation=Optional[kind]))
     return params
@@ -91,7 +92,7 @@ def parse_list_values(values: dict) -> dict:
         if not isinstance(text, str):
             continue
         items = [v.strip() for v in text.split(",") if v.strip()]
-        inner = typing.get_args(RunConfig.model_fields[key].annotation)[0]  # e.g. Annotated[int, Field(ge=1)]
+        inner = typing.get_args(KEYS[key].field.annotation)[0]  # e.g. Annotated[int, Field(ge=1)]
         if (typing.get_args(inner)[0] if typing.get_origin(inner) is typing.Annotated else inner) is not int:
             values[key] = items  # names: the config checks them
             continue

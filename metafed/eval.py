@@ -16,9 +16,11 @@ percentile over clients (how the worst-served clients fare).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar, Literal, Optional
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from metafed import tree
@@ -27,7 +29,28 @@ from metafed.backends.base import Backend, ClientTask
 from metafed.data.federated import ClientData
 from metafed.data.schedule import program_schedule
 from metafed.models import FunctionalModel
+from metafed.section import Section
 from metafed.types import Params
+
+
+class EvaluationSection(Section):
+    """What is scored, when, and with how much adaptation (:mod:`metafed.eval`)."""
+
+    TITLE: ClassVar[str] = "Evaluation"
+
+    eval_every: int = Field(1, ge=1, description="evaluate every N rounds (and at the last)")
+    eval_clients: Optional[int] = Field(None, ge=1, description="score a fixed, seeded sample of this many "
+                                        "training clients at each evaluation (default: all)")
+    eval_train_loss: bool = Field(True, description="also report the global model's loss over all the evaluated "
+                                  "clients' training data (a full pass)")
+    personalize_steps: int = Field(5, ge=0,
+        description="adaptation steps from the global model before scoring personalized accuracy")
+    personal_eval: Literal["adapt", "stored"] = Field(
+        "adapt", description="personalized accuracy: adapt (personalize-steps from the global model, or from the "
+        "stored personal model) or stored (score each client's stored personal model as it is: pFedMe, Ditto)")
+    personalize_lr: Optional[float] = Field(None, gt=0, description="learning rate of those steps (default: lr)")
+    eval_batch_size: int = Field(10, ge=1, description="batch size of the adaptation steps")
+
 
 EVAL_SAMPLES_PER_CHUNK = 4096
 HELDOUT_ADAPT_STEPS = (0, 1, 5, 10)  # new-client accuracy after k adaptation steps

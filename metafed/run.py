@@ -23,7 +23,8 @@ from metafed.backends.device import resolve_device
 from metafed.checkpoint import CLIENTS_DIR, CheckpointError, load_checkpoint, save_checkpoint
 from metafed.client_store import ClientStore
 from metafed.config import ConfigError, RunConfig
-from metafed.config_layout import grouped_config
+from metafed.config.aliases import default_of
+from metafed.config.show import tree_dump
 from metafed.data import DEFAULT_MODEL, load_dataset
 from metafed.data.federated import FederatedDataset
 from metafed.federation import Federation
@@ -129,14 +130,14 @@ def check_deployable(cfg: RunConfig) -> None:
     """Refuse what the deployment cannot do honestly yet, rather than run it at the server."""
     from metafed.distill import DISTILLATION
 
-    if cfg.algorithm in DISTILLATION:
-        raise ConfigError(f"--algorithm {cfg.algorithm} runs in simulation only for now: its clients' own models "
+    if cfg.algorithm.name in DISTILLATION:
+        raise ConfigError(f"--algorithm {cfg.algorithm.name} runs in simulation only for now: its clients' own models "
                           "and the public inputs are not wired into the deployment's ClientApp")
     if cfg.secagg_dropout:
         raise ConfigError("--secagg-dropout is simulated: in deployment dropouts are real, remove it")
     if cfg.attack or cfg.dropout or cfg.stragglers:
         raise ConfigError("attacks, dropout and stragglers are simulated: in deployment they are real, remove them")
-    speed_default = RunConfig.model_fields["client_speed"].default
+    speed_default = default_of("client_speed")
     if cfg.mode == "async" and (cfg.client_speed != speed_default or cfg.slow_clients):
         raise ConfigError("--client-speed and --slow-clients simulate slow clients: in deployment speeds are real, "
                           "remove them")
@@ -148,10 +149,16 @@ def check_deployable(cfg: RunConfig) -> None:
     if cfg.aggregator == "fltrust":
         raise ConfigError("fltrust needs a root dataset held by the server; in deployment the server holds no "
                           "data: choose another robust aggregator")
+    # what is left of the simulate section: a deployment runs only with it empty
+    simulated = [k for k in type(cfg.simulate).model_fields if getattr(cfg.simulate, k) != default_of(k)]
+    if simulated:
+        raise ConfigError(f"{', '.join('--' + k.replace('_', '-') for k in simulated)}: simulated behaviour (the "
+                          "simulate section); in deployment it is real, remove it")
 
 
 def config_dump(cfg: RunConfig) -> dict:
-    return json.loads(cfg.model_dump_json())
+    """Every flat key with its JSON value (what trackers log and a resume compares)."""
+    return cfg.flat_values()
 
 
 class _PlainProgress:
@@ -244,7 +251,7 @@ def _run(cfg: RunConfig, resume, overwrite: bool, pool, own: tuple, held: ExitSt
     cfg = fed.cfg
     ledger = _open_ledger(cfg, run_dir, resume is not None) if fed.meter is not None and run_dir else None
     if run_dir:  # on resume too: rounds (or another resumable setting) may have changed
-        write_text_atomic(run_dir / CONFIG_FILE, yaml.safe_dump(grouped_config(cfg), sort_keys=False))
+        write_text_atomic(run_dir / CONFIG_FILE, yaml.safe_dump(tree_dump(cfg), sort_keys=False))
     if cfg.progress and isinstance(fed.pool, SimulationPool):
         print(describe_federation(fed), flush=True)
         if compile_would_pay(cfg, fed.algorithm.client_program(1)):
@@ -351,13 +358,14 @@ def _restore(cfg: RunConfig, run_dir: Path, pool=None, own: tuple = ()) -> tuple
         raise CheckpointError(f"{config_path} is not a valid metafed config: {str(e).splitlines()[0]}") from None
     asked = config_dump(cfg)
     merged = config_dump(saved)
-    changed = sorted(k for k in cfg.model_fields_set - RESUMABLE_CHANGES if asked[k] != merged.get(k))
+    given = cfg.given_keys()
+    changed = sorted(k for k in given - RESUMABLE_CHANGES if asked.get(k) != merged.get(k))
     if changed:
         diffs = ", ".join(f"{k}: {merged.get(k)!r} -> {asked[k]!r}" for k in changed)
         raise CheckpointError(f"--resume cannot change settings of the run in {run_dir}: {diffs} "
                               f"(only {', '.join(sorted(RESUMABLE_CHANGES - {'out'}))} may change)")
     for key in RESUMABLE_CHANGES:
-        if key in cfg.model_fields_set:
+        if key in given:
             merged[key] = asked[key]
     merged["out"] = str(run_dir)
     resumed_cfg = RunConfig(**merged)
@@ -432,7 +440,7 @@ def _write_outputs(run_dir: Path, tracker: RunTracker, params: Params, per_clien
     tracker.write_csv()
     final = tracker.rows[-1] if tracker.rows else {}
     tracker.write_summary({
-        "algorithm": cfg.algorithm, "dataset": cfg.dataset, "backend": cfg.backend, "rounds": cfg.rounds,
+        "algorithm": cfg.algorithm.name, "dataset": cfg.dataset, "backend": cfg.backend, "rounds": cfg.rounds,
         "final": final, "per_client_accuracy": per_client,
         "weighting": "*_accuracy is sample-weighted over clients' test samples; *_accuracy_mean is unweighted",
         "torch": torch.__version__, "privacy": privacy_summary(cfg, final), **provenance(),

@@ -13,6 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "metafed"
 # low -> high; a module belongs to the longest prefix that names it
 LAYERS: list[tuple[str, ...]] = [
     ("metafed.tree", "metafed.types", "metafed.version", "metafed.errors", "metafed.losses", "metafed.run_folder",
+     "metafed.section",
      "metafed.client.reply"),
     ("metafed.models",),
     ("metafed.data",),
@@ -21,7 +22,6 @@ LAYERS: list[tuple[str, ...]] = [
     ("metafed.backends", "metafed.client", "metafed.client_store", "metafed.checkpoint", "metafed.attacks", "metafed.asynchrony"),
     ("metafed.eval", "metafed.pools", "metafed.protocols", "metafed.pipeline"),
     ("metafed.simulate",),
-    ("metafed.config_layout",),
     ("metafed.config",),
     ("metafed.federation",),
     ("metafed.deploy",),  # the pool, the node and the ClientApp: below run

@@ -56,7 +56,7 @@ def test_heterogeneous_speeds_make_stale_updates_and_a_resume_continues_exactly(
     times = [r["virtual_time"] for r in full.rows]
     assert times == sorted(times) and max(r["staleness_max"] for r in full.rows) > 0
     out = tmp_path / "run"
-    run(cfg.model_copy(update={"rounds": 3, "out": out}))
+    run(cfg.updated(rounds=3, out=out))
     resumed = run(small_config(rounds=6), resume=out)
     for k in full.params:
         assert torch.equal(full.params[k], resumed.params[k]), k

@@ -72,7 +72,7 @@ def test_bytes_up_is_the_encoded_size_and_resume_keeps_the_residuals(tmp_path):
     store = full.federation.clients
     assert all(store.private(c, RESIDUAL) is not None for c in store.ids())
     out = tmp_path / "run"
-    run(cfg.model_copy(update={"rounds": 2, "out": out}))
+    run(cfg.updated(rounds=2, out=out))
     resumed = run(small_config(rounds=4), resume=out)
     for k in full.params:
         assert torch.equal(full.params[k], resumed.params[k]), k

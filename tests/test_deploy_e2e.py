@@ -120,7 +120,7 @@ def test_serverapp_then_superlink_killed_with_sigkill_resume_to_the_uninterrupte
     config.write_text(CONFIG.replace("rounds: 2", "rounds: 4") + "eval_every: 4\n")
     cfg = build_config(config, num_clients=3, backend="loop", progress=False)
     out = tmp_path / "deployed"
-    with LocalDeployment(3, cfg.model_copy(update={"out": out}), tmp_path / "work", insecure=False,
+    with LocalDeployment(3, cfg.updated(out=out), tmp_path / "work", insecure=False,
                          persistent=True) as deployment:
         nodes = deployment.procs[1:4]
         first, _ = _submit_until_commit(deployment, out, 120.0)
@@ -158,7 +158,7 @@ def test_supernode_killed_mid_round_is_dropped_and_the_run_finishes(tmp_path):
     config.write_text(CONFIG + "eval_every: 2\n")
     cfg = build_config(config, num_clients=3, backend="loop", progress=False)
     out = tmp_path / "deployed"
-    with LocalDeployment(3, cfg.model_copy(update={"out": out}), tmp_path / "work", insecure=True) as deployment:
+    with LocalDeployment(3, cfg.updated(out=out), tmp_path / "work", insecure=True) as deployment:
         runner, codes = _submit_until_commit(deployment, out, 45.0)
         victim = deployment.procs[3]  # procs: SuperLink, then SuperNodes 0, 1, 2
         os.killpg(victim.pid, signal.SIGKILL)  # the node and its running ClientApp, in round 2
@@ -187,7 +187,7 @@ def test_secure_aggregation_between_real_processes_with_a_node_killed_mid_protoc
     cfg = build_config(config, num_clients=4, backend="loop", progress=False)
     out = tmp_path / "deployed"
     lines, killed = [], threading.Event()
-    with LocalDeployment(4, cfg.model_copy(update={"out": out}), tmp_path / "work", insecure=False) as deployment:
+    with LocalDeployment(4, cfg.updated(out=out), tmp_path / "work", insecure=False) as deployment:
         def watch(line: str) -> None:
             lines.append(line)
             if "secure aggregation share:" in line and not killed.is_set():
@@ -222,7 +222,7 @@ def test_every_client_keeps_its_signed_ledger_receipts(tmp_path):
     config.write_text(CONFIG + "contribution: size\n")
     cfg = build_config(config, num_clients=3, backend="loop", progress=False)
     out, work = tmp_path / "deployed", tmp_path / "work"
-    with LocalDeployment(3, cfg.model_copy(update={"out": out}), work, insecure=True) as deployment:
+    with LocalDeployment(3, cfg.updated(out=out), work, insecure=True) as deployment:
         assert deployment.submit(out, False, 120.0, print, 360.0) == 0
     result = verify(out / LEDGER_FILE)
     assert result.ok and result.entries == 2 * 3  # 2 rounds x 3 clients

@@ -10,7 +10,7 @@ from metafed.algorithms import ALGORITHMS
 from metafed.algorithms.maml import meta_gradient
 from metafed.algorithms.per_fedavg import hessian_vector_product
 from metafed.algorithms.pfedme import moreau_inner_solve
-from metafed.config_layout import KEY_OWNERS
+from metafed.config.aliases import ALGORITHM_KEYS
 from metafed.backends.base import step_batch
 from metafed.data.schedule import client_schedule
 from metafed.run import run
@@ -145,7 +145,7 @@ def test_loop_equals_vectorized(name):
     name = name.removesuffix("-delta")
     extra = dict(algorithm=name, rounds=2, server_lr=0.5 if name == "reptile" else 1.0,
                  heldout_fraction=0.25, meta_order="second" if name == "meta-updater" and not delta else "first")
-    if name in KEY_OWNERS["inner_lr"]:
+    if name in ALGORITHM_KEYS["inner_lr"]:
         extra["inner_lr"] = 0.05
     if name == "personalized-fedavg":
         extra["stage1_rounds"] = 1

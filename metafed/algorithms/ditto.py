@@ -12,13 +12,17 @@ personal objective from the stored v_i for ``--personalize-steps`` steps, then s
 """
 from __future__ import annotations
 
+from typing import ClassVar, Literal, Optional
 from dataclasses import dataclass
 
+
+from pydantic import Field
 
 from metafed import tree
 from metafed.aggregate.server_opt import ServerOptimizer
 from metafed.algorithms.base import FederatedAlgorithm, SgdPart, grad_and_loss, sgd
 from metafed.models import FunctionalModel
+from metafed.section import Section
 
 
 def personal_step(model: FunctionalModel, v, w_global, batch, lam: float, lr: float):
@@ -95,3 +99,14 @@ class Ditto(FederatedAlgorithm):
 
     def personalize_program(self, steps: int, lr: float) -> DittoPersonalize:
         return DittoPersonalize(self.model, self.program.personal_lr, self.program.lam)
+
+
+class DittoSection(Section):
+    """Ditto's parameters."""
+
+    FLAT: ClassVar[dict[str, str]] = {"lam": "ditto_lambda"}
+
+    name: Literal["ditto"] = "ditto"
+    lam: float = Field(0.1, ge=0,
+        description="Ditto: lambda, the pull of the personal model to the global one", alias='lambda')
+    personal_lr: Optional[float] = Field(None, gt=0, description="pFedMe / Ditto personal rate (default lr)")

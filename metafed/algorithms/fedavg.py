@@ -10,14 +10,17 @@
 """
 from __future__ import annotations
 
+from typing import Literal
 from dataclasses import dataclass
 
+
+from pydantic import Field
 
 from metafed import tree
 from metafed.aggregate.server_opt import ServerOptimizer
 from metafed.algorithms.base import FederatedAlgorithm, SgdPart
 from metafed.algorithms.gradients import grad, sgd_step
-from metafed.algorithms.local_opt import LocalOptimizer
+from metafed.algorithms.local_opt import LocalOptimizer, LocalSolverSection
 from metafed.models import FunctionalModel
 
 
@@ -82,3 +85,16 @@ class FedAvg(FederatedAlgorithm):
 
     def client_program(self, rnd: int = 0) -> ProximalSGD:
         return ProximalSGD(self.model, self.lr, self.mu, local_opt=self.local_opt)
+
+
+class FedAvgSection(LocalSolverSection):
+    """FedAvg's parameters (the local solver, where it is free)."""
+
+    name: Literal["fedavg"] = "fedavg"
+
+
+class FedProxSection(LocalSolverSection):
+    """FedProx's parameters."""
+
+    name: Literal["fedprox"] = "fedprox"
+    mu: float = Field(0.0, ge=0, description="FedProx proximal weight")

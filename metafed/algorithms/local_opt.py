@@ -11,11 +11,15 @@ SGD steps: their inner updates are part of what they differentiate or analyse.
 """
 from __future__ import annotations
 
+from typing import Literal
 from dataclasses import dataclass
 
 import torch
 
+from pydantic import Field
+
 from metafed.types import Params
+from metafed.section import Section
 
 LOCAL_OPTIMIZERS = ("sgd", "momentum", "adam")
 
@@ -56,3 +60,13 @@ class LocalOptimizer:
         root_correction = torch.sqrt(1 - self.beta2 ** t)
         new = {k: p - step * m[k] / (v[k].sqrt() / root_correction + self.eps) for k, p in params.items()}
         return new, {"m": m, "v": v, "t": t}
+
+
+class LocalSolverSection(Section):
+    """The client optimizer of the algorithms whose local solver is free (FedAvg, FedProx,
+    Reptile, Personalized FedAvg); the others keep their papers' SGD."""
+
+    local_optimizer: Literal["sgd", "momentum", "adam"] = Field(
+        "sgd", description="client optimizer of fedavg, fedprox, reptile and personalized-fedavg (state fresh each "
+        "round; the other algorithms keep their papers' SGD)")
+    local_momentum: float = Field(0.9, ge=0, lt=1, description="momentum of --local-optimizer momentum")

@@ -21,10 +21,12 @@ evaluation adapts with ``inner_steps`` steps, the number training optimised for.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal
 
 from torch import Tensor
 from torch.func import grad
+
+from pydantic import Field
 
 from metafed import tree
 from metafed.aggregate.server_opt import ServerOptimizer
@@ -32,6 +34,7 @@ from metafed.algorithms.base import FederatedAlgorithm, FirstOrderMetaStep, batc
 from metafed.algorithms.finetune import FineTune
 from metafed.models import FunctionalModel
 from metafed.types import Params
+from metafed.section import Section
 
 # loss_fn(params, j): loss on minibatch j of the step (0 = support, 1 = query)
 LossFn = Callable[[Params, int], Tensor]
@@ -99,3 +102,19 @@ class MAML(FederatedAlgorithm):
 
     def personalize_program(self, steps: int, lr: float) -> FineTune:
         return FineTune(self.model, self.program.inner_lr)
+
+
+class MAMLSection(Section):
+    """MAML's parameters."""
+
+    name: Literal["maml"] = "maml"
+    inner_lr: float = Field(0.01, gt=0, description="alpha: MAML / Meta-SGD initial rate / Per-FedAvg")
+    inner_steps: int = Field(1, ge=1, description="MAML inner SGD steps on the support batch")
+
+
+class FOMAMLSection(Section):
+    """First-order MAML's parameters."""
+
+    name: Literal["fomaml"] = "fomaml"
+    inner_lr: float = Field(0.01, gt=0, description="alpha: MAML / Meta-SGD initial rate / Per-FedAvg")
+    inner_steps: int = Field(1, ge=1, description="MAML inner SGD steps on the support batch")

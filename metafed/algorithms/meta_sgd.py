@@ -19,16 +19,20 @@ with ``--personalize-steps`` steps at the learned rates.
 """
 from __future__ import annotations
 
+from typing import Literal
 from dataclasses import dataclass
 
 import torch
 from torch.func import grad
+
+from pydantic import Field
 
 from metafed import tree
 from metafed.aggregate.server_opt import ServerOptimizer
 from metafed.algorithms.base import FederatedAlgorithm, ServerState, batch_loss, grad_and_loss, sgd
 from metafed.models import FunctionalModel
 from metafed.types import Params
+from metafed.section import Section
 
 
 @dataclass(frozen=True)
@@ -102,3 +106,10 @@ class MetaSGD(FederatedAlgorithm):
 
     def personalize_program(self, steps: int, lr: float) -> MetaSGDAdapt:
         return MetaSGDAdapt(self.model)
+
+
+class MetaSGDSection(Section):
+    """Meta-SGD's parameters."""
+
+    name: Literal["meta-sgd"] = "meta-sgd"
+    inner_lr: float = Field(0.01, gt=0, description="alpha: MAML / Meta-SGD initial rate / Per-FedAvg")

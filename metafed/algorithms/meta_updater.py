@@ -44,16 +44,20 @@ above, where u_i is a learned step that local training generalises from.
 """
 from __future__ import annotations
 
+from typing import ClassVar, Literal, Optional
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.func import grad
 
+from pydantic import Field
+
 from metafed.aggregate.server_opt import ServerOptimizer
 from metafed.algorithms.base import FederatedAlgorithm, ServerState, batch_loss, grad_and_loss, sgd
 from metafed.models import FunctionalModel
 from metafed.types import Params
+from metafed.section import Section
 
 
 def _mix(a: Params, b: Params, weight_b: float) -> Params:
@@ -190,3 +194,20 @@ class MetaUpdater(FederatedAlgorithm):
     def personalize_program(self, steps: int, lr: float) -> MetaUpdaterPersonalize:
         p = self.program
         return MetaUpdaterPersonalize(self.model, p.lr, p.alpha, p.mix, apply_meta=self.formulation != "delta")
+
+
+class MetaUpdaterSection(Section):
+    """The meta-updater's parameters."""
+
+    FLAT: ClassVar[dict[str, str]] = {"alpha": "meta_alpha", "mix": "meta_mix", "val_period": "meta_val_period", "order": "meta_order", "formulation": "meta_formulation"}
+
+    name: Literal["meta-updater"] = "meta-updater"
+    alpha: float = Field(1.0, gt=0, description="meta-updater: step size alpha in theta - alpha*u")
+    meta_lr: Optional[float] = Field(None, gt=0, description="meta-updater: learning rate of u (default lr)")
+    mix: float = Field(0.5, ge=0, le=1, description="meta-updater: pull of theta_i, u_i towards w, u_g")
+    val_period: int = Field(5, ge=2, description="meta-updater: every n-th train sample is validation")
+    order: Literal["first", "second"] = Field("first",
+        description="meta-updater: first- or second-order meta-gradient")
+    formulation: Literal["learned-step", "delta"] = Field(
+        "learned-step", description="meta-updater: learned-step (u_i a learned step local training generalises "
+        "from) or delta (the seed document as written: u_i from the model change, refined on the validation loss)")

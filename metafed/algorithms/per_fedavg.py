@@ -15,10 +15,12 @@ data (Section 5); the equal-budget protocol adapts ``--personalize-steps`` steps
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ClassVar, Literal
 
 from torch import Tensor
 from torch.func import grad, jvp
+
+from pydantic import Field
 
 from metafed import tree
 from metafed.aggregate.server_opt import ServerOptimizer
@@ -26,6 +28,7 @@ from metafed.algorithms.base import FederatedAlgorithm, FirstOrderMetaStep, batc
 from metafed.algorithms.finetune import FineTune
 from metafed.models import FunctionalModel
 from metafed.types import Params
+from metafed.section import Section
 
 
 def hessian_vector_product(loss: Callable[[Params], Tensor], params: Params, vector: Params) -> Params:
@@ -81,3 +84,21 @@ class PerFedAvg(FederatedAlgorithm):
 
     def personalize_program(self, steps: int, lr: float) -> FineTune:
         return FineTune(self.model, self.program.alpha)
+
+
+class PerFedAvgFOSection(Section):
+    """Per-FedAvg (first order)'s parameters."""
+
+    FLAT: ClassVar[dict[str, str]] = {"alpha": "inner_lr"}
+
+    name: Literal["per-fedavg-fo"] = "per-fedavg-fo"
+    alpha: float = Field(0.01, gt=0, description="alpha: MAML / Meta-SGD initial rate / Per-FedAvg")
+
+
+class PerFedAvgHFSection(Section):
+    """Per-FedAvg (Hessian-free)'s parameters."""
+
+    FLAT: ClassVar[dict[str, str]] = {"alpha": "inner_lr"}
+
+    name: Literal["per-fedavg-hf"] = "per-fedavg-hf"
+    alpha: float = Field(0.01, gt=0, description="alpha: MAML / Meta-SGD initial rate / Per-FedAvg")

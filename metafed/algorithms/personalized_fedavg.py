@@ -15,10 +15,13 @@ both stages use the configured server optimizer.
 """
 from __future__ import annotations
 
+from typing import Literal, Optional
+from pydantic import Field
+
 from metafed.aggregate.server_opt import ServerOptimizer
 from metafed.algorithms.base import ServerState
 from metafed.algorithms.fedavg import FedAvg
-from metafed.algorithms.local_opt import LocalOptimizer
+from metafed.algorithms.local_opt import LocalOptimizer, LocalSolverSection
 from metafed.models import FunctionalModel
 from metafed.types import Params
 
@@ -45,3 +48,15 @@ class PersonalizedFedAvg(FedAvg):
         params, slots = opt.step(state.params, aggregate["update"], state.opt_state)
         others = {k: v for k, v in state.opt_state.items() if not opt.owns(k)}
         return ServerState(params, {**others, **slots}, state.extra)
+
+
+class PersonalizedFedAvgSection(LocalSolverSection):
+    """Personalized FedAvg's parameters."""
+
+    name: Literal["personalized-fedavg"] = "personalized-fedavg"
+    stage1_rounds: Optional[int] = Field(None, ge=0, description="Personalized FedAvg: FedAvg rounds (default rounds/2)")
+    stage1_epochs: Optional[int] = Field(None, ge=1, description="Personalized FedAvg: local epochs in stage 1")
+    stage2_server_optimizer: Optional[Literal["sgd", "adam", "yogi", "adagrad"]] = Field(
+        None, description="Personalized FedAvg: the Reptile stage's server optimizer (default: --server-optimizer)")
+    stage2_server_lr: Optional[float] = Field(None, gt=0, description="Personalized FedAvg: its learning rate "
+                                              "(default: that optimizer's default)")

@@ -20,16 +20,19 @@ personal_lr * (L + lambda) < 2: personal_lr * lambda >= 2 is refused up front.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ClassVar, Literal, Optional
 
 import torch
 from torch.func import grad
+
+from pydantic import Field
 
 from metafed import tree
 from metafed.aggregate.server_opt import ServerOptimizer
 from metafed.algorithms.base import FederatedAlgorithm, MoreauStep, batch_loss
 from metafed.models import FunctionalModel
 from metafed.types import Params
+from metafed.section import Section
 
 
 def moreau_inner_solve(grad_fn: Callable[[Params], Params], anchor: Params, theta: Params, lam: float, lr: float,
@@ -126,3 +129,15 @@ class PFedMe(FederatedAlgorithm):
     def personalize_program(self, steps: int, lr: float) -> PFedMePersonalize:
         p = self.program
         return PFedMePersonalize(self.model, p.personal_lr, p.lam, p.inner_steps)
+
+
+class PFedMeSection(Section):
+    """pFedMe's parameters."""
+
+    FLAT: ClassVar[dict[str, str]] = {"lam": "pfedme_lambda", "steps": "pfedme_steps"}
+
+    name: Literal["pfedme"] = "pfedme"
+    lam: float = Field(15.0, gt=0,
+        description="pFedMe: lambda, the pull of the personal model to the global one", alias='lambda')
+    steps: int = Field(5, ge=1, description="K: inner steps of the Moreau-envelope solve")
+    personal_lr: Optional[float] = Field(None, gt=0, description="pFedMe / Ditto personal rate (default lr)")

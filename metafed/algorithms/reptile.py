@@ -11,10 +11,13 @@ evaluation: fine-tuning from theta.
 """
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+from pydantic import Field
+
 from metafed.aggregate.server_opt import ServerOptimizer
 from metafed.algorithms.base import ServerState
 from metafed.algorithms.fedavg import FedAvg
-from metafed.algorithms.local_opt import LocalOptimizer
+from metafed.algorithms.local_opt import LocalOptimizer, LocalSolverSection
 from metafed.models import FunctionalModel
 
 
@@ -38,3 +41,13 @@ class Reptile(FedAvg):
         params, opt_state = self.server_opt.step(state.params, aggregate["update"], state.opt_state,
                                                  self.step_scale(rnd))
         return ServerState(params, opt_state, state.extra)
+
+
+class ReptileSection(LocalSolverSection):
+    """Reptile's parameters."""
+
+    FLAT: ClassVar[dict[str, str]] = {"anneal": "reptile_anneal"}
+
+    name: Literal["reptile"] = "reptile"
+    anneal: bool = Field(False, description="Reptile: anneal the server step eps linearly to 0 over the "
+                                 "rounds (Nichol et al. 2018)")

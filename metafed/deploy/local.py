@@ -270,7 +270,7 @@ def deploy_local(cfg: RunConfig, clients: int, out: Path, insecure: bool = False
         raise ConfigError(f"deploy-local partitions a built-in pooled dataset (digits, mnist, synthetic), not "
                           f"{cfg.dataset!r}")
     check_deployable(cfg)
-    cfg = cfg.model_copy(update={"num_clients": clients, "out": out, "progress": False, "backend": "loop"})
+    cfg = cfg.updated(num_clients=clients, out=out, progress=False, backend="loop")
     RunConfig(**json.loads(cfg.model_dump_json()))  # re-validate with the node count
     if not resume:
         check_target(out, overwrite)

@@ -41,7 +41,7 @@ def main(grid: Grid, context: Context, model=None) -> None:
     cfg = RunConfig(**json.loads(Path(str(rc["config-file"])).read_text()))
     out = Path(str(rc["out"]))
     resume = bool(rc.get("resume", False))
-    cfg = cfg.model_copy(update={"out": out, "progress": False, "backend": "loop"})
+    cfg = cfg.updated(out=out, progress=False, backend="loop")
     roster_path = str(rc.get("secagg-roster", ""))
     roster = load_roster(roster_path) if roster_path else None
     pool = FlowerPool(grid, cfg, int(rc["num-nodes"]), float(rc.get("connect-timeout", 60.0)),

@@ -42,12 +42,12 @@ def make_distillation(cfg: "RunConfig", dataset: "FederatedDataset", model: "Fun
     if empty:
         raise ValueError(f"--client-models: no client runs {', '.join(empty)} among {n} clients (raise its share)")
     opt = server_optimizer(cfg)
-    if cfg.algorithm == "fd":
+    if cfg.algorithm.name == "fd":
         return FD(groups, opt, cfg.lr, cfg.distill_weight, cfg.distill_temperature, dataset.num_classes)
     public = dataset.public
     if public is None:
-        raise ValueError(f"--algorithm {cfg.algorithm} needs public inputs: this dataset was built without them")
-    if cfg.algorithm == "fedmd":
+        raise ValueError(f"--algorithm {cfg.algorithm.name} needs public inputs: this dataset was built without them")
+    if cfg.algorithm.name == "fedmd":
         return FedMD(groups, opt, cfg.lr, public, cfg.public_subset, cfg.distill_lr or cfg.lr, cfg.digest_epochs,
                      cfg.batch_size, cfg.seed, dataset.num_classes)
     return FedDF(groups, opt, cfg.lr, public, cfg.distill_steps, cfg.distill_lr or FEDDF_DEFAULT_LR,

@@ -20,14 +20,18 @@ the private training. Evaluation scores each client's own model (there is no glo
 """
 from __future__ import annotations
 
+from typing import Literal, Optional
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.func import grad
 
+from pydantic import Field
+
 from metafed.distill.base import DistillationAlgorithm
 from metafed.models import FunctionalModel
+from metafed.section import Section
 
 SUBSET_STREAM = 27
 
@@ -112,3 +116,21 @@ class FedMD(DistillationAlgorithm):
         scores = torch.cat(got)  # [C, P, K]
         extra = {**state.extra, "fedmd.consensus": scores.mean(0).float(), "fedmd.round": torch.tensor(rnd)}
         return type(state)(state.params, state.opt_state, extra)
+
+
+class FedMDSection(Section):
+    """FedMD's parameters."""
+
+    name: Literal["fedmd"] = "fedmd"
+    client_models: Optional[str] = Field(None,
+        description="heterogeneous clients: reference models and their shares, e.g. mlp:0.5,small-cnn:0.5 "
+                    "(default: every client runs --model)")
+    public_data: Literal["pool", "mnist"] = Field("pool",
+        description="unlabelled public inputs: pool (samples of this dataset no client holds: carved before "
+                    "partitioning, or held-out clients' inputs) or mnist (MNIST images from DATA_DIR)")
+    public_size: int = Field(1000, ge=10, description="public inputs the server and clients share")
+    public_subset: int = Field(500, ge=1, description="FedMD: public inputs scored per round")
+    digest_epochs: int = Field(1, ge=1, description="FedMD: passes over the subset towards the consensus")
+    distill_lr: Optional[float] = Field(None, gt=0,
+        description="FedDF: Adam rate of the server distillation (default 0.001); FedMD: SGD rate of the "
+                    "digest (default --lr)")
