@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from metafed.config.aliases import ALGORITHM_KEYS, KEYS, default_of, flat_name_of, flat_of, tree_of
 from metafed.config.tree import ALGORITHM_SECTIONS, SECTIONS, AlgorithmSection
@@ -45,7 +45,17 @@ NEEDS = {
 STORED_PERSONAL_MODELS = ("pfedme", "ditto", "meta-updater")
 
 
-class RunConfig(BaseModel):
+def _sections_model() -> type[BaseModel]:
+    """The root's fields, one per section of :data:`metafed.config.tree.SECTIONS` (the
+    algorithm's second): a new section is one line there, nothing here."""
+    fields: dict[str, Any] = {"algorithm": (AlgorithmSection, Field(default_factory=ALGORITHM_SECTIONS["fedavg"]))}
+    fields = {**{name: (cls, Field(default_factory=cls)) for name, cls in list(SECTIONS.items())[:1]}, **fields,
+              **{name: (cls, Field(default_factory=cls)) for name, cls in list(SECTIONS.items())[1:]}}
+    return create_model("Sections", __config__=ConfigDict(extra="forbid", validate_assignment=True,
+                                                         allow_inf_nan=False), **fields)
+
+
+class RunConfig(_sections_model()):
     """The whole run: ``data``, ``algorithm`` (a union on ``name``: each algorithm's own
     section, so another algorithm's key cannot be written), ``training``, ``aggregation``,
     ``privacy`` (``dp``, ``secagg``), ``compression``, ``schedule``, ``incentives``,
@@ -53,20 +63,6 @@ class RunConfig(BaseModel):
 
     Flat keys keep working everywhere: ``RunConfig(dp_clip=0.5)``, ``cfg.dp_clip`` and YAML
     files of flat keys read and write the tree through :mod:`metafed.config.aliases`."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-    data: SECTIONS["data"] = Field(default_factory=SECTIONS["data"])  # type: ignore[valid-type]
-    algorithm: AlgorithmSection = Field(default_factory=ALGORITHM_SECTIONS["fedavg"])
-    training: SECTIONS["training"] = Field(default_factory=SECTIONS["training"])  # type: ignore[valid-type]
-    aggregation: SECTIONS["aggregation"] = Field(default_factory=SECTIONS["aggregation"])  # type: ignore[valid-type]
-    privacy: SECTIONS["privacy"] = Field(default_factory=SECTIONS["privacy"])  # type: ignore[valid-type]
-    compression: SECTIONS["compression"] = Field(default_factory=SECTIONS["compression"])  # type: ignore[valid-type]
-    schedule: SECTIONS["schedule"] = Field(default_factory=SECTIONS["schedule"])  # type: ignore[valid-type]
-    incentives: SECTIONS["incentives"] = Field(default_factory=SECTIONS["incentives"])  # type: ignore[valid-type]
-    evaluation: SECTIONS["evaluation"] = Field(default_factory=SECTIONS["evaluation"])  # type: ignore[valid-type]
-    execution: SECTIONS["execution"] = Field(default_factory=SECTIONS["execution"])  # type: ignore[valid-type]
-    simulate: SECTIONS["simulate"] = Field(default_factory=SECTIONS["simulate"])  # type: ignore[valid-type]
 
     @model_validator(mode="before")
     @classmethod
