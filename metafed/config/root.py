@@ -169,6 +169,15 @@ class RunConfig(_sections_model()):
                 and self.attack is None:
             raise ValueError(f"--aggregator {self.aggregator} needs --byzantine-f F, the number of malicious "
                              "clients per round it must tolerate (with f = 0 it is no defence)")
+        if self.secure_aggregation:
+            from metafed.privacy.secagg.protocol import MIN_COHORT
+
+            cohort = self.clients_per_round if self.client_sampling == "poisson" else min(self.clients_per_round,
+                                                                                          self.num_clients)
+            if cohort < MIN_COHORT:
+                raise ValueError(f"--secure-aggregation with {cohort} clients per round: the sum of fewer than "
+                                 f"{MIN_COHORT} clients reveals them (a sum of one is the input itself); raise "
+                                 "--clients-per-round")
         if self.secagg_neighbours is not None and self.secagg_neighbours % 2:
             raise ValueError(f"--secagg-neighbours {self.secagg_neighbours}: SecAgg+ needs an even k (k/2 "
                              "neighbours on each side of the ring)")

@@ -32,6 +32,18 @@ class SecAggAbort(RuntimeError):
     """The protocol cannot continue safely (too few clients, inconsistent server lists, ...)."""
 
 
+# The floors below which a secure sum hides nothing. The server learns the sum over the
+# survivors, and it chooses who survives (it may drop anyone): with a threshold of 1 it can
+# drop every client but its victim and unmask that client's input alone (Bonawitz et al.,
+# CCS 2017, hide an input only within the sum of at least t inputs; Bell et al., CCS 2020,
+# state SecAgg+'s guarantee as a sum over a large enough set of honest clients). So t >= 2,
+# and with the rule t > n/2 against a server that shows clients different survivor lists,
+# n >= 3. These are floors, not recommendations: a sum of two still gives each of the two the
+# other's input, and a server with Sybil clients in the cohort learns the sum of the rest.
+MIN_COHORT = 3
+MIN_THRESHOLD = 2
+
+
 @dataclass(frozen=True)
 class SecAggConfig:
     """threshold t: minimum surviving clients, fixed before the round, n/2 < t <= n for a
@@ -48,10 +60,16 @@ class SecAggConfig:
                              f"got {self.neighbours}")
 
     def check_cohort(self, n: int) -> None:
-        """Refuse thresholds that let a server equivocate (t <= n/2) or that no round can meet."""
+        """Refuse cohorts too small to hide an input (:data:`MIN_COHORT`), thresholds that let a
+        server equivocate (t <= n/2) or that no round can meet. Every client checks this on its
+        own node when it is asked to join (``advertise``), whatever the server says."""
         if not n / 2 < self.threshold <= n:
             raise SecAggAbort(f"threshold {self.threshold} must satisfy n/2 < t <= n for this round's cohort of "
                               f"n={n}: at t <= n/2 a server can show two halves of the clients different lists")
+        if n < MIN_COHORT or self.threshold < MIN_THRESHOLD:
+            raise SecAggAbort(f"a cohort of {n} with threshold {self.threshold}: secure aggregation needs at least "
+                              f"{MIN_COHORT} clients and a threshold of at least {MIN_THRESHOLD}, or the 'sum' the "
+                              "server learns is one client's input")
 
     def sparse(self, members: int) -> bool:
         return self.neighbours is not None and self.neighbours < members - 1
@@ -83,4 +101,4 @@ def pair_sign(u: int, v: int) -> int:
     return 1 if u < v else -1
 
 
-__all__ = ["SecAggAbort", "SecAggConfig", "SurvivorList", "share_point", "pair_sign"]
+__all__ = ["MIN_COHORT", "MIN_THRESHOLD", "SecAggAbort", "SecAggConfig", "SurvivorList", "share_point", "pair_sign"]
