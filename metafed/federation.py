@@ -23,7 +23,6 @@ from metafed.client_store import ClientStore
 from metafed.compression import make_compression
 from metafed.compression.downlink import make_broadcast_compression
 from metafed.data.federated import FederatedDataset
-from metafed.distill.base import DistillationAlgorithm
 from metafed.data.schedule import poisson_sample_clients, program_schedule, sample_clients
 from metafed.incentive.contribution import PREVIOUS_STEP, ContributionMeter, validation_split, weighted_mean
 from metafed.pools import ClientPool, RoundReplies, SimulationPool
@@ -189,10 +188,8 @@ class Federation:
             if getattr(self, "_async", None) is None:  # a virtual clock in simulation, real arrivals in deployment
                 self._async = AsyncDriver(self, self.pool.async_clients())
             return self._async.step(rnd)
-        if isinstance(self.algorithm, DistillationAlgorithm):  # distillation: per architecture group (metafed.distill)
-            from metafed.distill.round import distill_round
-
-            return distill_round(self, rnd)
+        if self.algorithm.combines_groups:  # model groups whose uploads the algorithm combines (distillation)
+            return self._group_round(rnd)
         alg = self.algorithm
         broadcast = alg.broadcast(self.state, rnd)
         program = alg.client_program(rnd)
@@ -228,6 +225,40 @@ class Federation:
             self._keep_incentive_history(received)
         if self.dp is not None:
             self._charge_round(metrics)  # a sampled cohort was charged whatever happened next
+        return metrics
+
+    def _group_round(self, rnd: int) -> dict:
+        """A round over model groups (federated distillation, :mod:`metafed.distill`): the
+        cohort is sampled as every algorithm samples it and split by group; each group's
+        clients train their group's program from its broadcast (one pool call per group, so
+        each group runs vectorized); each group's replies are validated like any others
+        (finite check, states kept, capped weights), and the algorithm's server step combines
+        what the groups sent: logits (FedMD, FD) or weights (FedDF). The weight-averaging
+        chain does not apply (the config refuses DP, SecAgg, robust rules, compression)."""
+        alg = self.algorithm
+        cohort = self._sample(rnd)
+        self._cohort = cohort.tolist()
+        metrics = {"round": rnd, "clients_sampled": len(cohort), "bytes_down": 0, "bytes_up": 0, "clients_used": 0,
+                   "train_loss": float("nan")}
+        uploads, losses, weights = [], [], []
+        for g in range(alg.num_groups):
+            members = cohort[[alg.group_of(int(c)) == g for c in cohort]]
+            broadcast = alg.broadcast_group(self.state, rnd, g)
+            metrics["bytes_down"] += alg.wire_bytes(broadcast) * len(members)
+            replies = self.pool.train(rnd, members, alg.program_group(rnd, g), broadcast) if len(members) else None
+            group_metrics: dict = {}
+            got = self._validate(replies, rnd, group_metrics) if replies is not None and replies.ids else Received()
+            metrics["bytes_up"] += group_metrics.get("bytes_up", 0)
+            if not got.ids:
+                uploads.append(None)
+                continue
+            uploads.append((got.ids, got.kept, got.weights))
+            losses.append(got.client_loss.double())
+            weights.append(got.weights)
+        if losses:
+            loss, w = torch.cat(losses), torch.cat(weights)
+            metrics.update(clients_used=len(loss), train_loss=float((loss * w).sum() / w.sum()))
+            self.state = replace(alg.server_step(self.state, uploads, rnd), stages=self.state.stages)
         return metrics
 
     def _validate(self, replies: RoundReplies, rnd: int, metrics: dict) -> "Received":
@@ -344,10 +375,6 @@ class Federation:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, rnd: int) -> tuple[dict, dict]:
-        if isinstance(self.algorithm, DistillationAlgorithm):
-            from metafed.distill.round import evaluate_groups
-
-            return evaluate_groups(self, rnd)
         metrics, per_client = self.pool.evaluate(rnd, self.state)  # clients score on their own data
         if self.cfg.attack == "backdoor":
             honest = [c for i, c in enumerate(self.dataset.clients) if i not in self.malicious]

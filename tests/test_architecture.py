@@ -38,7 +38,6 @@ FACADES = {"metafed.deploy": "metafed.deploy.apps"}
 
 # upward imports still standing, each with what removes it (issue 21: the round drivers)
 KNOWN_UPWARD = {
-    ("metafed.distill.round", "metafed.eval"): "distillation as an algorithm with groups in the sync driver",
 }
 
 

@@ -94,6 +94,28 @@ class FederatedAlgorithm(ABC):
         """The params that 'global model' evaluation uses."""
         return state.params
 
+    # ---- model groups: clients of different architectures (federated distillation). An
+    # ordinary algorithm is one group of every client; the round driver asks each group's
+    # clients with the group's broadcast and program.
+    combines_groups: bool = False  # True: ``server_step(state, uploads per group)`` replaces the chain
+
+    @property
+    def num_groups(self) -> int:
+        return 1
+
+    def group_of(self, cid: int) -> int:
+        return 0
+
+    def broadcast_group(self, state: ServerState, rnd: int, g: int) -> dict:
+        return self.broadcast(state, rnd)
+
+    def program_group(self, rnd: int, g: int) -> LocalProgram:
+        return self.client_program(rnd)
+
+    def wire_bytes(self, broadcast: dict) -> int:
+        """Bytes a broadcast puts on the wire."""
+        return tree.nested_bytes(broadcast)
+
     def check_params(self, params: Params) -> None:
         """Resume: the checkpoint's server params fit this algorithm (ValueError naming why)."""
         self.model.check_params(params)

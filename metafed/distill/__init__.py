@@ -4,7 +4,8 @@
 (:mod:`metafed.distill.groups`); each group trains vectorized, and only logits on shared
 inputs (FedMD, FedDF's server) or per-label logits (FD) connect the groups. The public
 inputs are a documented split (:mod:`metafed.data.public`). The round and evaluation
-live in :mod:`metafed.distill.round`.
+run in the synchronous round driver (:mod:`metafed.federation`) and the simulation pool's
+group evaluation (:mod:`metafed.pools.group_evaluation`).
 """
 from __future__ import annotations
 

@@ -3,7 +3,8 @@ architectures, group-prefixed server params, and per-group parts for the round l
 
 A distillation algorithm is a :class:`~metafed.algorithms.base.FederatedAlgorithm` whose
 parts come per group ``g`` (``broadcast_group``, ``program_group``, ``client_init`` reads
-the group from the broadcast); :func:`metafed.distill.round.distill_round` runs them.
+the group from the broadcast) and whose server step combines the groups' uploads
+(``combines_groups``); the synchronous round driver (:mod:`metafed.federation`) runs them.
 Server params are one dict with keys ``"{g}.{name}"`` (FedDF's prototypes; FedMD and FD
 keep the groups' initial weights there, which their clients start from), so checkpoints,
 ``final.safetensors`` and resume treat them like any model.
@@ -51,12 +52,17 @@ class DistillationAlgorithm(FederatedAlgorithm):
     # the clients' own model is their state "params": it is what personalized evaluation scores
     keeps_personal_model = True
     has_global_model = False  # FedDF: each group has a server model; FedMD, FD: none
+    combines_groups = True
 
     def __init__(self, groups: list[ModelGroup], server_opt: ServerOptimizer, lr: float):
         super().__init__(groups[0].model, server_opt)
         self.groups, self.lr = groups, lr
         self._group_of = {c: g for g, grp in enumerate(groups) for c in grp.members}
         self._initial = [grp.model.init_params() for grp in groups]
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.groups)
 
     def group_of(self, cid: int) -> int:
         return self._group_of[cid]
@@ -109,7 +115,7 @@ class DistillationAlgorithm(FederatedAlgorithm):
         when no client of group ``g`` replied."""
 
     def server_update(self, state: ServerState, aggregate: dict, rnd: int) -> ServerState:
-        raise TypeError(f"{self.name} runs its own server step per group (metafed.distill.round)")
+        raise TypeError(f"{self.name} runs its own server step over the groups (server_step)")
 
     def group_global(self, state: ServerState, g: int) -> Params | None:
         """Group ``g``'s server model (FedDF), or None where the algorithm has none."""

@@ -4,6 +4,7 @@ clients that never reply) and ``stragglers`` (partial work, dropped or kept by p
 from __future__ import annotations
 
 import functools
+import types
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,7 @@ from metafed.data.federated import FederatedDataset
 from metafed.data.schedule import straggler_steps
 from metafed.eval import HELDOUT_ADAPT_STEPS, Evaluator, evaluation_sample
 from metafed.pools.base import RoundReplies, zero_rows
+from metafed.pools.group_evaluation import evaluate_groups
 from metafed.pools.virtual_clock import VirtualClock
 from metafed.privacy.upload import UploadTransform, finish_upload, own_weight
 
@@ -120,6 +122,10 @@ class SimulationPool:
         split; held-out clients score new-client accuracy after k adaptation steps. Returns
         (metrics, per-client lists named by client)."""
         cfg, algorithm = self.cfg, self.algorithm
+        if algorithm.combines_groups:  # each client with its own group's models (distillation)
+            view = types.SimpleNamespace(algorithm=algorithm, cfg=cfg, dataset=self.dataset, state=state,
+                                         clients=self.clients, backend=self.backend)
+            return evaluate_groups(view, rnd)
         broadcast = algorithm.broadcast(state, rnd)
         ids = evaluation_sample(self.dataset.num_clients, cfg.eval_clients, cfg.seed)
         states = [self.clients.get(c, lambda: algorithm.client_init(broadcast)) for c in ids]
