@@ -215,6 +215,26 @@ config_app.command("show", short_help="Print the resolved config as loadable YAM
     with_config_flags(config_show))
 
 
+def config_hash(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config; flags override it",
+                                          rich_help_panel="Run"),
+    set_: list[str] = typer.Option([], "--set", help="any config key: --set key=value (repeatable)",
+                                   rich_help_panel="Run"),
+    **values,
+) -> None:
+    """Print the SHA-256 a node pins this run by (node config run-sha256=...): every section of
+    the resolved config but `execution`. A node so pinned refuses any other run."""
+    from metafed.cli_options import parse_list_values
+    from metafed.config import build_config
+    from metafed.deploy.policy import run_sha256
+
+    with _one_line_errors():
+        typer.echo(run_sha256(build_config(config, **{**parse_list_values(values), **_parse_sets(set_)})))
+
+
+config_app.command("hash", short_help="Print the SHA-256 a node pins this run by.")(with_config_flags(config_hash))
+
+
 @app.command()
 def compare(run_dirs: list[Path] = typer.Argument(..., help="run folders written by `metafed run`"),
             out: Path = typer.Option(Path("compare"), help="folder for the plots and compare.md"),

@@ -258,12 +258,13 @@ def test_attention_by_label_distribution_through_the_client_app(tmp_path):
     """--attention-score labels: nodes send their label counts at registration (only when
     the run asks for them); the deployed round weighs clients as the simulation does."""
     _client_app_equals_the_simulation(small_config(num_clients=3, clients_per_round=3, rounds=2, backend="loop",
-                                                   aggregator="attention", attention_score="labels"), tmp_path)
+                                                   aggregator="attention", attention_score="labels"), tmp_path,
+                                      policy={"share-label-counts": "true"})  # the nodes agree to share them
 
 
 def _client_app_equals_the_simulation(cfg, tmp_path, nodes=3,
                                       keys=("global_accuracy", "personalized_accuracy", "global_train_loss", "train_loss"),
-                                      sim_cfg=None):
+                                      sim_cfg=None, policy=None):
     from flwr.app import Context, RecordDict as FlwrRecordDict
 
     from metafed.deploy import client_app
@@ -275,7 +276,8 @@ def _client_app_equals_the_simulation(cfg, tmp_path, nodes=3,
         node = m.metadata.dst_node_id
         ctx = Context(run_id=1, node_id=node, node_config={"dataset": "digits", "partition-id": node - 100,
                                                            "num-partitions": nodes,
-                                                           "state-dir": str(tmp_path / f"node-{node}")},
+                                                           "state-dir": str(tmp_path / f"node-{node}"),
+                                                           **(policy or {})},
                       state=FlwrRecordDict(), run_config={})
         return handlers[m.metadata.message_type](m, ctx)
 

@@ -36,7 +36,7 @@ class Nodes:
     HANDLERS = {"query": client_app.query, "train": client_app.train, "evaluate": client_app.evaluate,
                 "query.secagg": client_app.secagg}
 
-    def __init__(self, n: int, folder, secagg: bool = True):
+    def __init__(self, n: int, folder, secagg: bool = True, policy: dict | None = None):
         self.n, self.dead_from, self.seen = n, {}, []
         roster, keys = make_identities(folder / "ids", n) if secagg else (None, [])
         self.roster = load_roster(roster) if secagg else None
@@ -46,6 +46,7 @@ class Nodes:
                            "state-dir": str(folder / f"node-{c}")}
             if secagg:
                 node_config.update({"secagg-key": str(keys[c]), "secagg-roster": str(roster)})
+            node_config.update(policy or {})  # the node operator's own policy keys
             self.contexts[100 + c] = Context(run_id=1, node_id=100 + c, node_config=node_config,
                                              state=RecordDict(), run_config={})
 
@@ -127,7 +128,8 @@ def test_local_and_central_dp_on_the_wire_equal_the_simulation(tmp_path):
     for i, extra in enumerate(cases):
         cfg = small_config(num_clients=5, clients_per_round=5, rounds=2, backend="loop", local_steps=2,
                            insecure_reproducible_privacy=True, **extra)
-        nodes = Nodes(5, tmp_path / str(i), secagg=bool(extra.get("secure_aggregation")))
+        nodes = Nodes(5, tmp_path / str(i), secagg=bool(extra.get("secure_aggregation")),
+                      policy={"allow-insecure-reproducible-privacy": "true"})  # the nodes opt in, for the test
         deployed = run(cfg, pool=nodes.pool(cfg))
         sim = run(cfg)
         _close(deployed.params, sim.params)

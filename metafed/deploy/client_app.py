@@ -37,6 +37,7 @@ from metafed.client.reply import upload_of
 from metafed.client.runner import run_clients
 from metafed.deploy.identity import load_identity, load_roster
 from metafed.deploy.node import Node, NodeConfigError, file_node, load_node, parse_node_config
+from metafed.deploy.policy import NodePolicy, NodePolicyError, PolicyRefusal, cached_policy
 from metafed.deploy.receipts import ReceiptRefused, keep_receipt
 from metafed.deploy.secagg_node import StageRefused, handle_stage, hold_upload
 from metafed.deploy.wire import from_records, to_records
@@ -72,16 +73,22 @@ class MetafedClient:
         self.load = load
 
     def _node(self, msg: Message, context: Context) -> tuple[Node, int]:
+        """The node this message is for, after its policy accepted the run (PolicyRefusal)."""
         config = msg.content["config"]
-        return self.load(str(config["config"]), context), int(config["round"])
+        node = self.load(_with_node_data_dir(str(config["config"]), context), context)
+        policy_of(context).check_run(node.cfg)
+        return node, int(config["round"])
 
     def query(self, msg: Message, context: Context) -> Message:
         node, _ = self._node(msg, context)
+        wants_labels = node.cfg.aggregator == "attention" and node.cfg.attention_score == "labels"
+        if wants_labels and not policy_of(context).share_label_counts:
+            raise PolicyRefusal("the run scores clients by their label counts: this node does not share them "
+                                "(share-label-counts)")
         info = ConfigRecord({"client": node.client_id, "role": node.role, "num_train": node.data.num_train,
                              "input_shape": list(node.input_shape), "num_classes": node.num_classes,
                              "input_dtype": str(node.data.train_x.dtype).removeprefix("torch.")})
-        if node.cfg.aggregator == "attention" and node.cfg.attention_score == "labels":
-            # the run's config asks for it (and this node runs that config): label counts only then
+        if wants_labels:  # the run asks for them and this node's policy shares them
             info["label_counts"] = torch.bincount(node.data.train_y, minlength=node.num_classes).tolist()
         return Message(RecordDict({"info": info}), reply_to=msg)
 
@@ -97,8 +104,12 @@ class MetafedClient:
                 log.warning("compressed broadcast: client %d: %s", node.client_id, e)
                 return Message(Error(code=REFUSED, reason=str(e)), reply_to=msg)
         program = node.algorithm.client_program(rnd)
-        # local DP: clipped and noised here, with this client's own randomness (the one client runner)
-        upload = UploadTransform.from_config(dict(msg.content["upload"])) if "upload" in msg.content else None
+        policy = policy_of(context)
+        # local DP: clipped and noised here, with this client's own randomness (the one client runner),
+        # at least as the node's own policy says; secure aggregation: never in the clear if required
+        requested = UploadTransform.from_config(dict(msg.content["upload"])) if "upload" in msg.content else None
+        upload = policy.upload_stage(requested)
+        policy.check_hold(bool(msg.content["config"].get("hold", False)), "secagg-key" in context.node_config)
         seed = node.cfg.seed if node.cfg.insecure_reproducible_privacy else None
         outputs, losses = run_clients(node.backend, program, broadcast, [node.task(rnd, program, broadcast)],
                                       [node.client_id], rnd, upload, seed)
@@ -148,8 +159,10 @@ class MetafedClient:
         node, rnd = self._node(msg, context)
         params = from_records(msg.content["params"])
         broadcast = from_records(msg.content["broadcast"])
+        heldout_steps = tuple(int(k) for k in msg.content["config"].get("heldout-steps", ()))
+        policy_of(context).check_evaluation(node.cfg.personalize_steps, heldout_steps if node.role == "heldout" else ())
         if node.role == "heldout":
-            steps = tuple(int(k) for k in msg.content["config"]["heldout-steps"])
+            steps = heldout_steps
             scores = evaluate_new_client(node.evaluator, params, broadcast, rnd, node.client_id, node.data, steps)
         else:
             steps = node.cfg.personalize_steps
@@ -193,15 +206,45 @@ def _encode(node: Node, sent: dict, rnd: int):
     return ArrayRecord({"bytes": Array(np.frombuffer(blob, dtype=np.uint8).copy())})
 
 
+def policy_of(context: Context) -> NodePolicy:
+    """This node's policy, from its own node config (never from a message)."""
+    return cached_policy(tuple(sorted((str(k), str(v)) for k, v in context.node_config.items())))
+
+
+def _with_node_data_dir(config_json: str, context: Context) -> str:
+    """The run config with this node's own data location (node config ``data-dir``, else
+    $METAFED_DATA): the server does not choose where a node reads its data from."""
+    values = json.loads(config_json)
+    data = values.get("data") if isinstance(values, dict) else None
+    own = context.node_config.get("data-dir")
+    if isinstance(data, dict) and data.get("data_dir") != (None if own is None else str(own)):
+        values["data"] = {**data, "data_dir": None if own is None else str(own)}
+        return json.dumps(values)
+    return config_json
+
+
+def refusing(handler):
+    """A handler whose policy refusals (and malformed node policies) are logged on the node
+    and replied with their reason, never crashes."""
+    @functools.wraps(handler)
+    def wrapped(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except (PolicyRefusal, NodePolicyError) as e:
+            log.warning("node policy: refused a %s request: %s", msg.metadata.message_type, e)
+            return Message(Error(code=REFUSED, reason=f"node policy: {e}"), reply_to=msg)
+    return wrapped
+
+
 def make_client_app(load: Callable[[str, Context], Node] = builtin_node) -> ClientApp:
     """A Flower ClientApp running metafed's client side on the nodes ``load`` describes."""
     client = MetafedClient(load)
     app = ClientApp()
-    app.query()(client.query)
-    app.train()(client.train)
-    app.evaluate()(client.evaluate)
-    app.query("secagg")(client.secagg)
-    app.query("receipt")(client.receipt)
+    app.query()(refusing(client.query))
+    app.train()(refusing(client.train))
+    app.evaluate()(refusing(client.evaluate))
+    app.query("secagg")(refusing(client.secagg))
+    app.query("receipt")(refusing(client.receipt))
     return app
 
 
@@ -216,5 +259,6 @@ def node_identity(key_path: str, roster_path: str):
 
 app = make_client_app()
 _builtin = MetafedClient(builtin_node)
-query, train, evaluate, secagg = _builtin.query, _builtin.train, _builtin.evaluate, _builtin.secagg
+query, train, evaluate, secagg = (refusing(_builtin.query), refusing(_builtin.train), refusing(_builtin.evaluate),
+                                  refusing(_builtin.secagg))
 receipt = _builtin.receipt

@@ -127,6 +127,20 @@ def make_node_keys(folder: Path, name: str) -> tuple[Path, Path]:
     return private, public
 
 
+def operator_policy(cfg: RunConfig) -> dict[str, str]:
+    """The node policy keys deploy-local gives its nodes: one operator runs every node here,
+    so the nodes agree to what this run asks of them (label counts, the insecure reproducible
+    mode of tests, its adaptation budget). Separate parties set their own (docs/deploy.md)."""
+    policy = {}
+    if cfg.insecure_reproducible_privacy:
+        policy["allow-insecure-reproducible-privacy"] = "true"
+    if cfg.aggregator == "attention" and cfg.attention_score == "labels":
+        policy["share-label-counts"] = "true"
+    if cfg.personalize_steps > 100:
+        policy["max-personalize-steps"] = str(cfg.personalize_steps)
+    return policy
+
+
 def _tool(name: str) -> str:
     path = Path(sys.executable).parent / name
     if not path.exists():
@@ -207,6 +221,7 @@ class LocalDeployment:
                        f"state-dir='{self.work / f'node-{i}'}'")  # TOML values
         if self.roster is not None:
             node_config += f" secagg-key='{self.identity_keys[i % parts]}' secagg-roster='{self.roster}'"
+        node_config += "".join(f" {key}={value}" for key, value in operator_policy(self.cfg).items())
         return self._spawn([_tool("flower-supernode"), *self.node_security(f"node-{i}", register),
                             "--superlink", f"127.0.0.1:{self.port}", "--node-config", node_config,
                             "--port", str(free_port())], f"supernode-{i}.log")

@@ -1,0 +1,134 @@
+"""The node owns its privacy policy: a malicious server, speaking to metafed's real ClientApp
+handlers, cannot get less protection than the node's own config says (issue 22). Each test
+plays one attack the server could try with the messages it controls."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+flwr = pytest.importorskip("flwr")
+from flwr.app import ConfigRecord, Context, Message, RecordDict  # noqa: E402
+
+from metafed.deploy import client_app  # noqa: E402
+from metafed.deploy.policy import NodePolicyError, policy_from_node_config, run_sha256  # noqa: E402
+from metafed.deploy.wire import from_records, to_records  # noqa: E402
+from metafed.privacy.upload import UploadTransform  # noqa: E402
+from metafed.run import build_federation  # noqa: E402
+from tests.conftest import small_config  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _server_task(monkeypatch):
+    """Messages are created as by a ServerApp task (the run context Flower sets up)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attribute, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, attribute, value)
+
+
+def _context(tmp_path, **policy) -> Context:
+    node_config = {"dataset": "digits", "partition-id": 0, "num-partitions": 4, "state-dir": str(tmp_path / "node"),
+                   **{k.replace("_", "-"): v for k, v in policy.items()}}
+    return Context(run_id=1, node_id=100, node_config=node_config, state=RecordDict(), run_config={})
+
+
+def _train(cfg, ctx, hold=False, upload: UploadTransform | None = None):
+    broadcast = build_federation(cfg).algorithm.broadcast(build_federation(cfg).state, 1)
+    content = {"config": ConfigRecord({"config": cfg.model_dump_json(), "round": 1, "hold": hold}),
+               "broadcast": to_records(broadcast)}
+    if upload is not None:
+        content["upload"] = ConfigRecord(upload.to_config())
+    return client_app.train(Message(RecordDict(content), 100, "train"), ctx)
+
+
+def _norm(reply) -> float:
+    upload = from_records(reply.content["upload"])
+    return float(torch.sqrt(sum(v.double().pow(2).sum() for v in upload["update"].values())))
+
+
+CFG = dict(num_clients=4, clients_per_round=4, rounds=1, backend="loop", local_steps=3, lr=0.5)
+
+
+def test_a_server_that_leaves_out_the_local_dp_stage_gets_a_refusal_not_the_raw_update(tmp_path):
+    ctx = _context(tmp_path, dp_clip="0.1", dp_noise_multiplier="1.0")
+    cfg = small_config(**CFG)
+    omitted = _train(cfg, ctx)  # no upload record: the raw update would leave the node
+    assert omitted.has_error() and "never sends an unclipped" in omitted.error.reason and not omitted.has_content()
+    weaker = _train(cfg, ctx, upload=UploadTransform(clip=10.0, noise_std=10.0 * 0.1))
+    assert weaker.has_error() and "weaker than this node's" in weaker.error.reason
+    honest = _train(cfg, ctx, upload=UploadTransform(clip=0.1, noise_std=0.1))
+    assert not honest.has_error()
+    # what left the node is clipped to 0.1 and carries N(0, 0.1^2) noise per coordinate: far from the raw update
+    d = sum(v.numel() for v in from_records(honest.content["upload"])["update"].values())
+    assert _norm(honest) == pytest.approx(0.1 * np.sqrt(d), rel=0.1)
+
+
+def test_a_server_that_asks_for_the_insecure_reproducible_mode_is_refused(tmp_path):
+    """With insecure_reproducible_privacy in the config it sends, the server could rebuild
+    and subtract the node's DP noise from the seed (a residual of 1e-6 before this policy)."""
+    cfg = small_config(**CFG, dp="local", dp_clip=1.0, dp_noise_multiplier=1.0, insecure_reproducible_privacy=True)
+    reply = _train(cfg, _context(tmp_path), upload=UploadTransform(clip=1.0, noise_std=1.0))
+    assert reply.has_error() and "did not opt in" in reply.error.reason and not reply.has_content()
+    opted_in = _train(cfg, _context(tmp_path, allow_insecure_reproducible_privacy="true"),
+                      upload=UploadTransform(clip=1.0, noise_std=1.0))
+    assert not opted_in.has_error()
+
+
+@pytest.mark.parametrize("policy", [{"require_secure_aggregation": "true"}, {"secagg_key": "/nonexistent/key.pem"}])
+def test_a_node_that_requires_secure_aggregation_never_replies_an_upload_in_the_clear(tmp_path, policy):
+    cfg = small_config(**CFG)
+    reply = _train(cfg, _context(tmp_path, **policy), hold=False)  # the server says: do not hold, send it
+    assert reply.has_error() and "never replies an upload in the clear" in reply.error.reason
+    assert not reply.has_content()
+
+
+def test_label_counts_stay_on_the_node_unless_it_shares_them(tmp_path):
+    cfg = small_config(**CFG, aggregator="attention", attention_score="labels")
+    query = Message(RecordDict({"config": ConfigRecord({"config": cfg.model_dump_json(), "round": 0})}), 100, "query")
+    refused = client_app.query(query, _context(tmp_path))
+    assert refused.has_error() and "does not share them" in refused.error.reason and not refused.has_content()
+    shared = client_app.query(query, _context(tmp_path, share_label_counts="true"))
+    assert len(shared.content["info"]["label_counts"]) == 10
+
+
+def test_a_pinned_node_refuses_any_other_run(tmp_path):
+    cfg = small_config(**CFG)
+    ctx = _context(tmp_path, run_sha256=run_sha256(cfg))
+    assert not _train(cfg, ctx).has_error()
+    assert not _train(cfg.updated(backend="vectorized", out=str(tmp_path / "o")), ctx).has_error()  # execution only
+    other = _train(cfg.updated(lr=5.0), ctx)  # the server changed what clients do
+    assert other.has_error() and "pinned to" in other.error.reason and not other.has_content()
+
+
+def test_evaluation_work_is_bounded_by_the_node(tmp_path):
+    cfg = small_config(**CFG, personalize_steps=500)
+    fed = build_federation(small_config(**CFG))
+    content = RecordDict({"config": ConfigRecord({"config": cfg.model_dump_json(), "round": 1}),
+                          "params": to_records(fed.algorithm.global_params(fed.state)),
+                          "broadcast": to_records(fed.algorithm.broadcast(fed.state, 1))})
+    reply = client_app.evaluate(Message(content, 100, "evaluate"), _context(tmp_path))
+    assert reply.has_error() and "at most 100" in reply.error.reason
+    assert not client_app.evaluate(Message(content, 100, "evaluate"),
+                                   _context(tmp_path, max_personalize_steps="500")).has_error()
+
+
+def test_the_node_reads_its_data_from_its_own_location(tmp_path, monkeypatch):
+    """The server's data_dir is not the node's: a run naming /etc loads the node's data from
+    the node's own data-dir (or $METAFED_DATA)."""
+    seen = []
+    original = client_app._builtin.load
+    monkeypatch.setattr(client_app._builtin, "load", lambda cj, ctx: seen.append(cj) or original(cj, ctx))
+    cfg = small_config(**CFG, data_dir="/etc")
+    assert not _train(cfg, _context(tmp_path)).has_error()
+    assert '"data_dir": null' in seen[-1] and "/etc" not in seen[-1]
+
+
+def test_a_malformed_policy_is_named():
+    with pytest.raises(NodePolicyError, match="dp-clip and dp-noise-multiplier go together"):
+        policy_from_node_config({"dp-clip": "1.0"})
+    with pytest.raises(NodePolicyError, match="share-label-counts='maybe'"):
+        policy_from_node_config({"share-label-counts": "maybe"})
+    with pytest.raises(NodePolicyError, match="64 hex digits"):
+        policy_from_node_config({"run-sha256": "abc"})
+    assert policy_from_node_config({}).local_dp is None
