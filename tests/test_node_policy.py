@@ -132,3 +132,19 @@ def test_a_malformed_policy_is_named():
     with pytest.raises(NodePolicyError, match="64 hex digits"):
         policy_from_node_config({"run-sha256": "abc"})
     assert policy_from_node_config({}).local_dp is None
+
+
+def test_config_hash_prints_what_a_node_pins(tmp_path):
+    from typer.testing import CliRunner
+
+    from metafed.cli import app
+    from metafed.config import build_config
+
+    (tmp_path / "run.yaml").write_text("rounds: 3\nlr: 0.05\n")
+    runner = CliRunner()
+    printed = runner.invoke(app, ["config", "hash", "-c", str(tmp_path / "run.yaml")])
+    assert printed.exit_code == 0 and printed.output.strip() == run_sha256(build_config(tmp_path / "run.yaml"))
+    moved = runner.invoke(app, ["config", "hash", "-c", str(tmp_path / "run.yaml"), "--backend", "loop"])
+    assert moved.output == printed.output  # where the server runs is not what the node agreed to
+    changed = runner.invoke(app, ["config", "hash", "-c", str(tmp_path / "run.yaml"), "--lr", "0.1"])
+    assert changed.output != printed.output
