@@ -38,6 +38,7 @@ from metafed.client.runner import run_clients
 from metafed.deploy.identity import load_identity, load_roster
 from metafed.deploy.node import Node, NodeConfigError, file_node, load_node, parse_node_config
 from metafed.deploy.policy import NodePolicy, NodePolicyError, PolicyRefusal, cached_policy
+from metafed.deploy.private_state import StateFolderError, default_state_root
 from metafed.deploy.receipts import ReceiptRefused, keep_receipt
 from metafed.deploy.secagg_node import StageRefused, handle_stage, hold_upload
 from metafed.deploy.wire import from_records, to_records
@@ -57,7 +58,7 @@ def builtin_node(config_json: str, context: Context, model_fn=None) -> Node:
     if "data-file" in node_config:
         return _cached_file_node(config_json, tuple(sorted((k, str(v)) for k, v in node_config.items())), model_fn)
     dataset, pid, parts = parse_node_config(node_config)
-    state_dir = str(node_config.get("state-dir", f"/tmp/metafed-node-{pid}"))
+    state_dir = str(node_config.get("state-dir", default_state_root() / f"partition-{pid}"))
     return load_node(config_json, dataset, pid, parts, state_dir, model_fn)
 
 
@@ -230,7 +231,7 @@ def refusing(handler):
     def wrapped(msg: Message, context: Context) -> Message:
         try:
             return handler(msg, context)
-        except (PolicyRefusal, NodePolicyError) as e:
+        except (PolicyRefusal, NodePolicyError, StateFolderError) as e:
             log.warning("node policy: refused a %s request: %s", msg.metadata.message_type, e)
             return Message(Error(code=REFUSED, reason=f"node policy: {e}"), reply_to=msg)
     return wrapped

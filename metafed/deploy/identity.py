@@ -32,7 +32,8 @@ def make_identities(folder: Path, num_clients: int) -> tuple[Path, list[Path]]:
     for c in range(num_clients):
         signing, public = crypto.identity_keypair(os.urandom(32))
         path = folder / f"client-{c}.key"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # a fresh file only: nothing planted at that name (a link, another key) is followed or reused
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(signing.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                           serialization.NoEncryption()))

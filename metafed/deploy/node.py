@@ -1,5 +1,6 @@
 """What one SuperNode holds: its own data partition, the model and algorithm rebuilt from
-the run's config, and its personal state on its own disk. Nothing here is sent anywhere."""
+the run's config, and its personal state on its own disk, in a folder private to its user
+(:mod:`metafed.deploy.private_state`), keyed by run. Nothing here is sent anywhere."""
 from __future__ import annotations
 
 import functools
@@ -21,7 +22,8 @@ from metafed.data import load_dataset
 from metafed.data.federated import ClientData
 from metafed.eval import Evaluator
 from metafed.models import FunctionalModel, build_or_call
-from metafed.run_folder import write_text_atomic
+from metafed.deploy.policy import run_key
+from metafed.deploy.private_state import default_state_root, private_folder, write_private
 
 
 class NodeConfigError(ValueError):
@@ -63,8 +65,14 @@ class Node:
                          LocalWork.of_round(self.cfg, self.algorithm, rnd))
 
     # ------------------------------------------------------------------ personal state on disk
+    @functools.cached_property
+    def run_dir(self) -> Path:
+        """This run's part of the node's private state folder: a second run on the node never
+        starts from the first one's personal models, residuals or replicas."""
+        return self.state_dir / f"run-{run_key(self.cfg)}"
+
     def _state_path(self) -> Path:
-        return self.state_dir / f"client-{self.client_id}.safetensors"
+        return self.run_dir / f"client-{self.client_id}.safetensors"
 
     def load_state(self, broadcast: dict) -> dict:
         path = self._state_path()
@@ -74,12 +82,11 @@ class Node:
 
     def save_state(self, state: dict) -> None:
         if state:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
             flat = {k: v.contiguous() for k, v in tree.nested_flatten(state).items()}
-            write_text_atomic(self._state_path(), save_bytes(flat))
+            write_private(self._state_path(), save_bytes(flat))
 
     def _residual_path(self) -> Path:
-        return self.state_dir / f"client-{self.client_id}-residual.safetensors"
+        return self.run_dir / f"client-{self.client_id}-residual.safetensors"
 
     def load_residual(self):
         """This client's error-feedback residual [D] (float64), or None before its first upload."""
@@ -87,7 +94,7 @@ class Node:
         return load_bytes(path.read_bytes())["residual"] if path.exists() else None
 
     def _replica_path(self) -> Path:
-        return self.state_dir / f"client-{self.client_id}-replica.safetensors"
+        return self.run_dir / f"client-{self.client_id}-replica.safetensors"
 
     def load_replica(self):
         """(round, flat replica [D] float32) of the compressed broadcasts (``--compress-down``),
@@ -99,13 +106,11 @@ class Node:
         return int(stored["round"]), stored["replica"]
 
     def save_replica(self, rnd: int, replica) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self._replica_path(), save_bytes({"replica": replica.contiguous(),
-                                                            "round": torch.tensor(rnd, dtype=torch.int64)}))
+        write_private(self._replica_path(), save_bytes({"replica": replica.contiguous(),
+                                                       "round": torch.tensor(rnd, dtype=torch.int64)}))
 
     def save_residual(self, residual) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self._residual_path(), save_bytes({"residual": residual.contiguous()}))
+        write_private(self._residual_path(), save_bytes({"residual": residual.contiguous()}))
 
 
 NODE_FILE_TENSORS = ("train_x", "train_y", "test_x", "test_y")
@@ -174,7 +179,7 @@ def file_node(config_json: str, node_config: dict, model_fn=None) -> Node:
     data = load_node_file(node_config["data-file"])
     if int(max(data.train_y.max(), data.test_y.max())) >= classes:
         raise NodeConfigError(f"{node_config['data-file']}: labels reach beyond num-classes={classes}")
-    state_dir = Path(str(node_config.get("state-dir", f"/tmp/metafed-node-{cid}")))
+    state_dir = private_folder(Path(str(node_config.get("state-dir", default_state_root() / f"client-{cid}"))))
     return Node(cfg, cid, data, tuple(data.train_x.shape[1:]), classes, state_dir, "train", model_fn)
 
 
@@ -199,17 +204,20 @@ def load_node(config_json: str, dataset: str, pid: int, parts: int, state_dir: s
     if cfg.dataset != dataset or cfg.num_clients != parts:
         raise NodeConfigError(f"this node holds {dataset} partition {pid} of {parts}, but the run asks for "
                               f"{cfg.dataset} over {cfg.num_clients} clients")
-    cached = _partition_cache(cfg, pid, Path(state_dir))
+    folder = private_folder(Path(state_dir))  # refused unless private to this user: it holds the node's data
+    cached = _partition_cache(cfg, pid, folder)
     if cached.exists():  # Flower starts a process per message: do not re-partition the dataset each time
         try:
-            return _read_partition(cfg, cached, Path(state_dir), model_fn)
+            return _read_partition(cfg, cached, folder, model_fn, pid)
         except (NodeConfigError, KeyError, ValueError):
-            cached.unlink(missing_ok=True)  # torn or stale: rebuild it below
+            cached.unlink(missing_ok=True)  # torn, stale or another partition's: rebuild it below
     fed = load_dataset(cfg)
     role, index = fed.role_of_partition(pid)  # held-out partitions (--heldout-fraction) never train
     data = fed.clients[index] if role == "train" else fed.heldout[index]
-    node = Node(cfg, index, data, fed.input_shape, fed.num_classes, Path(state_dir), role, model_fn)
-    _write_partition(node, cached)
+    node = Node(cfg, index, data, fed.input_shape, fed.num_classes, folder, role, model_fn)
+    for old in folder.glob(f"partition-{pid}-*.safetensors"):  # one cache per node: the last config's
+        old.unlink(missing_ok=True)
+    _write_partition(node, cached, pid)
     return node
 
 
@@ -222,21 +230,22 @@ def _partition_cache(cfg: RunConfig, pid: int, state_dir: Path) -> Path:
     return state_dir / f"partition-{pid}-{digest}.safetensors"
 
 
-def _write_partition(node: Node, path: Path) -> None:
+def _write_partition(node: Node, path: Path, pid: int) -> None:
     meta = {"role": node.role, "index": str(node.client_id), "input_shape": json.dumps(list(node.input_shape)),
-            "num_classes": str(node.num_classes)}
+            "num_classes": str(node.num_classes), "partition": str(pid)}
     tensors = {"train_x": node.data.train_x, "train_y": node.data.train_y, "test_x": node.data.test_x,
                "test_y": node.data.test_y}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, save_bytes({k: v.contiguous() for k, v in tensors.items()}, metadata=meta))
+    write_private(path, save_bytes({k: v.contiguous() for k, v in tensors.items()}, metadata=meta))
 
 
-def _read_partition(cfg: RunConfig, path: Path, state_dir: Path, model_fn) -> Node:
+def _read_partition(cfg: RunConfig, path: Path, state_dir: Path, model_fn, pid: int) -> Node:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in NODE_FILE_TENSORS}
+    if meta.get("partition") != str(pid):
+        raise NodeConfigError(f"{path.name} holds partition {meta.get('partition')!r}, not {pid}")
     data = client_data_from_tensors(*(tensors[k] for k in NODE_FILE_TENSORS), name=path.name)
     return Node(cfg, int(meta["index"]), data, tuple(json.loads(meta["input_shape"])), int(meta["num_classes"]),
                 state_dir, meta["role"], model_fn)

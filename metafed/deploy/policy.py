@@ -50,6 +50,16 @@ def run_sha256(cfg) -> str:
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()
 
 
+def run_key(cfg) -> str:
+    """What a node keys its personal state by: the run's configuration without where the
+    server runs (``execution``) and without what a resume may change (rounds, evaluation
+    cadence), so a resumed run finds its state and another run does not (16 hex digits)."""
+    tree = {k: v for k, v in cfg.model_dump(mode="json", by_alias=True).items() if k != "execution"}
+    tree["training"] = {k: v for k, v in tree["training"].items() if k != "rounds"}
+    tree["evaluation"] = {k: v for k, v in tree["evaluation"].items() if k != "eval_every"}
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
+
+
 @dataclass(frozen=True)
 class NodePolicy:
     dp_clip: float | None = None

@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from metafed.deploy.private_state import append_private
 from metafed.incentive.ledger import check_receipt
-from metafed.run_folder import open_nofollow
 
 RECEIPTS = "receipts.jsonl"
 
@@ -34,9 +34,7 @@ def keep_receipt(state_dir: Path, client: int, rnd: int, entry: dict, public_key
                              f"client {client} round {rnd}")
     if not check_receipt(entry, public_key):
         raise ReceiptRefused("the entry's hash or signature does not verify")
-    state_dir.mkdir(parents=True, exist_ok=True)
-    with open_nofollow(path, "a") as f:
-        f.write(json.dumps({**entry, "public_key": public_key}, sort_keys=True) + "\n")
+    append_private(path, json.dumps({**entry, "public_key": public_key}, sort_keys=True) + "\n")
 
 
 def read_receipts(state_dir: Path, client: int) -> list[dict]:
