@@ -39,7 +39,7 @@ class NodeData:
     num_classes: int
     train: object  # torch Dataset of (x, label), or a (x [n, ...], y [n]) tensor pair
     test: object
-    state_dir: str | None = None  # where personal state lives (default /tmp/metafed-node-<id>)
+    state_dir: str | None = None  # where personal state lives (default: the user's private node state folder)
 
 
 def flower_apps(model: Callable | None = None, node_data: Callable | None = None):
@@ -54,6 +54,7 @@ def flower_apps(model: Callable | None = None, node_data: Callable | None = None
 def _user_loader(node_data: Callable, model):
     """Node loader over the user's ``node_data(context)``; one Node per (run config, node config)."""
     from metafed.deploy.node import Node, NodeConfigError, client_data_from_datasets, client_data_from_tensors
+    from metafed.deploy.private_state import default_state_root, private_folder
 
     cache: dict = {}
     lock = threading.Lock()
@@ -74,7 +75,7 @@ def _user_loader(node_data: Callable, model):
                 else client_data_from_datasets(got.train, got.test, name=name)
             if int(max(data.train_y.max(), data.test_y.max())) >= got.num_classes:
                 raise NodeConfigError(f"{name}: labels reach beyond num_classes={got.num_classes}")
-            state_dir = Path(got.state_dir or f"/tmp/metafed-node-{got.client_id}")
+            state_dir = private_folder(Path(got.state_dir or default_state_root() / f"client-{got.client_id}"))
             node = Node(cfg, int(got.client_id), data, tuple(data.train_x.shape[1:]), int(got.num_classes), state_dir,
                         "train", model)
             cache.clear()  # one run at a time per node process
