@@ -148,3 +148,71 @@ def test_config_hash_prints_what_a_node_pins(tmp_path):
     assert moved.output == printed.output  # where the server runs is not what the node agreed to
     changed = runner.invoke(app, ["config", "hash", "-c", str(tmp_path / "run.yaml"), "--lr", "0.1"])
     assert changed.output != printed.output
+
+
+class _Grid:
+    """A grid whose node ``squatter`` answers registration first, claiming client 0."""
+
+    def __init__(self, nodes, squatter_reply):
+        self.nodes, self.squatter_reply = nodes, squatter_reply
+
+    def get_node_ids(self):
+        return [999] + [100 + c for c in range(self.nodes.n)]
+
+    def send_and_receive(self, messages, timeout=None):
+        out = []
+        for m in messages:
+            node = m.metadata.dst_node_id
+            reply = self.squatter_reply(m) if node == 999 else self.nodes.answer(m)
+            if reply is not None:
+                out.append(reply)
+        return out
+
+
+def _squatter(info_extra):
+    def reply(m):
+        info = ConfigRecord({"client": 0, "role": "train", "num_train": 50, "input_shape": [64], "num_classes": 10,
+                             "input_dtype": "float32", **info_extra(m)})
+        return Message(RecordDict({"info": info}), reply_to=m)
+    return reply
+
+
+@pytest.mark.parametrize("proof", ["none", "forged", "replayed"])
+def test_a_node_cannot_take_another_clients_id(tmp_path, proof, caplog):
+    """With the operators' roster, a registration claim must be signed by the client's own
+    identity over the server's fresh challenge: a squatter answering first with no signature,
+    a forged one or one replayed from an earlier registration is refused and logged, and the
+    real client registers and trains."""
+    from metafed.deploy.identity import load_identity, registration_message
+    from metafed.deploy.pool import FlowerPool
+    from metafed.run import run
+    from tests.test_deploy_secagg import Nodes
+
+    nodes = Nodes(4, tmp_path)  # the operators' identities: a roster and one key per node
+    for ctx in nodes.contexts.values():  # a run without secure aggregation: the keys only bind ids
+        ctx.node_config["identity-key"] = ctx.node_config.pop("secagg-key")
+    stolen_key = load_identity(tmp_path / "ids" / "client-1.key")  # another client's key
+    extra = {"none": lambda m: {},
+             "forged": lambda m: {"proof": stolen_key.sign(registration_message(
+                 bytes.fromhex(str(m.content["config"]["challenge"])), 0)).hex()},
+             "replayed": lambda m: {"proof": load_identity(tmp_path / "ids" / "client-0.key").sign(
+                 registration_message(b"\0" * 16, 0)).hex()}}[proof]
+    cfg = small_config(num_clients=4, clients_per_round=4, rounds=1, backend="loop", local_steps=2)
+    pool = FlowerPool(_Grid(nodes, _squatter(extra)), cfg, 5, 1, 1, nodes.roster)
+    assert pool.node_of[0] == 100 and 999 not in pool.node_of.values()
+    assert "not signed by its identity" in caplog.text or "carries no signature" in caplog.text
+    assert run(cfg, pool=pool).rows[-1]["clients_used"] == 4
+
+
+def test_a_node_with_dissenting_data_is_left_out_not_fatal(tmp_path, caplog):
+    from metafed.deploy.pool import FlowerPool
+    from tests.test_deploy_secagg import Nodes
+
+    nodes = Nodes(4, tmp_path, secagg=False)
+    odd = _squatter(lambda m: {"client": 3, "input_shape": [99]})
+    cfg = small_config(num_clients=4, clients_per_round=3, rounds=1, backend="loop", local_steps=2)
+    grid = _Grid(nodes, lambda m: odd(m))
+    grid.get_node_ids = lambda: [100, 101, 102, 999]  # the odd node holds client 3 with 99 features
+    pool = FlowerPool(grid, cfg, 4, 1, 1)
+    assert pool.input_shape == (64,) and 3 not in pool.node_of
+    assert "differs from the federation's" in caplog.text

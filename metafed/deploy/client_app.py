@@ -35,7 +35,7 @@ from flwr.clientapp import ClientApp
 from metafed import tree
 from metafed.client.reply import upload_of
 from metafed.client.runner import run_clients
-from metafed.deploy.identity import load_identity, load_roster
+from metafed.deploy.identity import load_identity, load_roster, registration_message
 from metafed.deploy.node import Node, NodeConfigError, file_node, load_node, parse_node_config
 from metafed.deploy.policy import NodePolicy, NodePolicyError, PolicyRefusal, cached_policy
 from metafed.deploy.private_state import StateFolderError, default_state_root
@@ -89,6 +89,11 @@ class MetafedClient:
         info = ConfigRecord({"client": node.client_id, "role": node.role, "num_train": node.data.num_train,
                              "input_shape": list(node.input_shape), "num_classes": node.num_classes,
                              "input_dtype": str(node.data.train_x.dtype).removeprefix("torch.")})
+        challenge = msg.content["config"].get("challenge")
+        key_path = identity_key_path(context)
+        if challenge is not None and key_path and node.role == "train":  # bind this id to this node's identity
+            message = registration_message(bytes.fromhex(str(challenge)), node.client_id)
+            info["proof"] = node_signing_key(key_path).sign(message).hex()
         if wants_labels:  # the run asks for them and this node's policy shares them
             info["label_counts"] = torch.bincount(node.data.train_y, minlength=node.num_classes).tolist()
         return Message(RecordDict({"info": info}), reply_to=msg)
@@ -247,6 +252,18 @@ def make_client_app(load: Callable[[str, Context], Node] = builtin_node) -> Clie
     app.query("secagg")(refusing(client.secagg))
     app.query("receipt")(refusing(client.receipt))
     return app
+
+
+def identity_key_path(context: Context) -> str:
+    """This node's identity key: node config ``identity-key`` (binds its client id to it at
+    registration), or ``secagg-key`` (the same, and secure aggregation is then required)."""
+    return str(context.node_config.get("secagg-key") or context.node_config.get("identity-key") or "")
+
+
+@functools.lru_cache(maxsize=2)
+def node_signing_key(key_path: str):
+    """This node's identity signing key (node config ``secagg-key``)."""
+    return load_identity(key_path)
 
 
 @functools.lru_cache(maxsize=2)

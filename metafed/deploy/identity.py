@@ -61,6 +61,12 @@ def load_roster(path) -> dict[int, bytes]:
     return roster
 
 
+def registration_message(challenge: bytes, client: int) -> bytes:
+    """What a node signs to claim ``client`` at registration: the server's fresh challenge
+    and the id, so a signature is good for one registration of one id only."""
+    return b"metafed-register-1" + challenge + int(client).to_bytes(8, "big", signed=True)
+
+
 def load_identity(path) -> Ed25519PrivateKey:
     try:
         key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)

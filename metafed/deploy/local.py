@@ -179,9 +179,9 @@ class LocalDeployment:
         connection = f'address = "127.0.0.1:{self.port}"\n' + \
             ("insecure = true\n" if self.insecure else f'root-certificates = "{self.tls["ca"]}"\n')
         (home / "config.toml").write_text(f'[superlink]\ndefault = "metafed"\n\n[superlink.metafed]\n{connection}')
-        self.roster = None
-        if self.cfg.secure_aggregation:  # trusted set-up: one identity per client, made here, not by the server
-            self.roster, self.identity_keys = make_identities(self.work / "secagg", self.clients)
+        # trusted set-up, for every run: one identity per client, made here, not by the server; it
+        # binds each client id to its node at registration (and keys secure aggregation)
+        self.roster, self.identity_keys = make_identities(self.work / "secagg", self.clients)
         for i in range(self.clients):
             self.start_node(i)
         return self
@@ -215,12 +215,30 @@ class LocalDeployment:
                 raise DeployError(f"could not register SuperNode {name}: {(done.stdout + done.stderr)[-500:]}")
         return ["--root-certificates", str(self.tls["ca"]), "--auth-supernode-private-key", str(private)]
 
+    def _identity_of_partition(self, partition: int, parts: int) -> Path | None:
+        """The identity key of the training client a partition holds (the roster is keyed by
+        training client id, which differs from the partition under --heldout-fraction);
+        None for a held-out partition, which never trains."""
+        if self.roster is None:
+            return None
+        if self.cfg.heldout_fraction == 0 or parts != self.cfg.num_clients:
+            return self.identity_keys[partition]
+        if getattr(self, "_roles", None) is None:
+            from metafed.data import load_dataset
+
+            fed = load_dataset(self.cfg)
+            self._roles = {p: fed.role_of_partition(p) for p in range(parts)}
+        role, index = self._roles[partition]
+        return self.identity_keys[index] if role == "train" else None
+
     def start_node(self, i: int, register: bool = True, partitions: int | None = None) -> subprocess.Popen:
         parts = partitions or self.clients
         node_config = (f'dataset="{self.cfg.dataset}" partition-id={i % parts} num-partitions={parts} '
                        f"state-dir='{self.work / f'node-{i}'}'")  # TOML values
-        if self.roster is not None:
-            node_config += f" secagg-key='{self.identity_keys[i % parts]}' secagg-roster='{self.roster}'"
+        key = self._identity_of_partition(i % parts, parts)
+        if key is not None:  # under secure aggregation the key also makes the node require it
+            name = "secagg-key" if self.cfg.secure_aggregation else "identity-key"
+            node_config += f" {name}='{key}' secagg-roster='{self.roster}'"
         node_config += "".join(f" {key}={value}" for key, value in operator_policy(self.cfg).items())
         return self._spawn([_tool("flower-supernode"), *self.node_security(f"node-{i}", register),
                             "--superlink", f"127.0.0.1:{self.port}", "--node-config", node_config,

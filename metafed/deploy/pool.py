@@ -5,6 +5,7 @@ drops a bad one with its reason, so a rogue ClientApp cannot crash the round loo
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import replace
 
@@ -63,16 +64,25 @@ class FlowerPool:
         """Ask each SuperNode which client (data partition) it holds, until ``num_nodes``
         nodes have answered. A node that does not answer yet (still connecting, or busy with
         a message of a run that died) is asked again until ``timeout``; starting with fewer
-        would silently train another federation than the one configured, so it is an error."""
-        from flwr.app import Message, RecordDict
+        would silently train another federation than the one configured, so it is an error.
+
+        With a roster (the operators' identities, ``metafed secagg-keys``), a training client's
+        id is bound to its identity: the node signs the registration's fresh challenge and its
+        id with its identity key, and a claim that does not verify is refused and logged, so
+        no node can take another's id. Without one, ids are first come, first served, and a
+        second claim is refused. A node whose data shape dissents from the majority is left
+        out with a log line; it cannot stop the run."""
+        from flwr.app import ConfigRecord, Message, RecordDict
 
         deadline = time.monotonic() + timeout
         self.node_of: dict[int, int] = {}  # training client -> node
         self.heldout_node_of: dict[int, int] = {}  # held-out client index -> node
         n_heldout = int(round(self.cfg.num_clients * self.cfg.heldout_fraction))
         self._num_clients = self.cfg.num_clients - n_heldout
-        shapes: set = set()
+        shapes: dict[int, tuple] = {}  # node -> its data's (input shape, classes, dtype)
         answered: set[int] = set()
+        self._challenge = os.urandom(16)
+        query = ConfigRecord({"config": self.config_json, "round": 0, "challenge": self._challenge.hex()})
         self._label_counts: dict[int, list[int]] = {}  # only when the run's attention score needs them
         while len(answered) < num_nodes and time.monotonic() < deadline:
             silent = [n for n in self.grid.get_node_ids() if n not in answered]
@@ -80,27 +90,46 @@ class FlowerPool:
                 time.sleep(0.5)
                 continue
             wait = min(30.0, max(1.0, deadline - time.monotonic()))
-            for r in self._send([Message(RecordDict({"config": self._config(0)}), n, "query") for n in silent], wait):
+            for r in self._send([Message(RecordDict({"config": query}), n, "query") for n in silent], wait):
                 answered.add(r.metadata.src_node_id)
                 self._read_registration(r, n_heldout, shapes)
         if len(answered) < num_nodes:
             raise RuntimeError(f"only {len(answered)} of the {num_nodes} SuperNodes the run waits for (num-nodes) "
                                f"answered within {timeout:g} s (connect-timeout): check that they are running and "
                                "reach the SuperLink, or start the run with a smaller num-nodes")
-        if not self.node_of or len(shapes) != 1:
-            raise RuntimeError(f"no usable SuperNodes registered ({len(answered)} answered, data shapes {shapes})")
+        self._keep_majority_shape(shapes)
+        if not self.node_of:
+            raise RuntimeError(f"no usable SuperNodes registered ({len(answered)} answered)")
         log.info("registered %d SuperNodes: %d training clients, %d held-out clients", len(answered),
                  len(self.node_of), len(self.heldout_node_of))
         self.client_of = {n: c for c, n in self.node_of.items()}
         self.heldout_of = {n: c for c, n in self.heldout_node_of.items()}
-        (self.input_shape, self.num_classes, self.input_dtype), = shapes
         missing = sorted(set(range(self._num_clients)) - set(self.node_of))
         if missing:
             log.warning("clients %s have no SuperNode: they never reply", missing[:10])
         if len(self.heldout_node_of) < n_heldout:
             log.warning("%d of %d held-out clients have a SuperNode", len(self.heldout_node_of), n_heldout)
 
-    def _read_registration(self, r, n_heldout: int, shapes: set) -> None:
+    def _keep_majority_shape(self, shapes: dict[int, tuple]) -> None:
+        """The data shape most nodes registered with is the federation's; a node with another
+        is left out (logged), so one dissenting node cannot stop the run."""
+        if not shapes:
+            return
+        counts: dict[tuple, int] = {}
+        for shape in shapes.values():
+            counts[shape] = counts.get(shape, 0) + 1
+        best = max(counts.values())
+        chosen = sorted(shape for shape, n in counts.items() if n == best)[0]
+        (self.input_shape, self.num_classes, self.input_dtype) = chosen
+        for table in (self.node_of, self.heldout_node_of):
+            for cid, node in list(table.items()):
+                if shapes[node] != chosen:
+                    log.warning("registration: leaving out node %s (client %d): its data %s differs from the "
+                                "federation's %s", node, cid, shapes[node], chosen)
+                    del table[cid]
+        self._label_counts = {c: v for c, v in self._label_counts.items() if c in self.node_of}
+
+    def _read_registration(self, r, n_heldout: int, shapes: dict) -> None:
         """Record one node's registration reply (its client id, role and data shape), or log
         why it is ignored."""
         try:
@@ -110,20 +139,39 @@ class FlowerPool:
             cid, role = int(info["client"]), str(info.get("role", "train"))
             table, size = (self.node_of, self._num_clients) if role == "train" else \
                 (self.heldout_node_of, n_heldout) if role == "heldout" else (None, 0)
-            if table is None or not 0 <= cid < size or cid in table:
-                raise BadReply(f"{role} client id {cid} is out of range or claimed twice")
+            if table is None or not 0 <= cid < size:
+                raise BadReply(f"{role} client id {cid} is out of range")
+            if cid in table:
+                raise BadReply(f"{role} client id {cid} is claimed a second time (first by node {table[cid]}): refused")
+            if self.roster and role == "train":
+                self._check_claim(cid, info)
             dtype = str(info.get("input_dtype", "float32"))
             if dtype not in ("float32", "int64"):
                 raise BadReply(f"input dtype {dtype!r}")
-            shapes.add((tuple(int(d) for d in info["input_shape"]), int(info["num_classes"]), dtype))
+            shape = (tuple(int(d) for d in info["input_shape"]), int(info["num_classes"]), dtype)
             if "label_counts" in info and role == "train":
                 counts = [int(c) for c in info["label_counts"]]
                 if len(counts) != int(info["num_classes"]) or min(counts) < 0:
                     raise BadReply(f"label_counts must hold {info['num_classes']} non-negative counts")
                 self._label_counts[cid] = counts
             table[cid] = r.metadata.src_node_id
+            shapes[r.metadata.src_node_id] = shape
         except (BadReply, KeyError, TypeError, ValueError) as e:
             log.warning("registration: ignoring node %s: %s", r.metadata.src_node_id, e)
+
+    def _check_claim(self, cid: int, info) -> None:
+        """A training client's claim must be signed by that client's identity on the roster."""
+        from metafed.deploy.identity import registration_message
+        from metafed.privacy.secagg import crypto
+
+        if cid not in self.roster:
+            raise BadReply(f"client {cid} has no identity on the roster")
+        try:
+            proof = bytes.fromhex(str(info["proof"]))
+        except (KeyError, ValueError):
+            raise BadReply(f"client {cid}'s claim carries no signature (the node holds no identity key)") from None
+        if not crypto.verify(self.roster[cid], proof, registration_message(self._challenge, cid)):
+            raise BadReply(f"the claim of client {cid} is not signed by its identity on the roster: refused")
 
     @property
     def num_clients(self) -> int:
