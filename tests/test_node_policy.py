@@ -216,3 +216,19 @@ def test_a_node_with_dissenting_data_is_left_out_not_fatal(tmp_path, caplog):
     pool = FlowerPool(grid, cfg, 4, 1, 1)
     assert pool.input_shape == (64,) and 3 not in pool.node_of
     assert "differs from the federation's" in caplog.text
+
+
+def test_what_a_reply_reveals_beside_the_upload(tmp_path):
+    """Under local DP the exact training loss, sample count and program metrics are outside
+    the noise: the node does not send them; under secure aggregation the protocol needs none
+    of them. Registration never sends the train-set size."""
+    local = _train(small_config(**CFG, dp="local", dp_clip=1.0, dp_noise_multiplier=1.0), _context(tmp_path),
+                   upload=UploadTransform(clip=1.0, noise_std=1.0))
+    assert set(local.content["meta"].keys()) == {"round", "client"}
+    held = _train(small_config(**CFG), _context(tmp_path / "b"), hold=True)
+    assert set(held.content["meta"].keys()) == {"round", "client"} and "upload" not in held.content
+    plain = _train(small_config(**CFG), _context(tmp_path / "c"))
+    assert {"loss", "num_samples"} <= set(plain.content["meta"].keys())
+    cfg = small_config(**CFG)
+    query = Message(RecordDict({"config": ConfigRecord({"config": cfg.model_dump_json(), "round": 0})}), 100, "query")
+    assert "num_train" not in client_app.query(query, _context(tmp_path / "d")).content["info"]

@@ -86,7 +86,7 @@ class MetafedClient:
         if wants_labels and not policy_of(context).share_label_counts:
             raise PolicyRefusal("the run scores clients by their label counts: this node does not share them "
                                 "(share-label-counts)")
-        info = ConfigRecord({"client": node.client_id, "role": node.role, "num_train": node.data.num_train,
+        info = ConfigRecord({"client": node.client_id, "role": node.role,
                              "input_shape": list(node.input_shape), "num_classes": node.num_classes,
                              "input_dtype": str(node.data.train_x.dtype).removeprefix("torch.")})
         challenge = msg.content["config"].get("challenge")
@@ -122,10 +122,14 @@ class MetafedClient:
         row = tree.nested_index(outputs, 0)
         node.save_state(row.get("state", {}))
         sent = upload_of(row)
-        metrics = {"round": rnd, "client": node.client_id, "loss": float(losses[0]),
-                   "num_samples": float(node.data.num_train)}
-        metrics.update({f"metric/{k}": float(v) for k, v in row.get("metrics", {}).items()})
-        if bool(msg.content["config"].get("hold", False)):  # secure aggregation: masked later, sent only masked
+        metrics = {"round": rnd, "client": node.client_id}
+        hold = bool(msg.content["config"].get("hold", False))
+        if not hold and not (upload is not None and upload.noise_std > 0):
+            # in the clear only without local DP or secure aggregation: under local DP the exact loss,
+            # count and program metrics are outside the noise; under SecAgg the protocol needs none of them
+            metrics.update(loss=float(losses[0]), num_samples=float(node.data.num_train))
+            metrics.update({f"metric/{k}": float(v) for k, v in row.get("metrics", {}).items()})
+        if hold:  # secure aggregation: masked later, sent only masked
             hold_upload(context.state, rnd, sent)
             return Message(RecordDict({"meta": MetricRecord(metrics)}), reply_to=msg)
         if node.cfg.compress is not None:  # encode here; only the encoded bytes travel

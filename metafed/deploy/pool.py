@@ -44,6 +44,8 @@ class FlowerPool:
                                  f"{missing[:10]} have none (make the roster with metafed secagg-keys)")
         self.roster = dict(roster or {})
         self.config_json = cfg.model_dump_json()
+        # replies that carry no exact loss or sample count (the nodes keep them): local DP, SecAgg
+        self._private_replies = cfg.dp == "local" or cfg.secure_aggregation
         self.clients = ClientStore()  # stays empty: personal states live on the nodes' disks
         self.algorithm: FederatedAlgorithm | None = None  # set by the round loop's builder
         self.compression = make_compression(cfg.compress, cfg.error_feedback)  # uploads arrive encoded
@@ -327,8 +329,11 @@ class FlowerPool:
         cid = int(meta["client"])
         if self.client_of.get(_src(r)) != cid:
             raise BadReply(f"node {_src(r)} answers for client {cid}, which it did not register as")
-        loss = finite_number(meta["loss"], "loss")
-        n = finite_number(meta["num_samples"], "num_samples", 1.0)
+        if "loss" in meta or not self._private_replies:
+            loss = finite_number(meta["loss"], "loss")
+            n = finite_number(meta["num_samples"], "num_samples", 1.0)
+        else:  # local DP or secure aggregation: the node keeps its exact loss and count to itself
+            loss, n = float("nan"), 1.0
         if expected is None:
             upload = {}
         elif self.compression is not None:
