@@ -20,7 +20,7 @@ model (there is no global model). ``gamma`` = ``--distill-weight``, ``T`` =
 """
 from __future__ import annotations
 
-from typing import ClassVar, Literal, Optional
+from typing import ClassVar, Literal
 from dataclasses import dataclass
 
 import torch
@@ -29,8 +29,8 @@ from torch.func import grad
 from pydantic import Field
 
 from metafed.distill.base import DistillationAlgorithm, soft_cross_entropy, softmax_t
+from metafed.distill.groups import ClientModelsSection
 from metafed.models import FunctionalModel
-from metafed.section import Section
 
 
 @dataclass(frozen=True)
@@ -120,14 +120,11 @@ class FD(DistillationAlgorithm):
         return type(state)(state.params, state.opt_state, extra)
 
 
-class FDSection(Section):
+class FDSection(ClientModelsSection):
     """FD's parameters."""
 
     FLAT: ClassVar[dict[str, str]] = {"weight": "distill_weight", "temperature": "distill_temperature"}
 
     name: Literal["fd"] = "fd"
-    client_models: Optional[str] = Field(None,
-        description="heterogeneous clients: reference models and their shares, e.g. mlp:0.5,small-cnn:0.5 "
-                    "(default: every client runs --model)")
     weight: float = Field(1.0, ge=0, description="FD: gamma, weight of the distillation term")
     temperature: float = Field(1.0, gt=0, description="FedDF, FD: softmax temperature of the teacher")

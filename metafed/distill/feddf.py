@@ -23,7 +23,7 @@ from pydantic import Field
 
 from metafed.algorithms.fedavg import ProximalSGD
 from metafed.distill.base import DistillationAlgorithm, group_slice, prefixed, soft_cross_entropy, softmax_t
-from metafed.section import Section
+from metafed.distill.groups import PublicInputsSection
 
 DISTILL_STREAM = 28
 
@@ -92,19 +92,12 @@ class FedDF(DistillationAlgorithm):
         return {k: v.detach() for k, v in student.items()}
 
 
-class FedDFSection(Section):
+class FedDFSection(PublicInputsSection):
     """FedDF's parameters."""
 
     FLAT: ClassVar[dict[str, str]] = {"temperature": "distill_temperature"}
 
     name: Literal["feddf"] = "feddf"
-    client_models: Optional[str] = Field(None,
-        description="heterogeneous clients: reference models and their shares, e.g. mlp:0.5,small-cnn:0.5 "
-                    "(default: every client runs --model)")
-    public_data: Literal["pool", "mnist"] = Field("pool",
-        description="unlabelled public inputs: pool (samples of this dataset no client holds: carved before "
-                    "partitioning, or held-out clients' inputs) or mnist (MNIST images from DATA_DIR)")
-    public_size: int = Field(1000, ge=10, description="public inputs the server and clients share")
     distill_steps: int = Field(100, ge=0, description="FedDF: server distillation batches per round")
     distill_lr: Optional[float] = Field(None, gt=0,
         description="FedDF: Adam rate of the server distillation (default 0.001); FedMD: SGD rate of the "

@@ -30,8 +30,8 @@ from torch.func import grad
 from pydantic import Field
 
 from metafed.distill.base import DistillationAlgorithm
+from metafed.distill.groups import PublicInputsSection
 from metafed.models import FunctionalModel
-from metafed.section import Section
 
 SUBSET_STREAM = 27
 
@@ -118,17 +118,10 @@ class FedMD(DistillationAlgorithm):
         return type(state)(state.params, state.opt_state, extra)
 
 
-class FedMDSection(Section):
+class FedMDSection(PublicInputsSection):
     """FedMD's parameters."""
 
     name: Literal["fedmd"] = "fedmd"
-    client_models: Optional[str] = Field(None,
-        description="heterogeneous clients: reference models and their shares, e.g. mlp:0.5,small-cnn:0.5 "
-                    "(default: every client runs --model)")
-    public_data: Literal["pool", "mnist"] = Field("pool",
-        description="unlabelled public inputs: pool (samples of this dataset no client holds: carved before "
-                    "partitioning, or held-out clients' inputs) or mnist (MNIST images from DATA_DIR)")
-    public_size: int = Field(1000, ge=10, description="public inputs the server and clients share")
     public_subset: int = Field(500, ge=1, description="FedMD: public inputs scored per round")
     digest_epochs: int = Field(1, ge=1, description="FedMD: passes over the subset towards the consensus")
     distill_lr: Optional[float] = Field(None, gt=0,

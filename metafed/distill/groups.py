@@ -5,10 +5,13 @@ algorithms exchange (logits on shared inputs) crosses groups."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, Optional
 
 import numpy as np
+from pydantic import Field
 
 from metafed.models import MODEL_NAMES, FunctionalModel, build_model
+from metafed.section import Section
 
 GROUP_STREAM = 26  # default_rng([seed, 26]): which client gets which architecture
 
@@ -73,3 +76,20 @@ def build_groups(spec: str, num_clients: int, input_shape: tuple[int, ...], num_
         members = tuple(int(c) for c in np.flatnonzero(group == g))
         groups.append(ModelGroup(name, FunctionalModel(module, loss, score), members))
     return groups
+
+
+class ClientModelsSection(Section):
+    """The parameters every distillation algorithm shares: the client groups' architectures."""
+
+    client_models: Optional[str] = Field(None,
+        description="heterogeneous clients: reference models and their shares, e.g. mlp:0.5,small-cnn:0.5 "
+                    "(default: every client runs --model)")
+
+
+class PublicInputsSection(ClientModelsSection):
+    """FedMD's and FedDF's parameters for the public inputs they share logits on."""
+
+    public_data: Literal["pool", "mnist"] = Field("pool",
+        description="unlabelled public inputs: pool (samples of this dataset no client holds: carved before "
+                    "partitioning, or held-out clients' inputs) or mnist (MNIST images from DATA_DIR)")
+    public_size: int = Field(1000, ge=10, description="public inputs the server and clients share")
