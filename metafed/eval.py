@@ -260,6 +260,8 @@ def combine_client_evaluations(rows: list[dict[str, float]]) -> dict[str, float]
     count = torch.tensor([r["test_count"] for r in rows], dtype=torch.float64)
     metrics = {}
     for prefix in ("global", "personalized"):
+        if f"{prefix}_correct" not in rows[0]:  # model groups without a global model (FedMD, FD)
+            continue
         scores = ClientScores(torch.tensor([r[f"{prefix}_correct"] for r in rows], dtype=torch.float64),
                               torch.tensor([r[f"{prefix}_loss_sum"] for r in rows], dtype=torch.float64), count)
         metrics.update(scores.summary(prefix))

@@ -2,7 +2,6 @@
 checkpoints, run-folder outputs. ``metafed run`` is a thin wrapper around :func:`run`."""
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys
@@ -85,7 +84,8 @@ def build_federation(cfg: RunConfig, pool=None, model=None, data: FederatedDatas
     model = FunctionalModel(module, loss or cross_entropy, score or top1)
     if pool is None:
         _check_task(cfg, dataset, model, custom_score=score is not None)
-    algorithm = make_algorithm(cfg, model, dataset, cfg.model or DEFAULT_MODEL[cfg.dataset])
+    algorithm = make_algorithm(cfg, model, dataset, cfg.model or DEFAULT_MODEL[cfg.dataset],
+                               **({} if pool is None else _deployed_groups(cfg, pool)))
     if pool is not None:
         pool.algorithm = algorithm  # the Flower pool dry-runs programs to know what clients upload
     expected_cohort = min(cfg.clients_per_round, num_clients)
@@ -126,13 +126,20 @@ def make_module(cfg: RunConfig, input_shape, num_classes: int, model=None):
                          tuple(cfg.hidden))
 
 
-def check_deployable(cfg: RunConfig) -> None:
-    """Refuse what the deployment cannot do honestly yet, rather than run it at the server."""
+def _deployed_groups(cfg: RunConfig, pool) -> dict:
+    """What a deployed distillation server needs instead of the federation: the training
+    clients the groups are drawn over, and the public inputs (public, not any client's data:
+    carved from the pooled dataset or held-out clients as in simulation, or MNIST)."""
     from metafed.distill import DISTILLATION
 
-    if cfg.algorithm.name in DISTILLATION:
-        raise ConfigError(f"--algorithm {cfg.algorithm.name} runs in simulation only for now: its clients' own models "
-                          "and the public inputs are not wired into the deployment's ClientApp")
+    if cfg.algorithm.name not in DISTILLATION:
+        return {}
+    return {"num_clients": pool.num_clients,
+            "public": load_dataset(cfg).public if cfg.needs_public_inputs else None}
+
+
+def check_deployable(cfg: RunConfig) -> None:
+    """Refuse what the deployment cannot do honestly yet, rather than run it at the server."""
     if cfg.secagg_dropout:
         raise ConfigError("--secagg-dropout is simulated: in deployment dropouts are real, remove it")
     if cfg.attack or cfg.dropout or cfg.stragglers:

@@ -10,9 +10,8 @@ import torch
 
 from metafed import tree
 from metafed.algorithms import ALGORITHMS
-from metafed.config import ConfigError
 from metafed.distill import DISTILLATION
-from metafed.run import check_deployable, run
+from metafed.run import run
 from tests.conftest import small_config
 
 REGISTRY = sorted(ALGORITHMS)
@@ -119,13 +118,17 @@ def server_task(monkeypatch):
 def test_client_app_handlers_equal_the_simulation(name, tmp_path, server_task):
     """Every algorithm through metafed's real ClientApp handlers (node data, the task, personal
     state on the node's disk, federated evaluation) over a fake Grid, against the simulation
-    with the loop backend. The distillation algorithms are refused in deployment, with a
-    one-line reason, until their groups and public inputs reach the nodes."""
-    cfg = config(name, num_clients=3, clients_per_round=2, backend="loop")
-    if name in DISTILLATION:
-        with pytest.raises(ConfigError, match="simulation only for now"):
-            check_deployable(cfg)
-        return
+    with the loop backend. The distillation algorithms deploy too: each node trains its
+    group's architecture, the server holds the public inputs it needs."""
     from tests.test_deploy_pool import _client_app_equals_the_simulation
 
-    _client_app_equals_the_simulation(cfg, tmp_path)
+    from metafed.run import build_federation
+
+    cfg = config(name, num_clients=3, clients_per_round=2, backend="loop")
+    algorithm = build_federation(cfg).algorithm
+    keys = ["personalized_accuracy", "train_loss"]
+    if getattr(algorithm, "has_global_model", True):
+        keys.append("global_accuracy")
+    if not algorithm.combines_groups:
+        keys.append("global_train_loss")
+    _client_app_equals_the_simulation(cfg, tmp_path, keys=tuple(keys))

@@ -338,3 +338,19 @@ def test_asynchronous_deployment_follows_the_simulation(rule, tmp_path):
                                                  sim_cfg=small_config(**common, client_speed="constant"))
     assert [r["updates"] for r in deployed.rows] == [1, 2, 3, 4]
     assert all(r["clients_used"] == (1 if rule == "fedasync" else 3) for r in deployed.rows)
+
+
+@pytest.mark.parametrize("algorithm", ["fedmd", "feddf", "fd"])
+def test_distillation_with_two_architectures_deploys_as_the_simulation(algorithm, tmp_path):
+    """Federated distillation in deployment: each node trains its group's architecture (an
+    MLP or a logistic model, drawn as the server draws them), the server holds the public
+    inputs it needs (FedMD's scored subsets travel in the broadcast); with held-out nodes,
+    FedDF's new-client accuracy too. Parameters and metrics equal the simulation's."""
+    extra = {"fedmd": dict(public_size=60, public_subset=30), "feddf": dict(public_size=60, distill_steps=3),
+             "fd": {}}[algorithm]
+    cfg = small_config(algorithm=algorithm, num_clients=8, clients_per_round=4, rounds=2, backend="loop",
+                       local_steps=3, client_models="mlp:0.5,logistic:0.5", heldout_fraction=0.25, **extra)
+    keys = ["personalized_accuracy", "train_loss"] + (["global_accuracy", "new_client_accuracy_k1",
+                                                       "new_client_accuracy_k5"] if algorithm == "feddf" else [])
+    deployed = _client_app_equals_the_simulation(cfg, tmp_path, nodes=8, keys=tuple(keys))
+    assert deployed.rows[-1]["clients_used"] == 4

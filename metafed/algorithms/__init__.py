@@ -110,9 +110,10 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
 
 
 def make_algorithm(cfg: "RunConfig", model: FunctionalModel, dataset=None,
-                   model_name: str = "") -> FederatedAlgorithm:
+                   model_name: str = "", **deployed) -> FederatedAlgorithm:
     """The algorithm a config names; the distillation algorithms (:mod:`metafed.distill`)
-    also need the ``dataset`` (its clients, classes and public inputs)."""
+    also need the ``dataset`` (its clients, classes and public inputs), or in deployment its
+    stand-ins (``num_clients``, ``public``: :func:`metafed.distill.make_distillation`)."""
     if cfg.algorithm.name not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {cfg.algorithm.name!r}; choose one of {', '.join(ALGORITHMS)}")
     spec = ALGORITHMS[cfg.algorithm.name]
@@ -121,7 +122,7 @@ def make_algorithm(cfg: "RunConfig", model: FunctionalModel, dataset=None,
 
         if dataset is None:
             raise ValueError(f"--algorithm {cfg.algorithm.name} builds one model per client group: it needs the dataset")
-        return make_distillation(cfg, dataset, model, model_name)
+        return make_distillation(cfg, dataset, model, model_name, **deployed)
     return spec.build(cfg, model, server_optimizer(cfg))
 
 

@@ -299,6 +299,13 @@ class RunConfig(_sections_model()):
             raise ValueError("--local-momentum has no effect without --local-optimizer momentum")
 
     @property
+    def needs_groups(self) -> bool:
+        """Whether the run's algorithm brings model groups (the distillation algorithms)."""
+        from metafed.distill import DISTILLATION
+
+        return self.algorithm.name in DISTILLATION
+
+    @property
     def needs_public_inputs(self) -> bool:
         """Whether the run's algorithm shares logits on public inputs (FedMD, FedDF): the dataset
         then carves them out of what the clients hold (:mod:`metafed.data.public`)."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import types
 from typing import Callable
 
 import torch
@@ -109,7 +110,7 @@ class MetafedClient:
             except ValueError as e:
                 log.warning("compressed broadcast: client %d: %s", node.client_id, e)
                 return Message(Error(code=REFUSED, reason=str(e)), reply_to=msg)
-        program = node.algorithm.client_program(rnd)
+        program = node.algorithm.program_group(rnd, node.group)  # its group's (the one program, usually)
         policy = policy_of(context)
         # local DP: clipped and noised here, with this client's own randomness (the one client runner),
         # at least as the node's own policy says; secure aggregation: never in the clear if required
@@ -171,7 +172,9 @@ class MetafedClient:
         broadcast = from_records(msg.content["broadcast"])
         heldout_steps = tuple(int(k) for k in msg.content["config"].get("heldout-steps", ()))
         policy_of(context).check_evaluation(node.cfg.personalize_steps, heldout_steps if node.role == "heldout" else ())
-        if node.role == "heldout":
+        if node.algorithm.combines_groups:  # model groups (distillation): each client with its group's models
+            scores = _score_groups(node, params, rnd, heldout_steps, msg)
+        elif node.role == "heldout":
             steps = heldout_steps
             scores = evaluate_new_client(node.evaluator, params, broadcast, rnd, node.client_id, node.data, steps)
         else:
@@ -214,6 +217,17 @@ def _encode(node: Node, sent: dict, rnd: int):
     if new_residual is not None:
         node.save_residual(new_residual)
     return ArrayRecord({"bytes": Array(np.frombuffer(blob, dtype=np.uint8).copy())})
+
+
+def _score_groups(node: Node, params: dict, rnd: int, heldout_steps: tuple[int, ...], msg: Message) -> dict:
+    from metafed.pools.group_evaluation import score_group_client, score_group_new_client
+
+    run = types.SimpleNamespace(algorithm=node.algorithm, backend=node.backend, cfg=node.cfg)
+    if node.role == "heldout":
+        num_heldout = int(round(node.cfg.num_clients * node.cfg.heldout_fraction))
+        return score_group_new_client(run, params, rnd, node.client_id, num_heldout, node.data, heldout_steps)
+    state = node.load_state({"group": torch.tensor(node.group)})
+    return score_group_client(run, params, rnd, node.client_id, node.data, state)
 
 
 def policy_of(context: Context) -> NodePolicy:

@@ -45,9 +45,26 @@ class Node:
     def algorithm(self):
         from metafed.data import DEFAULT_MODEL
 
-        module = build_or_call(self.model_fn, self.cfg.model or DEFAULT_MODEL[self.cfg.dataset], self.input_shape,
-                               self.num_classes, self.cfg.seed, tuple(self.cfg.hidden))
-        return make_algorithm(self.cfg, FunctionalModel(module))
+        name = self.cfg.model or DEFAULT_MODEL[self.cfg.dataset]
+        module = build_or_call(self.model_fn, name, self.input_shape, self.num_classes, self.cfg.seed,
+                               tuple(self.cfg.hidden))
+        if not self.cfg.needs_groups:
+            return make_algorithm(self.cfg, FunctionalModel(module))
+        # model groups (distillation): drawn over the training clients as the server draws them.
+        # What a client scores comes in the broadcast, so the node holds no public inputs: a
+        # placeholder of their count (public_size) sizes the programs as the server's do
+        from metafed.data.federated import FederatedDataset
+
+        training = self.cfg.num_clients - int(round(self.cfg.num_clients * self.cfg.heldout_fraction))
+        empty = FederatedDataset(self.cfg.dataset, [], self.input_shape, self.num_classes)
+        count = self.cfg.public_size if self.cfg.needs_public_inputs else 0
+        return make_algorithm(self.cfg, FunctionalModel(module), empty, name, num_clients=training,
+                              public=torch.zeros((count, *self.input_shape), dtype=self.data.train_x.dtype))
+
+    @property
+    def group(self) -> int:
+        """This client's model group (0 for every ordinary algorithm)."""
+        return self.algorithm.group_of(self.client_id) if self.role == "train" else 0
 
     @functools.cached_property
     def backend(self) -> LoopBackend:

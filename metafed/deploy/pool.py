@@ -419,6 +419,14 @@ class FlowerPool:
 
         return RealArrivals(self)
 
+    def _expected_scores(self) -> set[str]:
+        """The keys a training client's evaluation reply carries: the global and personalized
+        counts and (with eval_train_loss) the train pass; model groups bring no train pass,
+        and no global model for FedMD and FD."""
+        if self.algorithm.combines_groups:
+            return _KEYS - _TRAIN_KEYS - (set() if self.algorithm.has_global_model else _GLOBAL_KEYS)
+        return _KEYS if self.cfg.eval_train_loss else _KEYS - _TRAIN_KEYS
+
     def keep_states(self, ids: list[int], states: dict, accepted) -> None:
         """Nodes keep their own personal state."""
 
@@ -458,7 +466,10 @@ class FlowerPool:
         config = ConfigRecord({"config": self.config_json, "round": rnd, "heldout-steps": list(HELDOUT_ADAPT_STEPS)})
         content = RecordDict({"config": config, "params": to_records(params), "broadcast": to_records(broadcast)})
         sample = evaluation_sample(self._num_clients, self.cfg.eval_clients, self.cfg.seed)
-        nodes = [self.node_of[c] for c in sample if c in self.node_of] + list(self.heldout_node_of.values())
+        groups = self.algorithm.combines_groups  # distillation: per-group models (no train loss pass)
+        no_newcomers = groups and not self.algorithm.has_global_model  # FedMD, FD: no model for a newcomer
+        nodes = [self.node_of[c] for c in sample if c in self.node_of] + \
+            ([] if no_newcomers else list(self.heldout_node_of.values()))
         replies = self._send([Message(content, n, "evaluate") for n in nodes], self.round_timeout)
         rows, new = {}, {}
         for r in replies:
@@ -471,7 +482,7 @@ class FlowerPool:
                 if known.get(_src(r)) != cid or int(scores.pop("round")) != rnd or cid in table:
                     raise BadReply("scores from the wrong node or round, or sent twice")
                 row = {k: finite_number(v, k, 0.0) for k, v in scores.items()}
-                expected = _NEW_KEYS if heldout else _KEYS if self.cfg.eval_train_loss else _KEYS - _TRAIN_KEYS
+                expected = _NEW_KEYS if heldout else self._expected_scores()
                 if set(row) != expected or row["test_count"] < 1 or \
                         any(row[k] > row["test_count"] for k in row if k.endswith("_correct")):
                     raise BadReply("scores with missing or extra keys, no test samples, or more correct than total")
@@ -486,6 +497,7 @@ class FlowerPool:
         return metrics, {}
 
 
+_GLOBAL_KEYS = {"global_correct", "global_loss_sum"}
 _KEYS = {"global_correct", "global_loss_sum", "test_count", "train_loss_sum", "train_count", "personalized_correct",
          "personalized_loss_sum"}
 _TRAIN_KEYS = {"train_loss_sum", "train_count"}

@@ -23,17 +23,20 @@ FEDDF_DEFAULT_LR = 1e-3
 
 
 def make_distillation(cfg: "RunConfig", dataset: "FederatedDataset", model: "FunctionalModel",
-                      model_name: str) -> "DistillationAlgorithm":
+                      model_name: str, num_clients: int | None = None, public=None) -> "DistillationAlgorithm":
     """The distillation algorithm a config names. Without ``--client-models`` every client
     runs ``model`` (the run's model, yours included); with it, each group a reference model
-    sharing ``model``'s loss and score."""
+    sharing ``model``'s loss and score. In deployment neither side holds the federation:
+    ``num_clients`` (the training clients, which the groups are drawn over) and ``public``
+    (the public inputs: the server's for FedMD's broadcasts and FedDF's distillation; an empty
+    tensor on a node, which receives what it scores in the broadcast) replace the dataset's."""
     from metafed.aggregate.server_opt import server_optimizer
     from metafed.distill.fd import FD
     from metafed.distill.feddf import FedDF
     from metafed.distill.fedmd import FedMD
     from metafed.distill.groups import ModelGroup, build_groups
 
-    n = dataset.num_clients
+    n = dataset.num_clients if num_clients is None else num_clients
     if cfg.client_models is None:
         groups = [ModelGroup(model_name, model, tuple(range(n)))]
     else:
@@ -45,7 +48,7 @@ def make_distillation(cfg: "RunConfig", dataset: "FederatedDataset", model: "Fun
     opt = server_optimizer(cfg)
     if cfg.algorithm.name == "fd":
         return FD(groups, opt, cfg.lr, cfg.distill_weight, cfg.distill_temperature, dataset.num_classes)
-    public = dataset.public
+    public = dataset.public if public is None else public
     if public is None:
         raise ValueError(f"--algorithm {cfg.algorithm.name} needs public inputs: this dataset was built without them")
     if cfg.algorithm.name == "fedmd":

@@ -101,3 +101,43 @@ class _GroupView:
         from metafed.algorithms.finetune import FineTune
 
         return FineTune(self.model, lr)
+
+
+def score_group_client(run, params, rnd: int, cid: int, data, state: dict) -> dict[str, float]:
+    """One training client's counts on its own data, in deployment: what :func:`evaluate_groups`
+    computes for it in simulation. ``run``: (algorithm, backend, cfg); ``params``: the server's
+    params of every group (prefixed); ``state``: the client's own (its model, FedMD and FD)."""
+    from metafed.algorithms.base import ServerState
+
+    alg, cfg = run.algorithm, run.cfg
+    g = alg.group_of(cid)
+    model, tests = alg.groups[g].model, ([data.test_x], [data.test_y])
+    out = {"test_count": float(len(data.test_y))}
+    if alg.has_global_model:
+        group_params = alg.group_global(ServerState(params), g)
+        glob = score_global(model, group_params, *tests)
+        pers = _finetuned(run, g, group_params, [data], [cid], rnd) if cfg.personalize_steps > 0 else glob
+        out.update(global_correct=float(glob.correct[0]), global_loss_sum=float(glob.loss_sum[0]))
+    else:
+        pers = score_stacked(model, tree.nested_stack([state["params"]]), *tests)
+    out.update(personalized_correct=float(pers.correct[0]), personalized_loss_sum=float(pers.loss_sum[0]))
+    return out
+
+
+def score_group_new_client(run, params, rnd: int, index: int, num_heldout: int, data,
+                           steps: tuple[int, ...]) -> dict[str, float]:
+    """One held-out client's new-client counts in deployment (FedDF; FedMD and FD have no model
+    to give a newcomer): its group drawn as :func:`_new_clients` draws it."""
+    from metafed.algorithms.base import ServerState
+    from metafed.distill.groups import assign_groups, parse_client_models
+
+    alg, cfg = run.algorithm, run.cfg
+    shares = [s for _, s in parse_client_models(cfg.client_models)] if cfg.client_models else [1.0]
+    g = int(assign_groups(num_heldout, shares, cfg.seed, 1)[index])
+    group_params = alg.group_global(ServerState(params), g)
+    out = {"test_count": float(len(data.test_y))}
+    for k in steps:
+        scores = score_global(alg.groups[g].model, group_params, [data.test_x], [data.test_y]) if k == 0 \
+            else _finetuned(run, g, group_params, [data], [index], rnd, steps=k, stream=6)
+        out[f"new_k{k}_correct"] = float(scores.correct[0])
+    return out
