@@ -60,6 +60,28 @@ def test_deploy_local_equals_the_simulation(tmp_path, algorithm, extra):
     assert not Path(out / "config.yaml").is_symlink()
 
 
+def test_feddf_with_two_architectures_deploys_as_the_simulation(tmp_path):
+    """Federated distillation between real processes: each SuperNode trains its group's
+    architecture (MLP or logistic), the ServerApp holds the public inputs and distils on
+    them; the final models of both groups and the metrics equal the simulation's."""
+    config = tmp_path / "run.yaml"
+    config.write_text(CONFIG + "algorithm: {name: feddf, client_models: 'mlp:0.5,logistic:0.5', public_size: 60, "
+                      "distill_steps: 3}\n")
+    out = tmp_path / "deployed"
+    done = subprocess.run([sys.executable, "-m", "metafed.cli", "deploy-local", "--clients", "4", "--config",
+                           str(config), "--out", str(out), "--timeout", "360", "--round-timeout", "120"],
+                          capture_output=True, text=True, timeout=420)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    sim = run(build_config(config, num_clients=4, backend="loop", progress=False))
+    deployed = load_file(str(out / "final.safetensors"))
+    assert {k.split(".")[0] for k in deployed} == {"0", "1"}  # both groups' server models
+    for k, v in sim.params.items():
+        torch.testing.assert_close(deployed[k], v, atol=1e-5, rtol=0)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for key in ("train_loss", "global_accuracy", "personalized_accuracy", "clients_used"):
+        assert rows[-1][key] == pytest.approx(sim.rows[-1][key], abs=1e-6), key
+
+
 def test_unauthenticated_supernode_is_refused(tmp_path):
     """SuperNode authentication is on with TLS: a node whose key is not on the SuperLink's
     allow-list never joins the federation."""
