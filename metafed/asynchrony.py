@@ -41,7 +41,9 @@ from metafed.data.schedule import sample_clients
 from metafed.section import Section
 
 if TYPE_CHECKING:
-    from metafed.federation import Federation
+    from metafed.algorithms.base import FederatedAlgorithm, ServerState
+    from metafed.config import RunConfig
+    from metafed.pools.base import ClientPool
 
 
 class ScheduleSection(Section):
@@ -149,10 +151,15 @@ class AsyncClients(Protocol):
 class AsyncDriver:
     """FedAsync / FedBuff's server: keeps M jobs in flight, consumes arrivals into the buffer,
     applies the buffer with staleness weights, refills freed slots. ``clients`` is the pool's
-    :class:`AsyncClients`."""
+    :class:`AsyncClients`. A round driver: :meth:`step` takes the server state in and gives it
+    out with the update's row; ``state`` is the state of the update in progress."""
 
-    fed: "Federation"
+    cfg: "RunConfig"
+    algorithm: "FederatedAlgorithm"
+    pool: "ClientPool"
+    aggregator: object
     clients: AsyncClients
+    state: "ServerState | None" = None
     clock: float = 0.0
     version: int = 0
     events: int = 0  # dispatch events so far (seeds replacement sampling)
@@ -165,16 +172,15 @@ class AsyncDriver:
     # ------------------------------------------------------------------ jobs
     def dispatch(self, clients: list[int], schedule_round: int) -> int:
         """Start ``clients`` on the current model (its params kept while a job needs them)."""
-        fed = self.fed
-        broadcast = fed.algorithm.broadcast(fed.state, self.version + 1)
-        self.models.setdefault(self.version, fed.algorithm.global_params(fed.state))
+        broadcast = self.algorithm.broadcast(self.state, self.version + 1)
+        self.models.setdefault(self.version, self.algorithm.global_params(self.state))
         self.events += 1
         self.jobs += self.clients.submit(self, clients, schedule_round, broadcast)
         return tree.nested_bytes(broadcast) * len(clients)
 
     def payload(self, job: Job, delta: dict) -> dict:
         """What a job brings the server: FedAsync the client's model, FedBuff its update."""
-        if self.fed.cfg.async_rule != "fedasync":
+        if self.cfg.async_rule != "fedasync":
             return delta
         start = self.models[job.start_version]
         return {k: start[k] + delta[k] for k in start}
@@ -182,7 +188,7 @@ class AsyncDriver:
     def refill(self, free: int) -> int:
         """Start ``free`` idle clients; when every slot is free, the cohort synchronous FedAvg
         would sample this round (so FedBuff with K = M and equal speeds is FedAvg)."""
-        cfg, n = self.fed.cfg, self.fed.pool.num_clients
+        cfg, n = self.cfg, self.pool.num_clients
         m = min(cfg.clients_per_round, n)
         busy = {j.client for j in self.jobs}
         if free == m and not busy:
@@ -195,11 +201,12 @@ class AsyncDriver:
         return self.dispatch(sorted(clients), schedule_round) if clients else 0
 
     # ------------------------------------------------------------------ one server update
-    def step(self, rnd: int) -> dict:
-        fed, cfg = self.fed, self.fed.cfg
+    def step(self, state: "ServerState", rnd: int) -> tuple["ServerState", dict]:
+        """One server update: (the new server state, its metrics row)."""
+        cfg, self.state = self.cfg, state
         if not self.loaded:
-            self.load(fed.state.extra)
-        m = min(cfg.clients_per_round, fed.pool.num_clients)
+            self.load(state.extra)
+        m = min(cfg.clients_per_round, self.pool.num_clients)
         bytes_down = self.refill(m - len(self.jobs)) if len(self.jobs) < m else 0
         need = 1 if cfg.async_rule == "fedasync" else (cfg.buffer_size or cfg.clients_per_round)
         consumed: list[Job] = []
@@ -227,7 +234,7 @@ class AsyncDriver:
         self._forget_models()
         bytes_down += self.refill(m - len(self.jobs))
         self.save()
-        return self.row(rnd, consumed, staleness, bytes_down)
+        return self.state, self.row(rnd, consumed, staleness, bytes_down)
 
     def _forget_models(self) -> None:
         """Keep the start model of each version a job in flight or waiting still needs."""
@@ -243,21 +250,21 @@ class AsyncDriver:
                 "updates": self.version}
 
     def apply(self, jobs: list[Job], staleness: list[int], rnd: int) -> None:
-        fed, cfg = self.fed, self.fed.cfg
+        cfg = self.cfg
         s = staleness_weight(cfg.staleness)
-        state = fed.state
+        state = self.state
         if cfg.async_rule == "fedasync":
             (job,), w = jobs, cfg.async_alpha * s(staleness[0])
             params = {k: (1 - w) * v + w * job.payload[k] for k, v in state.params.items()}
-            fed.state = replace(state, params=params)
+            self.state = replace(state, params=params)
             return
         weights = cap_sample_weights(torch.tensor([j.samples for j in jobs], dtype=torch.float64),
                                      cfg.sample_weight_cap, cfg.max_sample_weight)
         if cfg.weighting == "uniform":
             weights = torch.ones_like(weights)
         scaled = [{k: v * s(tau) for k, v in j.payload.items()} for j, tau in zip(jobs, staleness)]
-        aggregate = fed.aggregator({"update": tree.nested_stack(scaled)}, weights, None)
-        fed.state = fed.algorithm.server_update(state, aggregate, rnd)
+        aggregate = self.aggregator({"update": tree.nested_stack(scaled)}, weights, None)
+        self.state = replace(self.algorithm.server_update(state, aggregate, rnd), stages=state.stages)
 
     # ------------------------------------------------------------------ checkpoint
     def save(self) -> None:
@@ -265,9 +272,9 @@ class AsyncDriver:
         state (checkpointed). A deployment's jobs live on the nodes: a resumed server starts
         fresh ones."""
         jobs = self.jobs if self.clients.persistent else []
-        extra = {k: v for k, v in self.fed.state.extra.items() if not k.startswith("async/")}
+        extra = {k: v for k, v in self.state.extra.items() if not k.startswith("async/")}
         extra["async/clock"] = torch.tensor([self.clock, self.version, self.events], dtype=torch.float64)
-        params = self.fed.state.params
+        params = self.state.params
         for name, saved in (("jobs", jobs), ("buffer", self.buffer)):
             extra[f"async/{name}"] = torch.tensor([j.record() for j in saved], dtype=torch.float64).reshape(-1, 7)
             for k, v in params.items():  # untrained jobs: zeros, their "trained" field says so
@@ -275,7 +282,7 @@ class AsyncDriver:
                                                           for j in saved]) if saved else v.new_zeros((0, *v.shape))
         for version, model in self.models.items():
             extra.update({f"async/models/{version}/{k}": v.clone() for k, v in model.items()})  # own storage
-        self.fed.state = replace(self.fed.state, extra=extra)
+        self.state = replace(self.state, extra=extra)
 
     def load(self, extra: dict) -> None:
         self.loaded = True
@@ -286,10 +293,10 @@ class AsyncDriver:
         for name in ("jobs", "buffer"):
             rows = extra[f"async/{name}"].tolist()
             jobs = [Job(int(r[0]), int(r[1]), r[2], r[3], int(r[5]), r[4],
-                        {k: extra[f"async/{name}/{k}"][i] for k in self.fed.state.params} if r[6] else None)
+                        {k: extra[f"async/{name}/{k}"][i] for k in self.state.params} if r[6] else None)
                     for i, r in enumerate(rows)]
             setattr(self, name, jobs)
         if not self.clients.persistent:
             self.jobs = []  # a deployment's jobs in flight were lost with the earlier server
         versions = {int(k.split("/")[2]) for k in extra if k.startswith("async/models/")}
-        self.models = {v: {k: extra[f"async/models/{v}/{k}"] for k in self.fed.state.params} for v in versions}
+        self.models = {v: {k: extra[f"async/models/{v}/{k}"] for k in self.state.params} for v in versions}

@@ -181,13 +181,22 @@ class Federation:
         sample = poisson_sample_clients if cfg.client_sampling == "poisson" else sample_clients
         return sample(n, cfg.clients_per_round, rnd, cfg.seed)
 
+    def step(self, state: ServerState, rnd: int) -> tuple[ServerState, dict]:
+        """The round driver protocol: the server state in, (the new state, the round's row)
+        out (``run.py`` drives rounds through it; checkpoints store what it returns)."""
+        self.state = state
+        row = self.run_round(rnd)
+        return self.state, row
+
     def run_round(self, rnd: int) -> dict:
         """Train one round: sample -> pool (clients run the program and their per-client
         upload stage) -> validate -> aggregation pipeline -> server update."""
         if self.cfg.mode == "async":  # one server update of FedAsync / FedBuff, over the pool's async clients
             if getattr(self, "_async", None) is None:  # a virtual clock in simulation, real arrivals in deployment
-                self._async = AsyncDriver(self, self.pool.async_clients())
-            return self._async.step(rnd)
+                self._async = AsyncDriver(self.cfg, self.algorithm, self.pool, self.aggregator,
+                                          self.pool.async_clients())
+            self.state, row = self._async.step(self.state, rnd)
+            return row
         if self.algorithm.combines_groups:  # model groups whose uploads the algorithm combines (distillation)
             return self._group_round(rnd)
         alg = self.algorithm

@@ -279,7 +279,7 @@ def _run(cfg: RunConfig, resume, overwrite: bool, pool, own: tuple, held: ExitSt
     with _progress(cfg.progress, cfg.rounds, start) as bar:
         for rnd in range(start + 1, cfg.rounds + 1):
             t0 = time.perf_counter()
-            row = fed.run_round(rnd)
+            fed.state, row = fed.step(fed.state, rnd)
             log.info("round %d trained in %.3f s (%d clients)", rnd, time.perf_counter() - t0, row["clients_used"])
             bytes_up += row["bytes_up"]
             bytes_down += row["bytes_down"]

@@ -50,9 +50,8 @@ class RealArrivals:
         self.in_flight = {mid: j for mid, j in self.in_flight.items() if j in driver.jobs}
         if not self.in_flight:
             raise RoundSkipped("no client could be given a job")
-        fed = driver.fed
-        program = fed.algorithm.client_program(driver.version + 1)
-        broadcast = fed.algorithm.broadcast(fed.state, driver.version + 1)
+        program = driver.algorithm.client_program(driver.version + 1)
+        broadcast = driver.algorithm.broadcast(driver.state, driver.version + 1)
         pending = {mid: (job.client, job.schedule_round) for mid, job in self.in_flight.items()}
         got, gone = [], []
         for mid, cid, sent, loss, n in self.pool.pull_train(pending, program, broadcast, self.pool.round_timeout):

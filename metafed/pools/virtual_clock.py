@@ -41,7 +41,7 @@ class VirtualClock:
     def submit(self, driver: "AsyncDriver", clients: list[int], schedule_round: int, broadcast: dict) -> list[Job]:
         """Jobs finishing at now + steps x the client's step time; trained later (see :meth:`poll`)."""
         self._now = driver.clock
-        program = driver.fed.algorithm.client_program(driver.version + 1)
+        program = driver.algorithm.client_program(driver.version + 1)
         jobs = []
         for cid in clients:
             steps = len(self.pool.task(cid, schedule_round, program, broadcast).schedule)
@@ -62,11 +62,10 @@ class VirtualClock:
 
     def _train(self, driver: "AsyncDriver", version: int) -> None:
         """Train every untrained job that starts from ``version``, one batch per batch seed."""
-        fed = driver.fed
         params = driver.models[version]
-        state = replace(fed.state, params=params)
-        program = fed.algorithm.client_program(version + 1)
-        broadcast = fed.algorithm.broadcast(state, version + 1)
+        state = replace(driver.state, params=params)
+        program = driver.algorithm.client_program(version + 1)
+        broadcast = driver.algorithm.broadcast(state, version + 1)
         waiting = [j for j in [*driver.jobs, *driver.buffer] if j.start_version == version and not j.trained]
         for schedule_round in sorted({j.schedule_round for j in waiting}):
             group = sorted((j for j in waiting if j.schedule_round == schedule_round), key=lambda j: j.client)
