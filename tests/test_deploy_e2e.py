@@ -254,3 +254,77 @@ def test_every_client_keeps_its_signed_ledger_receipts(tmp_path):
         assert [{k: v for k, v in r.items() if k != "public_key"} for r in kept] == \
             [e for e in entries if e["client"] == client]
         assert all(r["public_key"] == result.public_key for r in kept)
+
+
+def _processes_naming(folder: Path) -> list[int]:
+    """Live processes whose command line names ``folder`` (the deployment's work folder)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(folder) in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def _wait_until(condition, seconds: float) -> bool:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.5)
+    return condition()
+
+
+def test_sigterm_to_deploy_local_tears_every_process_down(tmp_path):
+    """The SuperLink, the SuperNodes and their executors run in process groups of their own:
+    a SIGTERM to deploy-local alone must still take all of them down."""
+    import os
+    import signal
+
+    work_root = tmp_path / "tmp"
+    work_root.mkdir()
+    config = tmp_path / "run.yaml"
+    config.write_text(CONFIG.replace("rounds: 2\n", "rounds: 200\n"))
+    proc = subprocess.Popen([sys.executable, "-m", "metafed.cli", "deploy-local", "--clients", "2", "--config",
+                             str(config), "--out", str(tmp_path / "out")], env={**os.environ, "TMPDIR": str(work_root)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert _wait_until(lambda: len(_processes_naming(work_root)) >= 3, 120), "the deployment never started"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) != 0
+        assert _wait_until(lambda: not _processes_naming(work_root), 30), _processes_naming(work_root)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in _processes_naming(work_root):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_failed_start_leaks_no_process(tmp_path, monkeypatch):
+    from metafed.deploy.local import LocalDeployment
+
+    started = []
+    original = LocalDeployment.start_node
+
+    def second_node_fails(self, i, *args, **kwargs):
+        if i == 1:
+            raise RuntimeError("the second SuperNode could not start")
+        started.append(i)
+        return original(self, i, *args, **kwargs)
+
+    monkeypatch.setattr(LocalDeployment, "start_node", second_node_fails)
+    work = tmp_path / "work"
+    work.mkdir()
+    cfg = build_config(num_clients=2, clients_per_round=2)
+    with pytest.raises(RuntimeError, match="second SuperNode"):
+        with LocalDeployment(2, cfg, work, insecure=False):
+            pass
+    assert started == [0]
+    assert _wait_until(lambda: not _processes_naming(work), 30), _processes_naming(work)

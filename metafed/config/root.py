@@ -39,8 +39,6 @@ NEEDS = {
     "free_ride": ("free_riders", "--free-riders"),
 }
 
-
-
 # algorithms whose clients keep a personal model (client state "personal") that evaluation can score
 STORED_PERSONAL_MODELS = ("pfedme", "ditto", "meta-updater")
 
@@ -48,9 +46,9 @@ STORED_PERSONAL_MODELS = ("pfedme", "ditto", "meta-updater")
 def _sections_model() -> type[BaseModel]:
     """The root's fields, one per section of :data:`metafed.config.tree.SECTIONS` (the
     algorithm's second): a new section is one line there, nothing here."""
-    fields: dict[str, Any] = {"algorithm": (AlgorithmSection, Field(default_factory=ALGORITHM_SECTIONS["fedavg"]))}
-    fields = {**{name: (cls, Field(default_factory=cls)) for name, cls in list(SECTIONS.items())[:1]}, **fields,
-              **{name: (cls, Field(default_factory=cls)) for name, cls in list(SECTIONS.items())[1:]}}
+    sections = [(name, (cls, Field(default_factory=cls))) for name, cls in SECTIONS.items()]
+    algorithm = ("algorithm", (AlgorithmSection, Field(default_factory=ALGORITHM_SECTIONS["fedavg"])))
+    fields = dict(sections[:1] + [algorithm] + sections[1:])
     return create_model("Sections", __config__=ConfigDict(extra="forbid", validate_assignment=True,
                                                          allow_inf_nan=False), **fields)
 

@@ -7,6 +7,7 @@ a throwaway CA made for the run (``--insecure`` turns TLS off, loopback only). T
 is the same as ``metafed run`` writes, committed by the ServerApp after every round."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import json
@@ -171,6 +172,13 @@ class LocalDeployment:
         return proc
 
     def __enter__(self) -> "LocalDeployment":
+        try:
+            return self._start()
+        except BaseException:  # a failed start leaks nothing: what did start is torn down
+            self.__exit__(None, None, None)
+            raise
+
+    def _start(self) -> "LocalDeployment":
         self.port = free_port()
         self.tls = None if self.insecure else make_tls(self.work / "tls")
         self.start_superlink()
@@ -294,6 +302,29 @@ class LocalDeployment:
                 proc.wait()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that every process started is torn down."""
+
+
+@contextlib.contextmanager
+def _terminated_as_interrupt():
+    """While a deployment runs, SIGTERM unwinds like Ctrl-C (SIGINT) does: the context
+    managers tear the SuperLink, the SuperNodes and their executors down (each runs in a
+    process group of its own, which a signal to this process alone would orphan)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_terminated(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def deploy_local(cfg: RunConfig, clients: int, out: Path, insecure: bool = False, overwrite: bool = False,
                  resume: bool = False, timeout: float = 1800.0, round_timeout: float = 300.0, echo=print) -> Path:
     """Run ``cfg`` on a local SuperLink with ``clients`` SuperNodes; returns the run folder."""
@@ -307,7 +338,7 @@ def deploy_local(cfg: RunConfig, clients: int, out: Path, insecure: bool = False
     RunConfig(**json.loads(cfg.model_dump_json()))  # re-validate with the node count
     if not resume:
         check_target(out, overwrite)
-    with tempfile.TemporaryDirectory(prefix="metafed-deploy-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="metafed-deploy-") as tmp, _terminated_as_interrupt():
         work = Path(tmp)
         with LocalDeployment(clients, cfg, work, insecure) as deployment:
             code = deployment.submit(out, resume, round_timeout, echo, timeout)
