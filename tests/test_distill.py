@@ -222,11 +222,14 @@ def test_incompatible_settings_are_refused_in_one_line():
         build_federation(small_config(algorithm="fd", num_clients=3, client_models="mlp:0.9,logistic:0.1"))
 
 
-def test_deployment_refuses_distillation():
+def test_distillation_deploys_but_not_its_simulated_faults():
+    """The distillation algorithms run in deployment (deployment == simulation:
+    tests/test_conformance.py, tests/test_deploy_pool.py); what is simulated still is not."""
     from metafed.run import check_deployable
 
-    with pytest.raises(ConfigError, match="simulation only"):
-        check_deployable(small_config(algorithm="fd"))
+    check_deployable(small_config(algorithm="fd"))
+    with pytest.raises(ConfigError, match="simulated"):
+        check_deployable(small_config(algorithm="fd", dropout=0.25))
 
 
 def test_feddf_scores_new_clients_with_their_groups_server_model():
