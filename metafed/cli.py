@@ -192,6 +192,14 @@ config_app = typer.Typer(no_args_is_help=True, help="Inspect run configurations.
 app.add_typer(config_app, name="config")
 
 
+def _resolved_config(config: Optional[Path], set_: list[str], values: dict):
+    """The config a `config` subcommand resolves: the file, the flags, then ``--set``."""
+    from metafed.cli_options import parse_list_values
+    from metafed.config import build_config
+
+    return build_config(config, **{**parse_list_values(values), **_parse_sets(set_)})
+
+
 def config_show(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config; flags override it",
                                           rich_help_panel="Run"),
@@ -202,13 +210,10 @@ def config_show(
     """Print the resolved config (file, flags, protocol and defaults) as YAML that `metafed run
     -c` loads: by section, the algorithm's parameters under `algorithm:`, each key with its
     description and whether it was set, and the algorithm's paper."""
-    from metafed.cli_options import parse_list_values
-    from metafed.config import build_config
     from metafed.config.show import show_config
 
     with _one_line_errors():
-        cfg = build_config(config, **{**parse_list_values(values), **_parse_sets(set_)})
-        typer.echo(show_config(cfg), nl=False)
+        typer.echo(show_config(_resolved_config(config, set_, values)), nl=False)
 
 
 config_app.command("show", short_help="Print the resolved config as loadable YAML.")(
@@ -224,12 +229,10 @@ def config_hash(
 ) -> None:
     """Print the SHA-256 a node pins this run by (node config run-sha256=...): every section of
     the resolved config but `execution`. A node so pinned refuses any other run."""
-    from metafed.cli_options import parse_list_values
-    from metafed.config import build_config
     from metafed.deploy.policy import run_sha256
 
     with _one_line_errors():
-        typer.echo(run_sha256(build_config(config, **{**parse_list_values(values), **_parse_sets(set_)})))
+        typer.echo(run_sha256(_resolved_config(config, set_, values)))
 
 
 config_app.command("hash", short_help="Print the SHA-256 a node pins this run by.")(with_config_flags(config_hash))

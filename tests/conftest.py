@@ -28,3 +28,14 @@ def needs_shared(sub: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} not available")
     return path
+
+
+@pytest.fixture
+def server_task(monkeypatch):
+    """Messages are created as by a ServerApp task (the run context Flower sets up), so the
+    real ClientApp handlers and FlowerPool can be driven in-process."""
+    pytest.importorskip("flwr")
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attribute, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, attribute, value)

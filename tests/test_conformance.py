@@ -104,15 +104,6 @@ def test_ray_equals_vectorized(name, local_ray):
     _same(on_ray.params, vec.params, atol=1e-5)
 
 
-@pytest.fixture
-def server_task(monkeypatch):
-    """Messages are created as by a ServerApp task (the run context Flower sets up)."""
-    pytest.importorskip("flwr")
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attribute, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, attribute, value)
-
 
 @pytest.mark.parametrize("name", REGISTRY)
 def test_client_app_handlers_equal_the_simulation(name, tmp_path, server_task):

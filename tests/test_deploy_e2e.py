@@ -29,6 +29,17 @@ COMPRESSED = "compress: topk:0.1\nerror_feedback: true\ncompress_down: topk:0.2\
 ASYNC = "mode: async\nasync_rule: fedasync\nclients_per_round: 1\nrounds: 3\n"
 
 
+def _deploy_and_simulate(config: Path, out: Path, clients: int):
+    """``metafed deploy-local`` of ``config`` into ``out`` with real processes, and the same
+    config simulated on the loop backend: (the deployed final params, the simulation)."""
+    done = subprocess.run([sys.executable, "-m", "metafed.cli", "deploy-local", "--clients", str(clients), "--config",
+                           str(config), "--out", str(out), "--timeout", "360", "--round-timeout", "120"],
+                          capture_output=True, text=True, timeout=420)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    sim = run(build_config(config, num_clients=clients, backend="loop", progress=False))
+    return load_file(str(out / "final.safetensors")), sim
+
+
 @pytest.mark.parametrize("algorithm,extra", [("fedavg", ""), ("ditto", ""), ("fedprox", "mu: 0.5\nrounds: 1\n"),
                                              ("maml", "local_steps: 3\nrounds: 1\n"), ("fedavg", COMPRESSED),
                                              ("fedavg", ASYNC)])
@@ -44,12 +55,7 @@ def test_deploy_local_equals_the_simulation(tmp_path, algorithm, extra):
         base = base.replace(line, "") if line.split(":")[0] in extra else base
     config.write_text(base + f"algorithm: {algorithm}\n" + extra)
     out = tmp_path / "deployed"
-    done = subprocess.run([sys.executable, "-m", "metafed.cli", "deploy-local", "--clients", "3", "--config",
-                           str(config), "--out", str(out), "--timeout", "360", "--round-timeout", "120"],
-                          capture_output=True, text=True, timeout=420)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    sim = run(build_config(config, num_clients=3, backend="loop", progress=False))
-    deployed = load_file(str(out / "final.safetensors"))
+    deployed, sim = _deploy_and_simulate(config, out, 3)
     for k, v in sim.params.items():
         torch.testing.assert_close(deployed[k], v, atol=1e-5, rtol=0)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -68,12 +74,7 @@ def test_feddf_with_two_architectures_deploys_as_the_simulation(tmp_path):
     config.write_text(CONFIG + "algorithm: {name: feddf, client_models: 'mlp:0.5,logistic:0.5', public_size: 60, "
                       "distill_steps: 3}\n")
     out = tmp_path / "deployed"
-    done = subprocess.run([sys.executable, "-m", "metafed.cli", "deploy-local", "--clients", "4", "--config",
-                           str(config), "--out", str(out), "--timeout", "360", "--round-timeout", "120"],
-                          capture_output=True, text=True, timeout=420)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    sim = run(build_config(config, num_clients=4, backend="loop", progress=False))
-    deployed = load_file(str(out / "final.safetensors"))
+    deployed, sim = _deploy_and_simulate(config, out, 4)
     assert {k.split(".")[0] for k in deployed} == {"0", "1"}  # both groups' server models
     for k, v in sim.params.items():
         torch.testing.assert_close(deployed[k], v, atol=1e-5, rtol=0)

@@ -18,14 +18,6 @@ from metafed.run import build_federation  # noqa: E402
 from tests.conftest import small_config  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _server_task(monkeypatch):
-    """Messages are created as by a ServerApp task (the run context Flower sets up)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attribute, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, attribute, value)
-
 
 def _context(tmp_path, **policy) -> Context:
     node_config = {"dataset": "digits", "partition-id": 0, "num-partitions": 4, "state-dir": str(tmp_path / "node"),
@@ -46,6 +38,8 @@ def _norm(reply) -> float:
     upload = from_records(reply.content["upload"])
     return float(torch.sqrt(sum(v.double().pow(2).sum() for v in upload["update"].values())))
 
+
+pytestmark = pytest.mark.usefixtures("server_task")
 
 CFG = dict(num_clients=4, clients_per_round=4, rounds=1, backend="loop", local_steps=3, lr=0.5)
 

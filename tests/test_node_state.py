@@ -17,16 +17,14 @@ from metafed.deploy.wire import to_records  # noqa: E402
 from metafed.run import build_federation  # noqa: E402
 from tests.conftest import small_config  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("server_task")
+
 CFG = dict(num_clients=4, clients_per_round=4, rounds=1, backend="loop", local_steps=2)
 
 
 @pytest.fixture(autouse=True)
-def _server_task(monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attribute, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, attribute, value)
-    load_node.cache_clear()
+def _fresh_node_cache():
+    load_node.cache_clear()  # each test's nodes are loaded from their own folders
 
 
 def _train(cfg, node_config: dict, rnd: int = 1):

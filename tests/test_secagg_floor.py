@@ -37,15 +37,6 @@ def test_the_config_refuses_secure_aggregation_over_fewer_than_three(clients, sa
     build_config(secure_aggregation=True, clients_per_round=3)
 
 
-@pytest.fixture
-def server_task(monkeypatch):
-    """Messages are created as by a ServerApp task (the run context Flower sets up)."""
-    pytest.importorskip("flwr")
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attribute, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, attribute, value)
-
 
 def test_a_malicious_server_asking_one_client_alone_is_refused_by_the_node(tmp_path, server_task):
     """Through the real ClientApp handlers: the node holds its trained upload for the secure

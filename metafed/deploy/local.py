@@ -156,6 +156,7 @@ class LocalDeployment:
     def __init__(self, clients: int, cfg: RunConfig, work: Path, insecure: bool, persistent: bool = False):
         self.clients, self.cfg, self.work, self.insecure = clients, cfg, work, insecure
         self.persistent = persistent  # SuperLink state in a database file (survives a SuperLink restart)
+        self._roles: dict[int, tuple[str, int]] | None = None  # partition -> (role, index), under --heldout-fraction
         self.procs: list[subprocess.Popen] = []
         # the SuperLink and SuperNodes start Flower's own tools (flower-superexec) by name: the
         # interpreter's folder goes first on PATH, so a virtualenv that is not activated works too
@@ -231,7 +232,7 @@ class LocalDeployment:
             return None
         if self.cfg.heldout_fraction == 0 or parts != self.cfg.num_clients:
             return self.identity_keys[partition]
-        if getattr(self, "_roles", None) is None:
+        if self._roles is None:
             from metafed.data import load_dataset
 
             fed = load_dataset(self.cfg)

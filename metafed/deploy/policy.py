@@ -43,21 +43,30 @@ class NodePolicyError(ValueError):
     """The node config's policy keys are malformed."""
 
 
+def _what_clients_do(cfg) -> dict:
+    """The run configuration's tree without ``execution`` (where the server runs, not what a
+    client does or reveals)."""
+    return {k: v for k, v in cfg.model_dump(mode="json", by_alias=True).items() if k != "execution"}
+
+
+def _sha256(tree: dict) -> str:
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()
+
+
 def run_sha256(cfg) -> str:
     """The hash a node pins a run by: SHA-256 of the run configuration's tree without its
     ``execution`` section, as canonical JSON (sorted keys)."""
-    tree = {k: v for k, v in cfg.model_dump(mode="json", by_alias=True).items() if k != "execution"}
-    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()
+    return _sha256(_what_clients_do(cfg))
 
 
 def run_key(cfg) -> str:
     """What a node keys its personal state by: the run's configuration without where the
     server runs (``execution``) and without what a resume may change (rounds, evaluation
     cadence), so a resumed run finds its state and another run does not (16 hex digits)."""
-    tree = {k: v for k, v in cfg.model_dump(mode="json", by_alias=True).items() if k != "execution"}
+    tree = _what_clients_do(cfg)
     tree["training"] = {k: v for k, v in tree["training"].items() if k != "rounds"}
     tree["evaluation"] = {k: v for k, v in tree["evaluation"].items() if k != "eval_every"}
-    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
+    return _sha256(tree)[:16]
 
 
 @dataclass(frozen=True)

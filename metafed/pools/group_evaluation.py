@@ -46,17 +46,24 @@ def evaluate_groups(run, rnd: int) -> tuple[dict, dict]:
     return metrics, per_client
 
 
+def newcomer_groups(cfg, num_heldout: int):
+    """[H] the architecture group of each held-out client: drawn by the groups' shares from
+    ``default_rng([seed, 26, 1])``, the same in simulation and on the nodes."""
+    from metafed.distill.groups import assign_groups, parse_client_models
+
+    shares = [s for _, s in parse_client_models(cfg.client_models)] if cfg.client_models else [1.0]
+    return assign_groups(num_heldout, shares, cfg.seed, 1)
+
+
 def _new_clients(run, rnd: int, metrics: dict, per_client: dict) -> None:
     """FedDF's new-client accuracy: each held-out client gets an architecture by the same
     shares (``default_rng([seed, 26, 1])``) and its group's server model, scored after k
     fine-tuning steps on its train split (k = 0: as it is). FedMD and FD have no model to
     give a newcomer, so they report none."""
-    from metafed.distill.groups import assign_groups, parse_client_models
     from metafed.eval import HELDOUT_ADAPT_STEPS
 
     alg, heldout = run.algorithm, run.dataset.heldout
-    shares = [s for _, s in parse_client_models(run.cfg.client_models)] if run.cfg.client_models else [1.0]
-    group = assign_groups(len(heldout), shares, run.cfg.seed, 1)
+    group = newcomer_groups(run.cfg, len(heldout))
     per_k = {k: [None] * len(heldout) for k in HELDOUT_ADAPT_STEPS}
     for g in range(len(alg.groups)):
         members = [j for j in range(len(heldout)) if group[j] == g]
@@ -129,11 +136,9 @@ def score_group_new_client(run, params, rnd: int, index: int, num_heldout: int, 
     """One held-out client's new-client counts in deployment (FedDF; FedMD and FD have no model
     to give a newcomer): its group drawn as :func:`_new_clients` draws it."""
     from metafed.algorithms.base import ServerState
-    from metafed.distill.groups import assign_groups, parse_client_models
 
     alg, cfg = run.algorithm, run.cfg
-    shares = [s for _, s in parse_client_models(cfg.client_models)] if cfg.client_models else [1.0]
-    g = int(assign_groups(num_heldout, shares, cfg.seed, 1)[index])
+    g = int(newcomer_groups(cfg, num_heldout)[index])
     group_params = alg.group_global(ServerState(params), g)
     out = {"test_count": float(len(data.test_y))}
     for k in steps:

@@ -65,13 +65,13 @@ class SimulationPool:
         n_slow = int(round(cfg.stragglers * len(cohort)))
         slow = set(rng.choice(cohort, n_slow, replace=False).tolist()) if n_slow else set()
         policy = cfg.straggler_policy or self.algorithm.straggler_policy
+        work = LocalWork.of_round(cfg, self.algorithm, rnd)  # once per round, not per client
         ids, tasks = [], []
         for cid in cohort.tolist():
             if cid in gone or (cid in slow and policy == "drop"):
                 continue
-            task = self.task(cid, rnd, program, broadcast)
+            task = self.task(cid, rnd, program, broadcast, work)
             if cid in slow:
-                work = LocalWork.of_round(cfg, self.algorithm, rnd)
                 task = replace(task, active_steps=straggler_steps(len(task.schedule), work.epochs,
                                                                   work.steps is not None, rng))
             ids.append(cid)
@@ -102,12 +102,14 @@ class SimulationPool:
         metrics = {**outputs.get("metrics", {}), "upload_bytes": torch.full((len(ids),), float(size))}
         return {**outputs, **decoded, "metrics": metrics}
 
-    def task(self, cid: int, rnd: int, program: LocalProgram, broadcast: dict) -> ClientTask:
+    def task(self, cid: int, rnd: int, program: LocalProgram, broadcast: dict,
+             work: LocalWork | None = None) -> ClientTask:
         """Client ``cid``'s task in round ``rnd`` (:func:`metafed.client.task.make_task`): its
-        data, its seeded batch schedule and its persistent state from the client store."""
+        data, its seeded batch schedule and its persistent state from the client store.
+        ``work``: the round's local work, when the caller resolved it once for the cohort."""
         state = self.clients.get(cid, lambda: self.algorithm.client_init(broadcast))
-        return make_task(self.dataset.clients[cid], cid, rnd, program, state,
-                         LocalWork.of_round(self.cfg, self.algorithm, rnd))
+        work = work if work is not None else LocalWork.of_round(self.cfg, self.algorithm, rnd)
+        return make_task(self.dataset.clients[cid], cid, rnd, program, state, work)
 
     def label_counts(self, ids: list[int]) -> Tensor:
         k = self.dataset.num_classes

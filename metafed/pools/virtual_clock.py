@@ -16,6 +16,7 @@ import numpy as np
 from metafed import tree
 from metafed.aggregate import RoundSkipped
 from metafed.asynchrony import Job, client_step_times
+from metafed.client.task import LocalWork
 
 if TYPE_CHECKING:
     from metafed.asynchrony import AsyncDriver
@@ -42,9 +43,10 @@ class VirtualClock:
         """Jobs finishing at now + steps x the client's step time; trained later (see :meth:`poll`)."""
         self._now = driver.clock
         program = driver.algorithm.client_program(driver.version + 1)
+        work = LocalWork.of_round(self.pool.cfg, driver.algorithm, schedule_round)
         jobs = []
         for cid in clients:
-            steps = len(self.pool.task(cid, schedule_round, program, broadcast).schedule)
+            steps = len(self.pool.task(cid, schedule_round, program, broadcast, work).schedule)
             jobs.append(Job(cid, driver.version, self._now + steps * self.step_time(cid),
                             float(self.pool.dataset.clients[cid].num_train), schedule_round))
         return jobs
