@@ -8,6 +8,11 @@ Models: the W1 MLP (60-200-10 on metafed's synthetic data) and the FEMNIST CNN (
 (eval_every > rounds; metafed evaluates once after the last round, outside the timing).
 
     python benchmarks/deploy_bench.py --nodes 10 --rounds 3
+    python benchmarks/deploy_bench.py --nodes 10 --rounds 4 --eval-every 1 --models w1-mlp
+
+Systems: ``metafed-warm`` (each node ``metafed node``: one long-lived worker), the same with
+secure aggregation, ``metafed-subprocess`` (Flower's default: a ClientApp process per
+message), ``flower-subprocess`` (Flower's own FedAvg app), and ``simulation``.
 
 Prints one JSON line per (model, system): seconds per round (median of the rounds after the
 first), payload bytes per round, the SuperLink's socket+disk I/O per round (its read+write
@@ -49,14 +54,26 @@ def peak(lines: list[str]) -> float | None:
     return found[-1] if found else None
 
 
+SYSTEMS = {  # name -> (app, warm nodes, config changes)
+    "metafed-warm": ("metafed", True, {}),
+    "metafed-warm-secagg": ("metafed", True, {"secure_aggregation": True, "secagg_range": 100.0}),
+    "metafed-subprocess": ("metafed", False, {}),
+    "flower-subprocess": ("flower", False, {}),
+}
+
+
 def measure(system: str, cfg: RunConfig, nodes: int, work: Path) -> dict:
     lines: list[str] = []
-    with LocalDeployment(nodes, cfg, work, insecure=False) as deployment:
+    app, warm, changes = SYSTEMS[system]
+    cfg = cfg.updated(**changes)
+    with LocalDeployment(nodes, cfg, work, insecure=False, warm=warm) as deployment:
         time.sleep(5)  # let the SuperNodes connect before the meter starts
         before = superlink_io(deployment)
-        if system == "metafed":
+        evals: list[float] = []
+        if app == "metafed":
             code = deployment.submit(work / "out", False, 600.0, echo=lines.append, timeout=3000)
             times = round_times(lines, r"round \d+ trained in ([0-9.]+) s")
+            evals = round_times(lines, r"round \d+ evaluated in ([0-9.]+) s")
         else:
             config_file = work / "flower-config.json"
             config_file.write_text(cfg.model_dump_json())
@@ -68,7 +85,9 @@ def measure(system: str, cfg: RunConfig, nodes: int, work: Path) -> dict:
         raise SystemExit(f"{system} run failed (exit {code}, {len(times)} rounds timed):\n" + "\n".join(lines[-30:]))
     result = {"system": system, "s_per_round": statistics.median(times[1:] or times), "rounds": times,
               "superlink_io_mb_per_round": io / cfg.rounds / 1e6, "server_peak_rss_mib": peak(lines)}
-    if system == "metafed":
+    if evals:
+        result.update(s_per_evaluation=statistics.median(evals[1:] or evals), evaluations=evals)
+    if app == "metafed":
         row = json.loads((work / "out" / "metrics.jsonl").read_text().splitlines()[-1])
         result["payload_mb_per_round"] = (row["bytes_up_total"] + row["bytes_down_total"]) / cfg.rounds / 1e6
     return result
@@ -78,12 +97,19 @@ def simulate(cfg: RunConfig) -> dict:
     from metafed.run import build_federation
 
     fed = build_federation(cfg.updated(out=None))
-    times = []
+    times, evals = [], []
     for rnd in range(1, cfg.rounds + 1):
         t0 = time.perf_counter()
-        fed.run_round(rnd)
+        fed.state, _ = fed.step(fed.state, rnd)
         times.append(time.perf_counter() - t0)
-    return {"system": "simulation-loop", "s_per_round": statistics.median(times[1:] or times), "rounds": times}
+        if rnd % cfg.eval_every == 0:
+            t0 = time.perf_counter()
+            fed.evaluate(rnd)
+            evals.append(time.perf_counter() - t0)
+    result = {"system": "simulation-loop", "s_per_round": statistics.median(times[1:] or times), "rounds": times}
+    if evals:
+        result.update(s_per_evaluation=statistics.median(evals[1:] or evals), evaluations=evals)
+    return result
 
 
 def main() -> None:
@@ -91,11 +117,12 @@ def main() -> None:
     ap.add_argument("--nodes", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    ap.add_argument("--systems", nargs="+", default=["simulation", "metafed", "flower"])
+    ap.add_argument("--systems", nargs="+", default=["simulation", *SYSTEMS], choices=["simulation", *SYSTEMS])
+    ap.add_argument("--eval-every", type=int, default=0, help="evaluation rounds, timed apart (0: only after the last)")
     args = ap.parse_args()
     for name in args.models:
         cfg = RunConfig(algorithm="fedavg", num_clients=args.nodes, clients_per_round=args.nodes, rounds=args.rounds,
-                        eval_every=args.rounds + 1, progress=False, backend="loop", **MODELS[name])
+                        eval_every=args.eval_every or args.rounds + 1, progress=False, backend="loop", **MODELS[name])
         for system in args.systems:
             with tempfile.TemporaryDirectory(prefix="metafed-bench-") as tmp:
                 out = simulate(cfg) if system == "simulation" else measure(system, cfg, args.nodes, Path(tmp))

@@ -263,6 +263,8 @@ def deploy_local_cmd(
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
     round_timeout: float = typer.Option(300.0, help="seconds the server waits for a round's replies"),
     timeout: float = typer.Option(1800.0, help="seconds the whole run may take before it is stopped"),
+    isolation: str = typer.Option("warm", help="warm: each node one long-lived worker (metafed node); "
+                                  "subprocess: Flower's default, one process per message"),
 ) -> None:
     """A real deployment on this machine: a SuperLink and N SuperNodes (Flower) on 127.0.0.1,
     TLS with a throwaway CA, metafed's ServerApp and ClientApp; writes the same run folder
@@ -278,9 +280,31 @@ def deploy_local_cmd(
         cfg = build_config(config, **_parse_sets(set_))
         if resume and overwrite:
             _fail("--resume continues a run and --overwrite replaces one: choose one")
+        if isolation not in ("warm", "subprocess"):
+            _fail(f"--isolation must be warm or subprocess, not {isolation!r}")
         deploy_local(cfg, clients, out, insecure=insecure, overwrite=overwrite, resume=resume,
-                     round_timeout=round_timeout, timeout=timeout, echo=_echo_progress)
+                     round_timeout=round_timeout, timeout=timeout, echo=_echo_progress, warm=isolation == "warm")
         typer.echo(f"done: {out}")
+
+
+@app.command("node", short_help="One party's SuperNode, warm: one long-lived worker serves every message.",
+             context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def node_cmd(ctx: typer.Context,
+             poll_interval: float = typer.Option(0.02, "--poll-interval",
+                                                 help="seconds between the worker's checks for a message"),
+             idle_poll: float = typer.Option(0.5, "--idle-poll", help="seconds the SuperNode waits before asking "
+                                             "the SuperLink again when no message waited (Flower's own: 3)")) -> None:
+    """Run this party's node: Flower's SuperNode with --isolation process and one metafed
+    worker that imports once and serves every message (restarted if it dies). Every other
+    argument is a flower-supernode flag, passed through: --superlink, --node-config (the
+    node's data and its own policy), --root-certificates, --auth-supernode-private-key."""
+    from metafed.deploy.warm_node import NodeArgsError, run_node
+
+    try:
+        code = run_node(list(ctx.args), poll_interval, echo=typer.echo, idle_poll=idle_poll)
+    except NodeArgsError as e:
+        _fail(str(e))
+    raise typer.Exit(code)
 
 
 @app.command("secagg-keys", short_help="Identity keys and roster for secure aggregation in deployment.")

@@ -284,7 +284,9 @@ def _run(cfg: RunConfig, resume, overwrite: bool, pool, own: tuple, held: ExitSt
             bytes_up += row["bytes_up"]
             bytes_down += row["bytes_down"]
             if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
+                t1 = time.perf_counter()
                 metrics, per_client = fed.evaluate(rnd)
+                log.info("round %d evaluated in %.3f s", rnd, time.perf_counter() - t1)
                 row.update(metrics)
                 tracker.log_clients(rnd, per_client)
             if ledger is not None and fed.settlement is not None:

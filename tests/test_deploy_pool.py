@@ -40,38 +40,38 @@ class Reply:
 
 
 class FakeGrid:
-    """Nodes 100+cid hold client cid; ``answer(message)`` makes each reply."""
+    """Nodes 100+cid hold client cid; ``answer(message)`` makes each reply (None: no reply;
+    a list: the node replies more than once). A reply waits to be pulled by message id,
+    ``delay(message)`` pulls after it is pushed (0 by default)."""
 
-    def __init__(self, n, answer):
-        self.n, self.answer = n, answer
+    def __init__(self, n, answer, delay=lambda m: 0):
+        self.n, self.answer, self.delay = n, answer, delay
+        self.waiting: dict[str, list] = {}  # message id -> [pulls still to wait, replies]
+        self.pushed = 0
 
     def get_node_ids(self):
         return [100 + c for c in range(self.n)]
 
-    def send_and_receive(self, messages, timeout=None):
-        out = []
-        for m in messages:
-            reply = self.answer(m)
-            if reply is not None:
-                out.append(reply)
-        return out
-
     def push_messages(self, messages):
-        """Each message is answered at once; its reply waits to be pulled by message id."""
-        self.waiting = getattr(self, "waiting", {})
         ids = []
         for m in messages:
-            mid = f"m{len(self.waiting) + len(getattr(self, 'pulled', []))}-{id(m)}"
+            self.pushed += 1
+            mid = f"m{self.pushed}"
             reply = self.answer(m)
             if reply is not None:
-                self.waiting[mid] = Pulled(reply, mid)
+                self.waiting[mid] = [self.delay(m), [Pulled(r, mid) for r in (reply if isinstance(reply, list)
+                                                                              else [reply])]]
             ids.append(mid)
         return ids
 
     def pull_messages(self, ids):
-        self.pulled = getattr(self, "pulled", [])
-        out = [self.waiting.pop(mid) for mid in list(ids) if mid in getattr(self, "waiting", {})]
-        self.pulled += out
+        out = []
+        for mid in ids:
+            if mid in self.waiting:
+                if self.waiting[mid][0] > 0:
+                    self.waiting[mid][0] -= 1
+                else:
+                    out += self.waiting.pop(mid)[1]
         return out
 
 
@@ -177,7 +177,6 @@ def test_rogue_client_app_fuzz_never_crashes_and_keeps_only_valid_replies(caplog
         return honest if kind is None else _mutate(honest, kind, rng)
 
     grid = FakeGrid(5, answer)
-    grid.send_and_receive = _flatten(grid.send_and_receive)
     pool = FlowerPool(grid, cfg, 5, connect_timeout=1, round_timeout=1)
     fed = build_federation(cfg, pool)
     bad_replies = 0
@@ -198,15 +197,6 @@ def test_rogue_client_app_fuzz_never_crashes_and_keeps_only_valid_replies(caplog
     assert row["round"] == 1
 
 
-def _flatten(send):
-    def wrapped(messages, timeout=None):
-        out = []
-        for r in send(messages, timeout):
-            out.extend(r if isinstance(r, list) else [r])
-        return out
-    return wrapped
-
-
 def test_flower_pool_matches_the_simulation_round():
     """With honest nodes the Flower pool's round equals the simulation's (same tasks, same order)."""
     cfg = small_config(num_clients=5, clients_per_round=3, rounds=2, backend="loop")
@@ -221,21 +211,21 @@ def test_flower_pool_matches_the_simulation_round():
         torch.testing.assert_close(deployed.state.params[k], sim.state.params[k], atol=1e-6, rtol=0)
 
 
-def test_registration_asks_silent_nodes_again_and_refuses_to_start_short():
-    """A SuperNode that misses the first registration query (reconnecting after a SuperLink
-    restart, or busy with a dead run's message) is asked again; a run never starts with fewer
-    nodes than it waits for (it would train another federation than the one configured)."""
+def test_registration_asks_each_node_once_waits_for_it_and_refuses_to_start_short():
+    """A SuperNode that answers late (a cold start, a reconnect after a SuperLink restart) is
+    waited for, never sent a second query that would only queue behind the first; a run never
+    starts with fewer nodes than it waits for (it would train another federation)."""
     cfg = small_config(num_clients=3, clients_per_round=3, rounds=1, backend="loop")
     sim = build_federation(cfg)
     asked: dict[int, int] = {}
 
-    def late(m):
-        node = m.metadata.dst_node_id
-        asked[node] = asked.get(node, 0) + 1
-        return None if node == 101 and asked[node] == 1 else _honest(sim, m)
+    def counted(m):
+        asked[m.metadata.dst_node_id] = asked.get(m.metadata.dst_node_id, 0) + 1
+        return _honest(sim, m)
 
-    pool = FlowerPool(FakeGrid(3, late), cfg, 3, connect_timeout=5, round_timeout=1)
-    assert pool.node_of == {0: 100, 1: 101, 2: 102} and asked == {100: 1, 101: 2, 102: 1}
+    slow = FakeGrid(3, counted, delay=lambda m: 40 if m.metadata.dst_node_id == 101 else 0)  # 40 pulls late
+    pool = FlowerPool(slow, cfg, 3, connect_timeout=30, round_timeout=1)
+    assert pool.node_of == {0: 100, 1: 101, 2: 102} and asked == {100: 1, 101: 1, 102: 1}
     with pytest.raises(RuntimeError, match="only 2 of the 3 SuperNodes"):
         FlowerPool(FakeGrid(3, lambda m: None if m.metadata.dst_node_id == 102 else _honest(sim, m)), cfg, 3,
                    connect_timeout=2, round_timeout=1)

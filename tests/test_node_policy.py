@@ -16,6 +16,7 @@ from metafed.deploy.wire import from_records, to_records  # noqa: E402
 from metafed.privacy.upload import UploadTransform  # noqa: E402
 from metafed.run import build_federation  # noqa: E402
 from tests.conftest import small_config  # noqa: E402
+from tests.test_deploy_pool import FakeGrid  # noqa: E402
 
 
 
@@ -144,23 +145,14 @@ def test_config_hash_prints_what_a_node_pins(tmp_path):
     assert changed.output != printed.output
 
 
-class _Grid:
-    """A grid whose node ``squatter`` answers registration first, claiming client 0."""
+class _Grid(FakeGrid):
+    """A grid whose node ``squatter`` (999) answers registration first, claiming client 0."""
 
     def __init__(self, nodes, squatter_reply):
-        self.nodes, self.squatter_reply = nodes, squatter_reply
+        super().__init__(nodes.n, lambda m: squatter_reply(m) if m.metadata.dst_node_id == 999 else nodes.answer(m))
 
     def get_node_ids(self):
-        return [999] + [100 + c for c in range(self.nodes.n)]
-
-    def send_and_receive(self, messages, timeout=None):
-        out = []
-        for m in messages:
-            node = m.metadata.dst_node_id
-            reply = self.squatter_reply(m) if node == 999 else self.nodes.answer(m)
-            if reply is not None:
-                out.append(reply)
-        return out
+        return [999] + super().get_node_ids()
 
 
 def _squatter(info_extra):

@@ -153,8 +153,10 @@ def _tool(name: str) -> str:
 class LocalDeployment:
     """The processes of one local deployment; a context manager that always tears them down."""
 
-    def __init__(self, clients: int, cfg: RunConfig, work: Path, insecure: bool, persistent: bool = False):
+    def __init__(self, clients: int, cfg: RunConfig, work: Path, insecure: bool, persistent: bool = False,
+                 warm: bool = True):
         self.clients, self.cfg, self.work, self.insecure = clients, cfg, work, insecure
+        self.warm = warm  # nodes as `metafed node` (one worker each), else Flower's process per message
         self.persistent = persistent  # SuperLink state in a database file (survives a SuperLink restart)
         self._roles: dict[int, tuple[str, int]] | None = None  # partition -> (role, index), under --heldout-fraction
         self.procs: list[subprocess.Popen] = []
@@ -163,6 +165,9 @@ class LocalDeployment:
         bin_dir = str(Path(sys.executable).parent)
         self.env = {**os.environ, "FLWR_HOME": str(work / "flwr-home"), "PYTHONUNBUFFERED": "1",
                     "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")])}
+        # N nodes share this machine's cores: each node's PyTorch gets its share (unless set),
+        # or their thread pools oversubscribe the cores (3 nodes on 2 cores: rounds 2x slower)
+        self.env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, clients))))
         self.logs = work / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
 
@@ -249,7 +254,8 @@ class LocalDeployment:
             name = "secagg-key" if self.cfg.secure_aggregation else "identity-key"
             node_config += f" {name}='{key}' secagg-roster='{self.roster}'"
         node_config += "".join(f" {key}={value}" for key, value in operator_policy(self.cfg).items())
-        return self._spawn([_tool("flower-supernode"), *self.node_security(f"node-{i}", register),
+        launcher = [_tool("metafed"), "node"] if self.warm else [_tool("flower-supernode")]
+        return self._spawn([*launcher, *self.node_security(f"node-{i}", register),
                             "--superlink", f"127.0.0.1:{self.port}", "--node-config", node_config,
                             "--port", str(free_port())], f"supernode-{i}.log")
 
@@ -327,7 +333,8 @@ def _terminated_as_interrupt():
 
 
 def deploy_local(cfg: RunConfig, clients: int, out: Path, insecure: bool = False, overwrite: bool = False,
-                 resume: bool = False, timeout: float = 1800.0, round_timeout: float = 300.0, echo=print) -> Path:
+                 resume: bool = False, timeout: float = 1800.0, round_timeout: float = 300.0, echo=print,
+                 warm: bool = True) -> Path:
     """Run ``cfg`` on a local SuperLink with ``clients`` SuperNodes; returns the run folder."""
     if clients < 1:
         raise ConfigError("--clients must be at least 1")
@@ -341,7 +348,7 @@ def deploy_local(cfg: RunConfig, clients: int, out: Path, insecure: bool = False
         check_target(out, overwrite)
     with tempfile.TemporaryDirectory(prefix="metafed-deploy-") as tmp, _terminated_as_interrupt():
         work = Path(tmp)
-        with LocalDeployment(clients, cfg, work, insecure) as deployment:
+        with LocalDeployment(clients, cfg, work, insecure, warm=warm) as deployment:
             code = deployment.submit(out, resume, round_timeout, echo, timeout)
         if code != 0 or not (out / "summary.json").exists():
             logs = "\n".join((work / "logs" / f).read_text(errors="replace")[-2000:]

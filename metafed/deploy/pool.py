@@ -31,6 +31,7 @@ from metafed.privacy.secagg.codec import MalformedMessage
 from metafed.privacy.upload import UploadTransform, finish_upload
 
 log = logging.getLogger("metafed.deploy")
+PULL_INTERVAL_MIN, PULL_INTERVAL_MAX = 0.005, 0.05  # seconds between pulls of replies (backing off)
 
 
 class FlowerPool:
@@ -60,13 +61,34 @@ class FlowerPool:
         return ConfigRecord({"config": self.config_json, "round": rnd})
 
     def _send(self, messages: list, timeout: float) -> list:
-        return list(self.grid.send_and_receive(messages, timeout=timeout))
+        """Push ``messages`` and pull their replies until all arrived or ``timeout`` s passed.
+        Flower's ``Grid.send_and_receive`` sleeps 3 s between pulls; this pulls every few ms,
+        backing off to :data:`PULL_INTERVAL_MAX` while nothing arrives."""
+        return self._pull(self.grid.push_messages(messages), time.monotonic() + timeout)
+
+    def _pull(self, message_ids, deadline: float, wanted: int | None = None) -> list:
+        """Replies to ``message_ids`` (all, or the first ``wanted``) that arrive by ``deadline``."""
+        pending = {m for m in message_ids if m}
+        replies: list = []
+        wait = PULL_INTERVAL_MIN
+        while pending and time.monotonic() < deadline and (wanted is None or len(replies) < wanted):
+            got = list(self.grid.pull_messages(list(pending)))
+            for r in got:
+                pending.discard(r.metadata.reply_to_message_id)
+            replies += got
+            if got:
+                wait = PULL_INTERVAL_MIN
+            elif pending:
+                time.sleep(min(wait, max(0.0, deadline - time.monotonic())))
+                wait = min(PULL_INTERVAL_MAX, wait * 2)
+        return replies
 
     def _register(self, num_nodes: int, timeout: float) -> None:
         """Ask each SuperNode which client (data partition) it holds, until ``num_nodes``
-        nodes have answered. A node that does not answer yet (still connecting, or busy with
-        a message of a run that died) is asked again until ``timeout``; starting with fewer
-        would silently train another federation than the one configured, so it is an error.
+        nodes have answered. Each node is asked once, as soon as it is connected, and waited
+        for until ``timeout`` (a cold node may take long to answer; a second query would only
+        queue behind the first); starting with fewer would silently train another federation
+        than the one configured, so it is an error.
 
         With a roster (the operators' identities, ``metafed secagg-keys``), a training client's
         id is bound to its identity: the node signs the registration's fresh challenge and its
@@ -86,15 +108,20 @@ class FlowerPool:
         self._challenge = os.urandom(16)
         query = ConfigRecord({"config": self.config_json, "round": 0, "challenge": self._challenge.hex()})
         self._label_counts: dict[int, list[int]] = {}  # only when the run's attention score needs them
+        asked: dict[str, int] = {}  # pending query -> its node: each node is asked once, and waited for
+        next_look = 0.0
         while len(answered) < num_nodes and time.monotonic() < deadline:
-            silent = [n for n in self.grid.get_node_ids() if n not in answered]
-            if not silent:
-                time.sleep(0.5)
-                continue
-            wait = min(30.0, max(1.0, deadline - time.monotonic()))
-            for r in self._send([Message(RecordDict({"config": query}), n, "query") for n in silent], wait):
+            if time.monotonic() >= next_look:  # nodes that connected since: ask them
+                new = [n for n in self.grid.get_node_ids() if n not in answered and n not in asked.values()]
+                messages = [Message(RecordDict({"config": query}), n, "query") for n in new]
+                asked.update(zip(self.grid.push_messages(messages), new))
+                next_look = time.monotonic() + 0.5
+            for r in self._pull(list(asked), min(deadline, next_look)):
+                asked.pop(r.metadata.reply_to_message_id, None)
                 answered.add(r.metadata.src_node_id)
                 self._read_registration(r, n_heldout, shapes)
+            if not asked:
+                time.sleep(max(0.0, min(deadline, next_look) - time.monotonic()))
         if len(answered) < num_nodes:
             raise RuntimeError(f"only {len(answered)} of the {num_nodes} SuperNodes the run waits for (num-nodes) "
                                f"answered within {timeout:g} s (connect-timeout): check that they are running and "
