@@ -200,6 +200,7 @@ def test_secure_aggregation_between_real_processes_with_a_node_killed_mid_protoc
     import os
     import signal
     import threading
+    import time
 
     from metafed.deploy.local import LocalDeployment
     from tests.test_deploy_secagg import Nodes
@@ -210,14 +211,23 @@ def test_secure_aggregation_between_real_processes_with_a_node_killed_mid_protoc
     cfg = build_config(config, num_clients=4, backend="loop", progress=False)
     out = tmp_path / "deployed"
     lines, killed = [], threading.Event()
-    with LocalDeployment(4, cfg.updated(out=out), tmp_path / "work", insecure=False) as deployment:
-        def watch(line: str) -> None:
-            lines.append(line)
-            if "secure aggregation share:" in line and not killed.is_set():
-                os.killpg(deployment.procs[3].pid, signal.SIGKILL)  # SuperNode of client 2
-                killed.set()
+    # the nodes wait 5 s before asking for a message again when none waited: the victim is killed
+    # as soon as its own log says its share reply was sent, long before it could see the next stage
+    with LocalDeployment(4, cfg.updated(out=out), tmp_path / "work", insecure=False, idle_poll=5.0) as deployment:
+        victim, log = deployment.procs[3], tmp_path / "work" / "logs" / "supernode-2.log"
 
-        code = deployment.submit(out, False, 40.0, echo=watch, timeout=400)
+        def kill_after_share() -> None:
+            while not killed.is_set() and victim.poll() is None:
+                text = log.read_text(errors="replace") if log.exists() else ""
+                stages = text.split("Sending: query.secagg message")
+                if len(stages) >= 3 and "Sent successfully" in stages[2]:  # advertise, then share: sent
+                    os.killpg(victim.pid, signal.SIGKILL)  # SuperNode of client 2, with its worker
+                    killed.set()
+                time.sleep(0.005)
+
+        watcher = threading.Thread(target=kill_after_share, daemon=True)
+        watcher.start()
+        code = deployment.submit(out, False, 40.0, echo=lines.append, timeout=400)
     assert code == 0 and killed.is_set(), "\n".join(lines[-40:])
     assert any("secure aggregation upload: 3 of 4" in line for line in lines), "\n".join(lines[-40:])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

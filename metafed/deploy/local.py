@@ -80,8 +80,10 @@ def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float, what: str)
     raise DeployError(f"{what} did not listen on 127.0.0.1:{port} within {timeout:.0f} s")
 
 
-def make_tls(folder: Path) -> dict[str, Path]:
-    """A throwaway CA and a server certificate for 127.0.0.1 / localhost (valid one day)."""
+def make_tls(folder: Path, addresses: tuple[str, ...] = ()) -> dict[str, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1 / localhost and ``addresses``
+    (valid one day). A SuperLink's certificate must name 127.0.0.1 even when the parties
+    reach it at another address: its own executor connects to it there."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -99,7 +101,8 @@ def make_tls(folder: Path) -> dict[str, Path]:
           .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
           .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True).sign(ca_key, hashes.SHA256()))
     key = ec.generate_private_key(ec.SECP256R1())
-    san = x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    san = x509.SubjectAlternativeName([x509.DNSName("localhost"), *(x509.IPAddress(ipaddress.ip_address(a))
+                                                                    for a in ("127.0.0.1", *addresses))])
     cert = (x509.CertificateBuilder().subject_name(name("127.0.0.1")).issuer_name(ca.subject)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
@@ -154,9 +157,10 @@ class LocalDeployment:
     """The processes of one local deployment; a context manager that always tears them down."""
 
     def __init__(self, clients: int, cfg: RunConfig, work: Path, insecure: bool, persistent: bool = False,
-                 warm: bool = True):
+                 warm: bool = True, idle_poll: float | None = None):
         self.clients, self.cfg, self.work, self.insecure = clients, cfg, work, insecure
         self.warm = warm  # nodes as `metafed node` (one worker each), else Flower's process per message
+        self.idle_poll = idle_poll  # warm nodes' --idle-poll (None: metafed node's default)
         self.persistent = persistent  # SuperLink state in a database file (survives a SuperLink restart)
         self._roles: dict[int, tuple[str, int]] | None = None  # partition -> (role, index), under --heldout-fraction
         self.procs: list[subprocess.Popen] = []
@@ -254,7 +258,8 @@ class LocalDeployment:
             name = "secagg-key" if self.cfg.secure_aggregation else "identity-key"
             node_config += f" {name}='{key}' secagg-roster='{self.roster}'"
         node_config += "".join(f" {key}={value}" for key, value in operator_policy(self.cfg).items())
-        launcher = [_tool("metafed"), "node"] if self.warm else [_tool("flower-supernode")]
+        launcher = [_tool("metafed"), "node", *(["--idle-poll", str(self.idle_poll)] if self.idle_poll else [])] \
+            if self.warm else [_tool("flower-supernode")]
         return self._spawn([*launcher, *self.node_security(f"node-{i}", register),
                             "--superlink", f"127.0.0.1:{self.port}", "--node-config", node_config,
                             "--port", str(free_port())], f"supernode-{i}.log")

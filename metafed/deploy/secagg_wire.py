@@ -9,9 +9,10 @@ One round, after the ``train`` message (each client keeps its upload on its node
   query.secagg stage=sign       {SurvivorList}        -> ListSignature
   query.secagg stage=unmask     {UnmaskRequest}       -> UnmaskResponse
 
-Flower starts a fresh ClientApp process for every message, so the client's protocol state
-(its secrets included) lives in the SuperNode's memory between stages (``context.state``),
-never on disk and never sent; it is deleted when the round ends or aborts.
+The client's protocol state (its secrets included) lives in the SuperNode's memory between
+stages (``context.state``, handed to whichever process serves the next message: Flower's
+process per message, or the warm worker of ``metafed node``), never on disk and never sent;
+it is deleted when the round ends or aborts.
 
 The round setup (cohort, threshold, SecAgg+ k, fixed-point range, the upload transform, the
 weighting) and the run config are hashed into the session id every signature binds to: a
