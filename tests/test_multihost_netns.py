@@ -51,6 +51,21 @@ def _sh(*args: str) -> None:
     assert done.returncode == 0, f"{' '.join(args)}: {done.stderr.strip()}"
 
 
+def _signal_group(group: int, signum: int) -> None:
+    try:
+        os.killpg(group, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
 class Hosts:
     """Namespaces ``<tag>-<name>`` on one bridge, each with one address, loopback up."""
 
@@ -94,15 +109,20 @@ class Hosts:
                               text=True, timeout=timeout)
 
     def tear_down(self) -> None:
+        """Every process group started (the shell and what it started: a SuperLink that takes
+        its time over SIGTERM outlives the shell), then the namespaces and the bridge."""
+        groups = [proc.pid for proc in self.procs]
+        for group in groups:
+            _signal_group(group, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(_group_alive(g) for g in groups):
+            time.sleep(0.2)
+        for group in groups:
+            _signal_group(group, signal.SIGKILL)
         for proc in self.procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            proc.wait()
+        for i in range(len(self.address)):  # the host ends go with their namespaces; made sure of here
+            subprocess.run(["ip", "link", "del", f"{self.tag}v{i}"], capture_output=True)
         for made in reversed(self.made):
             if made == "bridge":
                 subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
@@ -204,6 +224,7 @@ def test_superlink_and_supernodes_on_separate_hosts_follow_the_documented_steps(
         hosts.tear_down()
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert hosts.tag not in listed and not any(Path("/etc/netns").glob(f"{hosts.tag}-*"))  # torn down
+    assert not any(_group_alive(p.pid) for p in hosts.procs)
     sim = run(cfg)
     deployed = load_file(str(out / "final.safetensors"))
     for k, v in sim.params.items():
