@@ -290,10 +290,13 @@ def deploy_local_cmd(
 @app.command("node", short_help="One party's SuperNode, warm: one long-lived worker serves every message.",
              context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def node_cmd(ctx: typer.Context,
-             poll_interval: float = typer.Option(0.02, "--poll-interval",
-                                                 help="seconds between the worker's checks for a message"),
+             poll_interval: float = typer.Option(0.1, "--poll-interval",
+                                                 help="longest wait between the worker's checks for a message"),
              idle_poll: float = typer.Option(0.5, "--idle-poll", help="seconds the SuperNode waits before asking "
-                                             "the SuperLink again when no message waited (Flower's own: 3)")) -> None:
+                                             "the SuperLink again when no message waited (Flower's own: 3)"),
+             client_app: list[str] = typer.Option([], "--client-app", help="a ClientApp this node serves, "
+                                                  "module:attribute from its own packages (repeatable; default "
+                                                  "metafed's); a run naming any other is refused")) -> None:
     """Run this party's node: Flower's SuperNode with --isolation process and one metafed
     worker that imports once and serves every message (restarted if it dies). Every other
     argument is a flower-supernode flag, passed through: --superlink, --node-config (the
@@ -301,7 +304,8 @@ def node_cmd(ctx: typer.Context,
     from metafed.deploy.warm_node import NodeArgsError, run_node
 
     try:
-        code = run_node(list(ctx.args), poll_interval, echo=typer.echo, idle_poll=idle_poll)
+        code = run_node(list(ctx.args), poll_interval, echo=typer.echo, idle_poll=idle_poll,
+                        client_apps=tuple(client_app))
     except NodeArgsError as e:
         _fail(str(e))
     raise typer.Exit(code)

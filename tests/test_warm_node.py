@@ -82,3 +82,29 @@ def test_a_worker_that_dies_is_restarted_and_the_run_finishes_as_the_simulation(
     if all(r["clients_used"] == 3 for r in rows):  # the kill fell between messages (almost always)
         for k, v in sim.params.items():
             torch.testing.assert_close(deployed[k], v, atol=1e-5, rtol=0)
+
+
+def _bundle(clientapp: str) -> bytes:
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as bundle:
+        bundle.writestr("pyproject.toml", f'[tool.flwr.app.components]\nclientapp = "{clientapp}"\n')
+        bundle.writestr("metafed/deploy/client_app.py", "raise SystemExit('the bundle code ran')\n")
+    return buffer.getvalue()
+
+
+def test_a_warm_node_runs_only_the_client_apps_its_operator_allows_from_its_own_packages():
+    """The app bundle names the ClientApp; the node decides whether it runs it, and imports it
+    from its own installed packages (a bundle shipping a module of the same name is not run)."""
+    from metafed.deploy import client_app
+    from metafed.deploy.served_app import ClientAppRefused, served_client_app
+
+    assert served_client_app(_bundle("metafed.deploy.client_app:app")) is client_app.app
+    with pytest.raises(ClientAppRefused, match="names the ClientApp 'thief:client_app': this node serves only"):
+        served_client_app(_bundle("thief:client_app"))
+    with pytest.raises(ClientAppRefused, match="is not a Flower ClientApp"):
+        served_client_app(_bundle("metafed.deploy.client_app:log"), ("metafed.deploy.client_app:log",))
+    with pytest.raises(ClientAppRefused, match="names no ClientApp"):
+        served_client_app(b"not a zip")

@@ -157,10 +157,11 @@ class LocalDeployment:
     """The processes of one local deployment; a context manager that always tears them down."""
 
     def __init__(self, clients: int, cfg: RunConfig, work: Path, insecure: bool, persistent: bool = False,
-                 warm: bool = True, idle_poll: float | None = None):
+                 warm: bool = True, idle_poll: float | None = None, node_extra: dict[int, str] | None = None):
         self.clients, self.cfg, self.work, self.insecure = clients, cfg, work, insecure
         self.warm = warm  # nodes as `metafed node` (one worker each), else Flower's process per message
         self.idle_poll = idle_poll  # warm nodes' --idle-poll (None: metafed node's default)
+        self.node_extra = dict(node_extra or {})  # node -> more of its node config (its own policy)
         self.persistent = persistent  # SuperLink state in a database file (survives a SuperLink restart)
         self._roles: dict[int, tuple[str, int]] | None = None  # partition -> (role, index), under --heldout-fraction
         self.procs: list[subprocess.Popen] = []
@@ -251,13 +252,17 @@ class LocalDeployment:
 
     def start_node(self, i: int, register: bool = True, partitions: int | None = None) -> subprocess.Popen:
         parts = partitions or self.clients
-        node_config = (f'dataset="{self.cfg.dataset}" partition-id={i % parts} num-partitions={parts} '
-                       f"state-dir='{self.work / f'node-{i}'}'")  # TOML values
+        extra = self.node_extra.get(i, "")
+        node_config = f'dataset="{self.cfg.dataset}" partition-id={i % parts} num-partitions={parts}'  # TOML values
+        if "state-dir=" not in extra:
+            node_config += f" state-dir='{self.work / f'node-{i}'}'"
         key = self._identity_of_partition(i % parts, parts)
         if key is not None:  # under secure aggregation the key also makes the node require it
             name = "secagg-key" if self.cfg.secure_aggregation else "identity-key"
             node_config += f" {name}='{key}' secagg-roster='{self.roster}'"
         node_config += "".join(f" {key}={value}" for key, value in operator_policy(self.cfg).items())
+        if extra:
+            node_config += " " + extra
         launcher = [_tool("metafed"), "node", *(["--idle-poll", str(self.idle_poll)] if self.idle_poll else [])] \
             if self.warm else [_tool("flower-supernode")]
         return self._spawn([*launcher, *self.node_security(f"node-{i}", register),

@@ -240,7 +240,7 @@ class FlowerPool:
         :meth:`secure_sum` masks it: the replies carry metadata only. With ``downlink``
         (``--compress-down``) each client gets the payloads it missed, or the dense replica,
         instead of the params."""
-        from flwr.app import ConfigRecord, Message, RecordDict
+        from flwr.app import Message, RecordDict
 
         expected = self._expected_upload(rnd, program, broadcast)
         self._round_upload = expected
@@ -485,8 +485,8 @@ class FlowerPool:
     def evaluate(self, rnd: int, state) -> tuple[dict, dict]:
         """Federated evaluation: training clients score the global and their personalized
         model on their own test data; held-out clients score new-client accuracy after k
-        adaptation steps. All reply counts; the server combines them. Returns (metrics, {}):
-        no per-client lists yet."""
+        adaptation steps. All reply counts; the server combines them. Returns (metrics, the
+        per-client accuracies of clients.csv and the per-client plots, as the simulation's)."""
         params, broadcast = self.algorithm.global_params(state), self.algorithm.broadcast(state, rnd)
         from flwr.app import ConfigRecord, Message, RecordDict
 
@@ -521,7 +521,24 @@ class FlowerPool:
         metrics = {**combine_client_evaluations([rows[c] for c in sorted(rows)]), "clients_evaluated": len(rows)}
         if new:
             metrics.update(combine_new_client_evaluations([new[c] for c in sorted(new)], HELDOUT_ADAPT_STEPS))
-        return metrics, {}
+        return metrics, per_client_scores(rows, new)
+
+
+def per_client_scores(rows: dict[int, dict], new: dict[int, dict]) -> dict[str, list]:
+    """Each evaluated client's accuracies from its reply's counts, named by client id (the
+    layout of the simulation's per-client lists: ``clients.csv`` and the per-client plots)."""
+    ids = sorted(rows)
+    out: dict[str, list] = {}
+    for prefix in ("global", "personalized"):
+        if all(f"{prefix}_correct" in rows[c] for c in ids):
+            out[prefix] = [rows[c][f"{prefix}_correct"] / rows[c]["test_count"] for c in ids]
+    if "personalized" in out:
+        out["client"] = [str(c) for c in ids]
+    if new:
+        out["new_client"] = [f"new-{j}" for j in sorted(new)]
+        for k in HELDOUT_ADAPT_STEPS:
+            out[f"new_client_k{k}"] = [new[j][f"new_k{k}_correct"] / new[j]["test_count"] for j in sorted(new)]
+    return out
 
 
 _GLOBAL_KEYS = {"global_correct", "global_loss_sum"}

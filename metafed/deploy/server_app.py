@@ -37,6 +37,9 @@ def main(grid: Grid, context: Context, model=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpcore", "flwr"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from metafed.deploy.supernode_polls import shorten_object_pulls
+
+    shorten_object_pulls()  # replies fetched without Flower's 1 s first back-off (docs/deploy.md)
     rc = context.run_config
     cfg = RunConfig(**json.loads(Path(str(rc["config-file"])).read_text()))
     out = Path(str(rc["out"]))

@@ -51,6 +51,24 @@ def patch_supernode_waits(idle_poll: float, reply_poll: float) -> bool:
     return True
 
 
+def shorten_object_pulls(initial_backoff: float = 0.01, backoff_cap: float = 0.1) -> bool:
+    """Flower 1.42 fetches a message's parts with ``pull_objects``, which waits 1 s (then 2,
+    4 ... up to 10 s) before asking again for a part not yet uploaded; a fast peer asks
+    before the sender finished, and every message pays a second. This makes the waits
+    10 ms growing to 100 ms in this process (the SuperNode fetching a server's message, the
+    ServerApp fetching a reply); a part is still waited for as long as Flower's
+    ``PULL_MAX_TIME`` (2 h). False, and nothing changed, on another Flower version."""
+    import flwr
+    from flwr.supercore.inflatable import inflatable_utils
+
+    defaults = getattr(inflatable_utils.pull_objects, "__kwdefaults__", None) or {}
+    if not flwr.__version__.startswith("1.42.") or not {"initial_backoff", "backoff_cap",
+                                                          "max_tries_per_object"} <= set(defaults):
+        return False
+    defaults.update(initial_backoff=initial_backoff, backoff_cap=backoff_cap, max_tries_per_object=None)
+    return True
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m metafed.deploy.supernode_polls --idle-poll S --reply-poll S -- <flower-supernode flags>``."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -59,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--idle-poll", type=float, default=float(FLOWER_IDLE_SLEEP))
     parser.add_argument("--reply-poll", type=float, default=FLOWER_REPLY_SLEEP)
     args = parser.parse_args(argv[:split])
+    shorten_object_pulls()
     if (args.idle_poll, args.reply_poll) != (FLOWER_IDLE_SLEEP, FLOWER_REPLY_SLEEP) and \
             not patch_supernode_waits(args.idle_poll, args.reply_poll):
         print("metafed node: this Flower version's SuperNode loop is not Flower 1.42's: its idle poll (3 s) "

@@ -52,14 +52,15 @@ def supernode_command(args: list[str], idle_poll: float = 0.5, reply_poll: float
             "--reply-poll", str(reply_poll), "--", "--isolation", "process", *args], f"127.0.0.1:{port}"
 
 
-def run_node(args: list[str], poll_interval: float = 0.02, echo=print, idle_poll: float = 0.5,
-             reply_poll: float = 0.02) -> int:
+def run_node(args: list[str], poll_interval: float = 0.1, echo=print, idle_poll: float = 0.5,
+             reply_poll: float = 0.02, client_apps: tuple[str, ...] = ()) -> int:
     """Run the SuperNode and its worker until the SuperNode exits or this process is
     signalled; returns the SuperNode's exit code (0 when stopped by a signal)."""
     command, runtime = supernode_command(args, idle_poll, reply_poll)
     supernode = subprocess.Popen(command)
     worker_cmd = [sys.executable, "-m", "metafed.deploy.worker", "--runtime-api-address", runtime,
-                  "--poll-interval", str(poll_interval), "--parent-pid", str(os.getpid())]
+                  "--poll-interval", str(poll_interval), "--parent-pid", str(os.getpid()),
+                  *(arg for ref in client_apps for arg in ("--client-app", ref))]
     stop = {"signal": None}
 
     def stopping(signum, frame):

@@ -26,6 +26,7 @@ import threading
 import time
 
 log = logging.getLogger("metafed.deploy.worker")
+FAST_POLL = 0.01  # seconds between checks for a task right after one
 
 
 class Worker:
@@ -37,10 +38,10 @@ class Worker:
     SuperNode was fetching it) waits in its thread, so it cannot stop the worker serving the
     next run."""
 
-    def __init__(self, runtime_api_address: str, poll_interval: float = 0.02):
-        self.address, self.poll_interval = runtime_api_address, poll_interval
+    def __init__(self, runtime_api_address: str, poll_interval: float = 0.1,
+                 allowed: tuple[str, ...] = ("metafed.deploy.client_app:app",)):
+        self.address, self.poll_interval, self.allowed = runtime_api_address, poll_interval, tuple(allowed)
         self.client = self._runtime_client(None)  # the claiming loop's one connection
-        self.apps: dict[str, object] = {}  # FAB hash -> its loaded ClientApp (installed once)
         self.ready: queue.Queue[_Task] = queue.Queue()  # tasks whose message arrived, for the main thread
         self.served = 0
         self.tasks: list[threading.Thread] = []
@@ -66,16 +67,13 @@ class Worker:
         res = self.client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value]))
         return res.token if res.HasField("task") and res.token else None
 
-    def client_app(self, run, fab):
-        """The run's ClientApp, from its app bundle: installed and imported on first use."""
-        if fab.hash_str not in self.apps:
-            from flwr.cli.install import install_from_fab
-            from flwr.clientapp.utils import get_load_client_app_fn
+    def client_app(self, fab):
+        """The ClientApp this node serves for the run's app bundle: one its operator allows,
+        imported from the node's own packages (:mod:`metafed.deploy.served_app`); the
+        bundle's code is never installed or imported."""
+        from metafed.deploy.served_app import served_client_app
 
-            install_from_fab(fab.content, skip_prompt=True)
-            load = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
-            self.apps[fab.hash_str] = load(run.fab_id, run.fab_version, fab.hash_str)
-        return self.apps[fab.hash_str]
+        return served_client_app(fab.content, self.allowed)
 
     def fetch(self, token: str) -> None:
         """In a task's own thread: pull its message, context and app bundle, then queue it for
@@ -108,12 +106,14 @@ class Worker:
         from flwr.common.constant import ErrorCode, SubStatus
         from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
+        from metafed.deploy.served_app import ClientAppRefused
+
         reply, status, details = None, SubStatus.FAILED, "ClientApp task failed"
         try:
-            reply = self.client_app(task.run, task.fab)(message=task.message, context=task.context)
+            reply = self.client_app(task.fab)(message=task.message, context=task.context)
             status, details = SubStatus.COMPLETED, ""
         except Exception as ex:
-            code = ErrorCode.LOAD_CLIENT_APP_EXCEPTION if isinstance(ex, LoadClientAppError) \
+            code = ErrorCode.LOAD_CLIENT_APP_EXCEPTION if isinstance(ex, (LoadClientAppError, ClientAppRefused)) \
                 else ErrorCode.CLIENT_APP_RAISED_EXCEPTION
             details = f"{type(ex)}:<'{ex}'>"
             log.exception("the ClientApp raised")
@@ -172,25 +172,31 @@ class Worker:
         waited for (it may be starting, or restarting)."""
         import httpx
 
-        claimed = 0
+        claimed, interval, last_task = 0, FAST_POLL, 0.0
         while not self.stopping.is_set() and (max_tasks is None or claimed < max_tasks):
             try:
                 token = self.acquire()
             except (httpx.TransportError, httpx.HTTPStatusError):
                 token = None
                 self.stopping.wait(0.5)
-            while not self.ready.empty():
-                self.finish(self.ready.get())
             if token:
                 claimed += 1
+                last_task = time.monotonic()
                 task = threading.Thread(target=self.fetch, args=(token,), daemon=True, name=f"task-{claimed}")
                 task.start()
                 self.tasks = [t for t in self.tasks if t.is_alive()] + [task]
                 if len(self.tasks) > 2:
                     log.warning("%d tasks in flight: %d wait for a message that has not arrived",
                                 len(self.tasks), len(self.tasks) - 1)
-            elif self.ready.empty():
-                self.stopping.wait(self.poll_interval)
+            # fast right after a task (the next stage or the evaluation often follows at once), then
+            # backing off to poll_interval: every check is a request the SuperNode serves, and ten
+            # idle nodes checking every 20 ms took most of a 2-core machine
+            interval = FAST_POLL if time.monotonic() - last_task < 1.0 else min(self.poll_interval, interval * 1.5)
+            try:
+                self.finish(self.ready.get(timeout=interval))  # wakes as soon as a message is in
+                last_task = time.monotonic()
+            except queue.Empty:
+                pass
         self.client.close()
 
 
@@ -211,8 +217,10 @@ def main(argv: list[str] | None = None) -> None:
     """``python -m metafed.deploy.worker --runtime-api-address 127.0.0.1:PORT``."""
     parser = argparse.ArgumentParser(description="metafed's warm ClientApp worker for one SuperNode")
     parser.add_argument("--runtime-api-address", required=True)
-    parser.add_argument("--poll-interval", type=float, default=0.02)
+    parser.add_argument("--poll-interval", type=float, default=0.1, help="longest wait between checks for a task")
     parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone")
+    parser.add_argument("--client-app", action="append", default=[],
+                        help="a ClientApp this node serves (module:attribute); metafed's own by default")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Runtime API request otherwise
@@ -223,7 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     import faulthandler
 
     faulthandler.register(signal.SIGUSR1)  # kill -USR1 prints where the worker is (a stuck task)
-    worker = Worker(args.runtime_api_address, args.poll_interval)
+    worker = Worker(args.runtime_api_address, args.poll_interval,
+                    tuple(args.client_app) or ("metafed.deploy.client_app:app",))
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: worker.stopping.set())
     # importing torch and metafed's client side now, not on the first message, keeps the first
