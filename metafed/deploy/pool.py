@@ -68,13 +68,13 @@ class FlowerPool:
 
     def _pull(self, message_ids, deadline: float, wanted: int | None = None) -> list:
         """Replies to ``message_ids`` (all, or the first ``wanted``) that arrive by ``deadline``."""
-        pending = {m for m in message_ids if m}
+        pending = dict.fromkeys(m for m in message_ids if m)  # ordered: asked in the order pushed
         replies: list = []
         wait = PULL_INTERVAL_MIN
         while pending and time.monotonic() < deadline and (wanted is None or len(replies) < wanted):
             got = list(self.grid.pull_messages(list(pending)))
             for r in got:
-                pending.discard(r.metadata.reply_to_message_id)
+                pending.pop(r.metadata.reply_to_message_id, None)
             replies += got
             if got:
                 wait = PULL_INTERVAL_MIN

@@ -47,7 +47,8 @@ def supernode_command(args: list[str], idle_poll: float = 0.5, reply_poll: float
         port = str(_free_port())
         args += ["--port", port]
     if idle_poll <= 0 or reply_poll <= 0:
-        raise NodeArgsError("--idle-poll and --reply-poll must be positive (seconds)")
+        raise NodeArgsError(f"the SuperNode's polls must be positive (seconds), not idle {idle_poll} and "
+                            f"reply {reply_poll}")
     return [sys.executable, "-m", "metafed.deploy.supernode_polls", "--idle-poll", str(idle_poll),
             "--reply-poll", str(reply_poll), "--", "--isolation", "process", *args], f"127.0.0.1:{port}"
 
