@@ -38,7 +38,7 @@ def _message_strings(tree: ast.AST):
 
 
 # flags of other programs that messages name: click's own, Flower's flower-supernode, `ray start`
-EXTERNAL = {"--help", "--node-config", "--head"}
+EXTERNAL = {"--help", "--node-config", "--head", "--host"}
 
 
 def test_every_flag_named_in_a_message_exists():

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from metafed.config import ConfigError, RunConfig
 from metafed.deploy.identity import make_identities
+from metafed.deploy.warm_node import free_port
 from metafed.run import check_deployable
 from metafed.run_folder import check_target
 
@@ -60,12 +61,6 @@ secagg-roster = ""
 
 class DeployError(RuntimeError):
     """The local deployment could not start or its run did not finish."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float, what: str) -> None:

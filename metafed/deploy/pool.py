@@ -306,16 +306,8 @@ class FlowerPool:
         """Wait up to ``timeout`` s for replies to ``pending`` (message id -> (client, round));
         returns [(message id, client, upload or None, loss, samples)] for those that arrived,
         None where a reply was refused (logged with why)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            replies = list(self.grid.pull_messages(list(pending)))
-            if replies:
-                break
-            time.sleep(0.02)
-        else:
-            return []
         out = []
-        for r in replies:
+        for r in self._pull(list(pending), time.monotonic() + timeout, wanted=1):
             mid = r.metadata.reply_to_message_id
             if mid not in pending:
                 continue

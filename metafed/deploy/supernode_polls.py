@@ -56,16 +56,21 @@ def shorten_object_pulls(initial_backoff: float = 0.01, backoff_cap: float = 0.1
     4 ... up to 10 s) before asking again for a part not yet uploaded; a fast peer asks
     before the sender finished, and every message pays a second. This makes the waits
     10 ms growing to 100 ms in this process (the SuperNode fetching a server's message, the
-    ServerApp fetching a reply); a part is still waited for as long as Flower's
+    warm worker fetching its task's message, the ServerApp fetching a reply); a part is still waited for as long as Flower's
     ``PULL_MAX_TIME`` (2 h). False, and nothing changed, on another Flower version."""
     import flwr
     from flwr.supercore.inflatable import inflatable_utils
 
-    defaults = getattr(inflatable_utils.pull_objects, "__kwdefaults__", None) or {}
-    if not flwr.__version__.startswith("1.42.") or not {"initial_backoff", "backoff_cap",
-                                                          "max_tries_per_object"} <= set(defaults):
+    # pull_objects (SuperNode, ServerApp) and pull_and_inflate_object_from_tree (a ClientApp's
+    # task input), which passes its own defaults on to pull_objects
+    functions = (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree)
+    keys = {"initial_backoff", "backoff_cap", "max_tries_per_object"}
+    if not flwr.__version__.startswith("1.42.") or \
+            not all(keys <= set(getattr(f, "__kwdefaults__", None) or {}) for f in functions):
         return False
-    defaults.update(initial_backoff=initial_backoff, backoff_cap=backoff_cap, max_tries_per_object=None)
+    for function in functions:
+        function.__kwdefaults__.update(initial_backoff=initial_backoff, backoff_cap=backoff_cap,
+                                       max_tries_per_object=None)
     return True
 
 

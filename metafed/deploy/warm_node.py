@@ -21,7 +21,8 @@ class NodeArgsError(ValueError):
     """A SuperNode flag that a warm node cannot honour."""
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -38,13 +39,12 @@ def supernode_command(args: list[str], idle_poll: float = 0.5, reply_poll: float
             raise NodeArgsError(f"metafed node runs its own worker: --isolation {args[i + 1]} is not possible "
                                 "(run flower-supernode directly for Flower's subprocess isolation)")
         del args[i:i + 2]
-    for flag in ("--host",):
-        if flag in args:
-            raise NodeArgsError(f"metafed node keeps the Runtime API on 127.0.0.1: {flag} is not possible")
+    if "--host" in args:
+        raise NodeArgsError("metafed node keeps the Runtime API on 127.0.0.1: --host is not possible")
     if "--port" in args:
         port = args[args.index("--port") + 1]
     else:
-        port = str(_free_port())
+        port = str(free_port())
         args += ["--port", port]
     if idle_poll <= 0 or reply_poll <= 0:
         raise NodeArgsError(f"the SuperNode's polls must be positive (seconds), not idle {idle_poll} and "

@@ -25,6 +25,8 @@ import signal
 import threading
 import time
 
+from metafed.deploy.served_app import METAFED_CLIENT_APP
+
 log = logging.getLogger("metafed.deploy.worker")
 FAST_POLL = 0.01  # seconds between checks for a task right after one
 
@@ -39,7 +41,7 @@ class Worker:
     next run."""
 
     def __init__(self, runtime_api_address: str, poll_interval: float = 0.1,
-                 allowed: tuple[str, ...] = ("metafed.deploy.client_app:app",)):
+                 allowed: tuple[str, ...] = (METAFED_CLIENT_APP,)):
         self.address, self.poll_interval, self.allowed = runtime_api_address, poll_interval, tuple(allowed)
         self.client = self._runtime_client(None)  # the claiming loop's one connection
         self.ready: queue.Queue[_Task] = queue.Queue()  # tasks whose message arrived, for the main thread
@@ -81,13 +83,14 @@ class Worker:
         small training task here)."""
         from flwr.common.constant import SubStatus
         from flwr.supercore.heartbeat import HeartbeatSender
-        from flwr.supernode.runtime.run_clientapp import push_task_output
+        from flwr.supernode.runtime.run_clientapp import pull_task_input, push_task_output
 
         task = _Task(time.perf_counter(), self._runtime_client(token))
         task.beat = HeartbeatSender(lambda: self._heartbeat(task.client))
         task.beat.start()
         try:
-            task.message, task.context, task.run, task.fab = self.pull_task_input(task.client)
+            # Flower's own steps; its parts are polled every 10-100 ms (shorten_object_pulls in main)
+            task.message, task.context, task.run, task.fab = pull_task_input(task.client)
         except Exception as ex:  # no message to answer: the task fails, the worker goes on
             log.exception("could not pull the task's message")
             try:
@@ -128,32 +131,6 @@ class Worker:
                 log.info("served a %s message in %.3f s (%s)", task.message.metadata.message_type,
                          time.perf_counter() - task.started, status)
 
-    def pull_task_input(self, client):
-        """The task's message, context, run and app bundle, as ``flwr-clientapp`` pulls them,
-        but polling for the message's parts every 10-100 ms: a warm worker claims its task
-        before the SuperNode has received every part from the SuperLink, and Flower's own
-        back-off starts at 1 s (a second lost per message)."""
-        from flwr.app import Message
-        from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
-        from flwr.proto.node_pb2 import Node
-        from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest
-        from flwr.supercore.inflatable.inflatable_protobuf_utils import (
-            make_confirm_message_received_fn_protobuf, make_pull_object_fn_protobuf)
-        from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
-
-        res = client.PullTaskInput(PullTaskInputRequest())
-        context, run, fab = context_from_proto(res.context), run_from_proto(res.run), fab_from_proto(res.fab)
-        pulled = client.PullMessages(PullAppMessagesRequest())
-        if not pulled.messages_list:
-            raise RuntimeError("the SuperNode's Runtime API gave no message for the task")
-        node, tree = Node(node_id=context.node_id), pulled.message_object_trees[0]
-        message = pull_and_inflate_object_from_tree(
-            tree, make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
-            make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
-            return_type=Message, initial_backoff=0.01, backoff_cap=0.1, max_tries_per_object=None)
-        message.metadata.__dict__["_message_id"] = tree.object_id  # as flwr-clientapp sets it
-        return message, context, run, fab
-
     @staticmethod
     def _heartbeat(client) -> bool:
         """The task's heartbeat (Flower's own raises SIGINT on a refused one: that would end
@@ -167,13 +144,13 @@ class Worker:
             return False
         return True
 
-    def run(self, max_tasks: int | None = None) -> None:
-        """Serve tasks until stopped (or ``max_tasks`` claimed); an unreachable SuperNode is
-        waited for (it may be starting, or restarting)."""
+    def run(self) -> None:
+        """Serve tasks until stopped; an unreachable SuperNode is waited for (it may be
+        starting, or restarting)."""
         import httpx
 
         claimed, interval, last_task = 0, FAST_POLL, 0.0
-        while not self.stopping.is_set() and (max_tasks is None or claimed < max_tasks):
+        while not self.stopping.is_set():
             try:
                 token = self.acquire()
             except (httpx.TransportError, httpx.HTTPStatusError):
@@ -231,8 +208,11 @@ def main(argv: list[str] | None = None) -> None:
     import faulthandler
 
     faulthandler.register(signal.SIGUSR1)  # kill -USR1 prints where the worker is (a stuck task)
+    from metafed.deploy.supernode_polls import shorten_object_pulls
+
+    shorten_object_pulls()
     worker = Worker(args.runtime_api_address, args.poll_interval,
-                    tuple(args.client_app) or ("metafed.deploy.client_app:app",))
+                    tuple(args.client_app) or (METAFED_CLIENT_APP,))
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: worker.stopping.set())
     # importing torch and metafed's client side now, not on the first message, keeps the first
